@@ -1,0 +1,30 @@
+# vitdeep: `make demo` runs the main job on built-in data, `make test` runs the test suite,
+# `make bench` prints the benchmark tables. Each creates .venv on first use.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+READY := $(VENV)/.ready
+# DeepSpeed picks the CPU accelerator on machines without a GPU.
+export DS_ACCELERATOR ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu)
+
+.PHONY: setup demo test bench clean
+
+setup: $(READY)
+
+$(READY): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,demo]'
+	touch $@
+
+demo: $(READY)
+	$(VENV)/bin/vitdeep demo --out runs/demo
+
+test: $(READY)
+	$(PY) -m pytest
+
+bench: $(READY)
+	$(PY) benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info

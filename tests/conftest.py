@@ -1,0 +1,18 @@
+"""Shared fixtures: real images (scikit-learn's digits written as PNG files)."""
+
+import os
+
+import pytest
+
+from vitdeep.data.digits import write_digits_imagefolder
+
+# DeepSpeed selects its accelerator from the environment; this suite runs on the CPU.
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory):
+    """ImageFolder tree `train/<digit>/*.png` (1,500) and `val/<digit>/*.png` (297) of real scans."""
+    root = tmp_path_factory.mktemp("digits")
+    write_digits_imagefolder(root)
+    return root

@@ -1,0 +1,258 @@
+"""The model zoo: timm equivalence, the remedies' exact forms, shapes, and clear errors."""
+
+import math
+
+import pytest
+import timm
+import torch
+from timm.optim import param_groups_layer_decay
+
+from vitdeep.cli import main
+from vitdeep.errors import UserError
+from vitdeep.models import MODELS, create_model, model_stats
+from vitdeep.models.layers import Attention, AttnScale, FeatScale
+
+IMG = 32
+
+
+def _perturb(model: torch.nn.Module, seed: int = 0) -> None:
+    """Move every parameter off its init (γ, ω, λ included) so equalities are not trivial."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+
+
+def _images(batch: int = 2, size: int = IMG, seed: int = 0) -> torch.Tensor:
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize(
+    "ours, twin, options",
+    [
+        ("deit_tiny_12", "deit_tiny_patch16_224", {}),
+        ("deit_small_12", "deit_small_patch16_224", {}),
+        ("deit_tiny_12", "deit_tiny_distilled_patch16_224", {"distilled": True}),
+        ("cait_xxs24", "cait_xxs24_224", {}),
+        ("cait_s24", "cait_s24_224", {}),
+    ],
+)
+def test_timm_equivalence(ours, twin, options):
+    reference = timm.create_model(twin, img_size=IMG, num_classes=10).eval()
+    _perturb(reference)
+    model = create_model(ours, img_size=IMG, num_classes=10, **options).eval()
+    assert set(model.state_dict()) == set(reference.state_dict())
+    model.load_state_dict(reference.state_dict())
+    x = _images()
+    with torch.no_grad():
+        expected = reference(x)
+        diff = (model(x) - expected).abs().max().item()
+    print(f"{ours} vs timm {twin}: max |Δlogits| = {diff:.2e}")
+    assert diff < 1e-5
+
+
+def test_timm_registration_builds_vitdeep_models():
+    model = timm.create_model("vitdeep_deit_tiny_24", img_size=IMG, num_classes=7, attnscale=True)
+    assert len(model.blocks) == 24
+    assert model(_images()).shape == (2, 7)
+
+
+def _pair(name: str, **options):
+    """A model with `options` and a plain twin holding the same shared weights."""
+    plain = create_model(name, img_size=IMG, num_classes=10).eval()
+    _perturb(plain)
+    model = create_model(name, img_size=IMG, num_classes=10, **options).eval()
+    missing, unexpected = model.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected
+    return plain, model, missing
+
+
+@pytest.mark.parametrize("name", ["deit_tiny_12", "cait_xxs24"])
+def test_identity_options_equal_plain_model(name):
+    """AttnScale with ω = 0, FeatScale with λ = 0 and (for DeiT) identity talking heads change nothing."""
+    options = {"attnscale": True, "featscale": True}
+    if name.startswith("deit"):
+        options["talking_heads"] = True
+    plain, model, missing = _pair(name, **options)
+    assert missing and all(k.endswith(("omega", "lambda1", "lambda2", "proj_l.weight", "proj_l.bias", "proj_w.weight", "proj_w.bias")) for k in missing)
+    x = _images()
+    with torch.no_grad():
+        diff = (model(x) - plain(x)).abs().max().item()
+        aux_diff = (model.forward_aux(x, attention=True).logits - plain(x)).abs().max().item()
+    print(f"{name} identity options: max |Δ| = {diff:.2e} (explicit path {aux_diff:.2e})")
+    assert diff < 1e-5 and aux_diff < 1e-5
+
+
+def test_talking_heads_identity_equals_plain_attention():
+    torch.manual_seed(0)
+    plain = Attention(64, 4).eval()
+    talking = Attention(64, 4, talking_heads=True).eval()
+    talking.load_state_dict(plain.state_dict(), strict=False)
+    talking.reset_talking_heads()
+    x = torch.randn(2, 17, 64)
+    diff = (talking(x)[0] - plain(x)[0]).abs().max().item()
+    assert diff < 1e-6
+
+
+def _random_attnscale_attention(attn_drop: float = 0.0) -> Attention:
+    torch.manual_seed(1)
+    attn = Attention(64, 4, attnscale=True, attn_drop=attn_drop)
+    with torch.no_grad():
+        attn.attn_scale.omega.copy_(torch.tensor([-0.7, 0.3, 1.5, 4.0]))
+    return attn
+
+
+def test_fused_and_explicit_attnscale_agree():
+    attn = _random_attnscale_attention().eval()
+    x = torch.randn(3, 65, 64)
+    fused, no_map = attn(x, need_weights=False)
+    explicit, attention_map = attn(x, need_weights=True)
+    assert no_map is None and attention_map.shape == (3, 4, 65, 65)
+    diff = (fused - explicit).abs().max().item()
+    print(f"fused vs explicit AttnScale: max |Δ| = {diff:.2e}")
+    assert diff < 1e-5
+
+
+def test_attnscale_rows_sum_to_one_and_formula():
+    scale = AttnScale(4)
+    with torch.no_grad():
+        scale.omega.copy_(torch.tensor([-0.5, 0.0, 0.8, 3.0]))
+    a = torch.randn(2, 4, 9, 9).softmax(-1)
+    scaled = scale(a)
+    assert torch.allclose(scaled.sum(-1), torch.ones(2, 4, 9), atol=1e-6)
+    u = torch.full_like(a, 1 / 9)
+    expected = u + (1 + scale.omega.view(1, 4, 1, 1)) * (a - u)
+    assert torch.allclose(scaled, expected, atol=1e-7)
+
+
+def test_attnscale_with_attention_dropout_uses_explicit_form():
+    """Dropout must act on the rescaled matrix, so training with attn_drop > 0 takes the explicit path."""
+    attn = _random_attnscale_attention(attn_drop=0.5).train()
+    assert not attn._uses_fused_kernel(need_weights=False)
+    assert attn.eval()._uses_fused_kernel(need_weights=False)
+
+
+def test_featscale_identity_and_formula():
+    scale = FeatScale(8)
+    x = torch.randn(2, 5, 8)
+    assert torch.equal(scale(x), x)
+    with torch.no_grad():
+        scale.lambda1.normal_()
+        scale.lambda2.normal_()
+    x_d = x.mean(1, keepdim=True)
+    expected = x + scale.lambda1 * x_d + scale.lambda2 * (x - x_d)
+    assert torch.allclose(scale(x), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_every_model_builds_and_trains_one_step(name):
+    model = create_model(name, img_size=IMG, num_classes=10)
+    logits = model(_images())
+    assert logits.shape == (2, 10)
+    logits.logsumexp(-1).mean().backward()
+    assert model.patch_embed.proj.weight.grad is not None
+    assert all(p.grad is not None for p in model.blocks[-1].parameters())
+
+
+@pytest.mark.parametrize("name, prefix", [("deit_tiny_24", 1), ("cait_xxs24", 0)])
+def test_forward_aux_shapes(name, prefix):
+    model = create_model(name, img_size=IMG, patch_size=8, num_classes=10, patch_head=True, attnscale=True)
+    n = (IMG // 8) ** 2
+    out = model.forward_aux(_images(), attention=True)
+    depth = len(model.blocks)
+    assert out.logits.shape == (2, 10)
+    assert len(out.tokens) == depth + 1 and all(t.shape == (2, n + prefix, model.embed_dim) for t in out.tokens)
+    assert len(out.attentions) == depth and all(a.shape == (2, model.blocks[0].attn.num_heads, n + prefix, n + prefix) for a in out.attentions)
+    assert out.patch_logits.shape == (2, n, 10)
+    assert out.patch_tokens(-1).shape == (2, n, model.embed_dim)
+    assert torch.allclose(out.logits, model(_images()), atol=1e-5)
+    assert model.forward_aux(_images()).attentions is None
+
+
+def test_forward_aux_last_tokens_are_normed_and_distilled_logits():
+    model = create_model("deit_tiny_12", img_size=IMG, num_classes=10, distilled=True).eval()
+    out = model.forward_aux(_images())
+    assert out.num_prefix_tokens == 2 and out.dist_logits.shape == (2, 10)
+    assert torch.allclose((out.logits + out.dist_logits) / 2, model(_images()), atol=1e-6)
+    assert torch.allclose(out.tokens[-1], model.forward_features(_images()), atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["deit_tiny_48", "cait_xxs24"])
+def test_gradient_checkpointing_gives_the_same_gradients(name):
+    x = _images()
+    grads = []
+    for enable in (False, True):
+        torch.manual_seed(0)
+        model = create_model(name, img_size=IMG, num_classes=10, drop_path_rate=0.0)
+        model.set_grad_checkpointing(enable)
+        out = model.forward_aux(x)
+        (out.logits.sum() + out.tokens[3].pow(2).mean()).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_drop_path_schedules():
+    deit = create_model("deit_tiny_24", img_size=IMG, drop_path_rate=0.5)
+    rates = [b.drop_path1.drop_prob if hasattr(b.drop_path1, "drop_prob") else 0.0 for b in deit.blocks]
+    assert rates[0] == 0.0 and math.isclose(rates[-1], 0.5) and rates == sorted(rates)
+    cait = create_model("cait_xxs24", img_size=IMG, drop_path_rate=0.1)
+    assert {b.drop_path1.drop_prob for b in cait.blocks} == {0.1}
+
+
+def test_cait_layer_scale_init_by_depth():
+    assert create_model("cait_xxs24", img_size=IMG).blocks[0].gamma_1[0].item() == pytest.approx(1e-5)
+    assert create_model("cait_xxs36", img_size=IMG).blocks[0].gamma_1[0].item() == pytest.approx(1e-5)
+    assert create_model("cait_s36", img_size=IMG).blocks[0].gamma_1[0].item() == pytest.approx(1e-6)
+
+
+def test_weight_decay_exclusions_and_layer_decay_groups():
+    model = create_model("deit_tiny_12", img_size=IMG, num_classes=10, attnscale=True, featscale=True, init_values=1e-5)
+    assert model.no_weight_decay() == {"pos_embed", "cls_token"}
+    groups = param_groups_layer_decay(model, weight_decay=0.05, no_weight_decay_list=model.no_weight_decay(), layer_decay=0.5)
+    by_name = {}
+    for group in groups:
+        for p in group["params"]:
+            by_name[id(p)] = group
+    params = dict(model.named_parameters())
+    assert by_name[id(params["blocks.3.attn.attn_scale.omega"])]["weight_decay"] == 0.0
+    assert by_name[id(params["blocks.3.ls1.gamma"])]["weight_decay"] == 0.0
+    assert by_name[id(params["blocks.3.attn.qkv.weight"])]["weight_decay"] == 0.05
+    scales = [by_name[id(params[n])]["lr_scale"] for n in ("pos_embed", "blocks.0.mlp.fc1.weight", "blocks.11.mlp.fc1.weight", "head.weight")]
+    assert scales == sorted(scales) and scales[-1] == 1.0 and scales[0] == pytest.approx(0.5**13)
+
+
+def test_model_stats_match_real_counts():
+    params, flops = model_stats("deit_small_12")
+    assert params == sum(p.numel() for p in timm.create_model("deit_small_patch16_224").parameters())
+    assert flops / 2e9 == pytest.approx(4.6, abs=0.05)  # DeiT-S: 4.6 GMACs
+
+
+@pytest.mark.parametrize(
+    "name, options, needle",
+    [
+        ("deit_tiny_13", {}, "deit_tiny_13"),
+        ("deit_tiny_12", {"img_size": 30}, "img_size=30"),
+        ("deit_tiny_12", {"num_heads": 5}, "num_heads=5"),
+        ("deit_tiny_12", {"attn_scale": True}, "attn_scale"),
+    ],
+)
+def test_bad_model_requests_raise_one_clear_error(name, options, needle):
+    with pytest.raises(UserError, match=needle):
+        create_model(name, **options)
+
+
+@pytest.mark.parametrize("args, needle", [(["models", "vit_tiny_99"], "vit_tiny_99"), (["models", "deit_tiny_12", "--img-size", "100"], "img_size=100")])
+def test_cli_maps_model_errors_to_exit_2(args, needle, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_models_table(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["models", "deit_small_24", "cait_xxs36"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "deit_small_24" in out and "43.3" in out and "cait_xxs36" in out

@@ -1,0 +1,3 @@
+from vitdeep.cli import main
+
+main()

@@ -1,0 +1,196 @@
+"""CaiT (Touvron et al. 2021): LayerScale self-attention blocks with talking heads over the
+patches, then class-attention blocks where the class token joins.
+
+State-dict keys are timm's `Cait` (`gamma_1`/`gamma_2`, `blocks_token_only`), so timm / official
+CaiT checkpoints load as is. AttnScale and FeatScale apply to the self-attention blocks only.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from timm.layers import Mlp, PatchEmbed, trunc_normal_
+from torch import nn
+
+from vitdeep.models.base import AuxOutput, DeepTransformer, check_image_input, check_patch_grid
+from vitdeep.models.layers import Block, check_heads
+
+
+def cait_layer_scale_init(depth: int) -> float:
+    """LayerScale init by depth, as in the CaiT paper: 0.1 up to 18 blocks, 1e-5 at 24, 1e-6 deeper."""
+    if depth <= 18:
+        return 0.1
+    return 1e-5 if depth <= 24 else 1e-6
+
+
+class LayerScaleBlock(Block):
+    """A self-attention `Block` whose LayerScale is stored as timm's CaiT `gamma_1`/`gamma_2`."""
+
+    def __init__(self, dim: int, num_heads: int, init_values: float, **kwargs) -> None:
+        super().__init__(dim, num_heads, init_values=None, **kwargs)
+        self.gamma_1 = nn.Parameter(init_values * torch.ones(dim))
+        self.gamma_2 = nn.Parameter(init_values * torch.ones(dim))
+
+    def scale_attn_branch(self, x: torch.Tensor) -> torch.Tensor:
+        return self.gamma_1 * x
+
+    def scale_mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
+        return self.gamma_2 * x
+
+
+class ClassAttention(nn.Module):
+    """Attention from the class token (query) to [class; patches] (keys and values)."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.k = nn.Linear(dim, dim, bias=qkv_bias)
+        self.v = nn.Linear(dim, dim, bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        heads = lambda t: t.reshape(B, -1, self.num_heads, C // self.num_heads).transpose(1, 2)  # noqa: E731
+        q, k, v = heads(self.q(x[:, :1])), heads(self.k(x)), heads(self.v(x))
+        x_cls = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
+        return self.proj_drop(self.proj(x_cls.transpose(1, 2).reshape(B, 1, C)))
+
+
+class ClassAttentionBlock(nn.Module):
+    """CaiT's class-attention block: only the class token is updated."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qkv_bias: bool, init_values: float, norm_layer) -> None:
+        super().__init__()
+        self.norm1 = norm_layer(dim)
+        self.attn = ClassAttention(dim, num_heads, qkv_bias)
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.gamma_1 = nn.Parameter(init_values * torch.ones(dim))
+        self.gamma_2 = nn.Parameter(init_values * torch.ones(dim))
+
+    def forward(self, x: torch.Tensor, x_cls: torch.Tensor) -> torch.Tensor:
+        u = torch.cat((x_cls, x), dim=1)
+        x_cls = x_cls + self.gamma_1 * self.attn(self.norm1(u))
+        return x_cls + self.gamma_2 * self.mlp(self.norm2(x_cls))
+
+
+class Cait(DeepTransformer):
+    """CaiT with uniform drop-path over the self-attention blocks (none in class attention),
+    talking heads on by default, and the vitdeep options (`attnscale`, `featscale`, `patch_head`)."""
+
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        embed_dim: int = 192,
+        depth: int = 24,
+        num_heads: int = 4,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        init_values: float | None = None,
+        drop_rate: float = 0.0,
+        pos_drop_rate: float = 0.0,
+        proj_drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        depth_token_only: int = 2,
+        talking_heads: bool = True,
+        attnscale: bool = False,
+        featscale: bool = False,
+        patch_head: bool = False,
+    ) -> None:
+        super().__init__()
+        check_patch_grid(img_size, patch_size)
+        check_heads(embed_dim, num_heads)
+        init_values = cait_layer_scale_init(depth) if init_values is None else init_values
+        self.img_size = img_size
+        self.num_classes = num_classes
+        self.embed_dim = self.num_features = embed_dim
+        self.num_prefix_tokens = 1
+        self.pos_embed_prefix_tokens = 0
+        norm_layer = partial(nn.LayerNorm, eps=1e-6)
+
+        self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches, embed_dim))
+        self.pos_drop = nn.Dropout(pos_drop_rate)
+        self.blocks = nn.ModuleList(
+            LayerScaleBlock(
+                embed_dim,
+                num_heads,
+                init_values=init_values,
+                mlp_ratio=mlp_ratio,
+                qkv_bias=qkv_bias,
+                drop_path=drop_path_rate,
+                attn_drop=attn_drop_rate,
+                proj_drop=proj_drop_rate,
+                talking_heads=talking_heads,
+                attnscale=attnscale,
+                featscale=featscale,
+                norm_layer=norm_layer,
+            )
+            for _ in range(depth)
+        )
+        self.blocks_token_only = nn.ModuleList(
+            ClassAttentionBlock(embed_dim, num_heads, mlp_ratio, qkv_bias, init_values, norm_layer)
+            for _ in range(depth_token_only)
+        )
+        self.norm = norm_layer(embed_dim)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = self._new_head(num_classes)
+        self.patch_head = self._new_head(num_classes) if patch_head else None
+
+        self.init_weights()
+        trunc_normal_(self.cls_token, std=0.02)
+
+    def layer_id(self, name: str) -> int:
+        """Class-attention blocks share the ids of the last self-attention blocks (as timm)."""
+        if name.startswith("blocks_token_only."):
+            offset = len(self.blocks) - len(self.blocks_token_only) + 1
+            return int(name.split(".")[1]) + offset
+        return super().layer_id(name)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        check_image_input(x, self.img_size)
+        return self.pos_drop(self.patch_embed(x) + self.pos_embed)
+
+    def _class_attention(self, x: torch.Tensor) -> torch.Tensor:
+        """Class-attention blocks, then the final norm over [class; patches]."""
+        x_cls = self.cls_token.expand(x.shape[0], -1, -1)
+        for block in self.blocks_token_only:
+            x_cls = block(x, x_cls)
+        return self.norm(torch.cat((x_cls, x), dim=1))
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x, _ = self.run_blocks(self.embed(x))
+        return self._class_attention(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = x[:, 0]
+        return x if pre_logits else self.head(self.head_drop(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_aux(self, x: torch.Tensor, attention: bool = False) -> AuxOutput:
+        """As `VisionTransformer.forward_aux`; token sequences are patches only (no prefix)."""
+        x = self.embed(x)
+        tokens = [x]
+        x, attentions = self.run_blocks(x, attention, tokens)
+        x = self._class_attention(x)
+        tokens[-1] = x[:, 1:]
+        return AuxOutput(
+            logits=self.forward_head(x),
+            tokens=tokens,
+            attentions=attentions if attention else None,
+            patch_logits=self.patch_logits(x[:, 1:]),
+            dist_logits=None,
+            num_prefix_tokens=0,
+        )

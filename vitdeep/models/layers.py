@@ -1,0 +1,184 @@
+"""Attention variants and scaling layers shared by the DeiT and CaiT models.
+
+Parameter names follow timm (`qkv`, `proj`, `proj_l`, `proj_w`, `ls1.gamma`) so that a model
+built without the extra options has exactly timm's state-dict keys.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath, LayerScale, Mlp
+from torch import nn
+
+from vitdeep.errors import UserError
+
+
+class AttnScale(nn.Module):
+    """AttnScale (Wang et al. 2022): amplify the high-pass part of each head's attention.
+
+    `Â = U + (1 + ω_h)(A − U)` with `U = 1/N`; rows of `Â` still sum to 1 and ω = 0 is vanilla
+    attention. Because `U·V` is the token mean of `V`, `Â·V = (1 + ω)·A·V − ω·mean_tokens(V)`,
+    which keeps the fused attention kernel usable (`fused`).
+    """
+
+    def __init__(self, num_heads: int) -> None:
+        super().__init__()
+        self.omega = nn.Parameter(torch.zeros(num_heads))
+
+    def forward(self, attn: torch.Tensor) -> torch.Tensor:
+        """Explicit form on an attention matrix `[B, H, N, N]`."""
+        uniform = 1.0 / attn.shape[-1]
+        omega = self.omega.to(attn.dtype).view(1, -1, 1, 1)
+        return uniform + (1.0 + omega) * (attn - uniform)
+
+    def fused(self, attn_v: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Exact fused form from `A·V` and `V`, both `[B, H, N, d]`."""
+        omega = self.omega.to(attn_v.dtype).view(1, -1, 1, 1)
+        return (1.0 + omega) * attn_v - omega * v.mean(dim=-2, keepdim=True)
+
+
+class FeatScale(nn.Module):
+    """FeatScale (Wang et al. 2022): re-weight the DC and high-frequency parts of a branch output.
+
+    `y = x + λ₁·x_d + λ₂·x_h` with `x_d = mean_tokens(x)`, `x_h = x − x_d`; λ = 0 is the identity.
+    The terms are added once (the official ViT code adds them twice; convert with λ = 2·λ_official).
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.lambda1 = nn.Parameter(torch.zeros(dim))
+        self.lambda2 = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_d = x.mean(dim=1, keepdim=True)
+        return x + self.lambda1 * x_d + self.lambda2 * (x - x_d)
+
+
+def check_heads(dim: int, num_heads: int) -> None:
+    if num_heads <= 0 or dim % num_heads:
+        raise UserError(f"num_heads={num_heads} does not divide the width embed_dim={dim}")
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with optional talking heads, AttnScale and FeatScale.
+
+    The fused kernel (`F.scaled_dot_product_attention`) runs whenever it is exact: no talking
+    heads, no attention map requested, and no attention dropout under AttnScale (dropout must act
+    on the rescaled matrix). Otherwise the explicit N×N form runs; both give the same result.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        qkv_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        talking_heads: bool = False,
+        attnscale: bool = False,
+        featscale: bool = False,
+    ) -> None:
+        super().__init__()
+        check_heads(dim, num_heads)
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.talking_heads = talking_heads
+        if talking_heads:
+            self.proj_l = nn.Linear(num_heads, num_heads)
+            self.proj_w = nn.Linear(num_heads, num_heads)
+        self.attn_scale = AttnScale(num_heads) if attnscale else None
+        self.feat_scale = FeatScale(dim) if featscale else None
+
+    def reset_talking_heads(self) -> None:
+        """Identity mixing with zero bias: talking heads start as plain multi-head attention."""
+        if self.talking_heads:
+            for linear in (self.proj_l, self.proj_w):
+                nn.init.eye_(linear.weight)
+                nn.init.zeros_(linear.bias)
+
+    def _uses_fused_kernel(self, need_weights: bool) -> bool:
+        if self.talking_heads or need_weights:
+            return False
+        return self.attn_scale is None or not (self.training and self.attn_drop.p > 0)
+
+    def attention_matrix(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """The post-softmax matrix the block applies: after talking heads and AttnScale."""
+        attn = (q * self.scale) @ k.transpose(-2, -1)
+        if self.talking_heads:
+            attn = self.proj_l(attn.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        attn = attn.softmax(dim=-1)
+        if self.talking_heads:
+            attn = self.proj_w(attn.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        if self.attn_scale is not None:
+            attn = self.attn_scale(attn)
+        return attn
+
+    def forward(self, x: torch.Tensor, need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = None
+        if self._uses_fused_kernel(need_weights):
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
+            if self.attn_scale is not None:
+                out = self.attn_scale.fused(out, v)
+        else:
+            attn = self.attention_matrix(q, k)
+            out = self.attn_drop(attn) @ v
+        out = self.proj(out.transpose(1, 2).reshape(B, N, C))
+        if self.feat_scale is not None:
+            out = self.feat_scale(out)
+        return self.proj_drop(out), attn
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block (timm's ViT block) built on `Attention`.
+
+    Residual branches are scaled by `scale_attn_branch` / `scale_mlp_branch` (LayerScale when
+    `init_values` is set) so that CaiT can keep timm's `gamma_1`/`gamma_2` parameter names.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        init_values: float | None = None,
+        drop_path: float = 0.0,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        talking_heads: bool = False,
+        attnscale: bool = False,
+        featscale: bool = False,
+        norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
+        act_layer: type[nn.Module] = nn.GELU,
+    ) -> None:
+        super().__init__()
+        self.norm1 = norm_layer(dim)
+        self.attn = Attention(dim, num_heads, qkv_bias, attn_drop, proj_drop, talking_heads, attnscale, featscale)
+        self.ls1 = LayerScale(dim, init_values=init_values) if init_values else nn.Identity()
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
+        self.ls2 = LayerScale(dim, init_values=init_values) if init_values else nn.Identity()
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def scale_attn_branch(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ls1(x)
+
+    def scale_mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ls2(x)
+
+    def forward(self, x: torch.Tensor, need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        y, attn = self.attn(self.norm1(x), need_weights)
+        x = x + self.drop_path1(self.scale_attn_branch(y))
+        x = x + self.drop_path2(self.scale_mlp_branch(self.mlp(self.norm2(x))))
+        return x, attn

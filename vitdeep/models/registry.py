@@ -1,0 +1,204 @@
+"""The model zoo: names, sizes, construction, parameter / FLOP counts, and timm registration.
+
+This is the one place model dimensions are written down; the CLI table and the README read it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import sys
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from vitdeep.errors import UserError
+from vitdeep.models.cait import Cait
+from vitdeep.models.vit import VisionTransformer
+
+DEIT_SIZES = {"tiny": (192, 3), "small": (384, 6), "base": (768, 12), "large": (1024, 16)}
+DEIT_DEPTHS = (12, 24, 36, 48)
+CAIT_SIZES = {"xxs": (192, 4), "xs": (288, 6), "s": (384, 8), "m": (768, 16)}
+CAIT_DEPTHS = {"xxs": (24, 36), "xs": (24, 36), "s": (24, 36), "m": (36, 48)}
+#: timm's CaiT-XXS36 keeps the depth-24 LayerScale init.
+CAIT_INIT_OVERRIDES = {"cait_xxs36": 1e-5}
+#: timm models with exactly the same architecture (for checkpoints and equivalence tests).
+TIMM_TWINS = {
+    "deit_tiny_12": "deit_tiny_patch16_224",
+    "deit_small_12": "deit_small_patch16_224",
+    "deit_base_12": "deit_base_patch16_224",
+    "deit_large_12": "vit_large_patch16_224",
+    "cait_xxs24": "cait_xxs24_224",
+    "cait_xxs36": "cait_xxs36_224",
+    "cait_xs24": "cait_xs24_384",
+    "cait_s24": "cait_s24_224",
+    "cait_s36": "cait_s36_384",
+    "cait_m36": "cait_m36_384",
+    "cait_m48": "cait_m48_448",
+}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One named architecture: its family and dimensions (all else is an option)."""
+
+    name: str
+    family: str
+    embed_dim: int
+    depth: int
+    num_heads: int
+    init_values: float | None = None
+
+    @property
+    def model_cls(self) -> type[nn.Module]:
+        return Cait if self.family == "cait" else VisionTransformer
+
+    @property
+    def timm_twin(self) -> str | None:
+        return TIMM_TWINS.get(self.name)
+
+    def kwargs(self) -> dict:
+        kwargs = dict(embed_dim=self.embed_dim, depth=self.depth, num_heads=self.num_heads)
+        if self.init_values is not None:
+            kwargs["init_values"] = self.init_values
+        return kwargs
+
+
+def _build_specs() -> dict[str, ModelSpec]:
+    specs = [
+        ModelSpec(f"deit_{size}_{depth}", "deit", dim, depth, heads)
+        for size, (dim, heads) in DEIT_SIZES.items()
+        for depth in DEIT_DEPTHS
+    ]
+    for size, (dim, heads) in CAIT_SIZES.items():
+        for depth in CAIT_DEPTHS[size]:
+            name = f"cait_{size}{depth}"
+            specs.append(ModelSpec(name, "cait", dim, depth, heads, CAIT_INIT_OVERRIDES.get(name)))
+    return {spec.name: spec for spec in specs}
+
+
+MODELS: dict[str, ModelSpec] = _build_specs()
+
+
+def get_spec(name: str) -> ModelSpec:
+    """The spec of a registered name, or a `UserError` that suggests the closest names."""
+    spec = MODELS.get(name.removeprefix("vitdeep_"))
+    if spec is None:
+        close = difflib.get_close_matches(name, MODELS, n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else " (see `vitdeep models`)"
+        raise UserError(f"unknown model '{name}'{hint}")
+    return spec
+
+
+def model_options(name: str) -> list[str]:
+    """Keyword options `create_model` accepts for this model."""
+    params = inspect.signature(get_spec(name).model_cls.__init__).parameters
+    return [p for p in params if p != "self"]
+
+
+def create_model(name: str, **kwargs) -> nn.Module:
+    """Build a registered model, e.g. `create_model("deit_small_24", img_size=224, attnscale=True)`.
+
+    Options are the model class's keyword arguments (`img_size`, `patch_size`, `num_classes`,
+    `drop_path_rate`, `talking_heads`, `attnscale`, `featscale`, `patch_head`, `distilled` for
+    DeiT, `init_values` for LayerScale, …). Unknown names and options raise `UserError`.
+    """
+    spec = get_spec(name)
+    options = model_options(name)
+    unknown = sorted(set(kwargs) - set(options))
+    if unknown:
+        raise UserError(f"model '{spec.name}' has no option {', '.join(unknown)} (options: {', '.join(options)})")
+    return spec.model_cls(**{**spec.kwargs(), **kwargs})
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_flops(model: nn.Module, img_size: int | None = None, batch_size: int = 1) -> int:
+    """Forward FLOPs (a multiply-add counts 2) of one pass, as counted by torch's FlopCounterMode.
+
+    The papers' "FLOPs" (DeiT-S 4.6G) count multiply-adds, i.e. half this number. On a model
+    built on the meta device (`model_stats`) the count costs no compute.
+    """
+    img_size = img_size or model.img_size
+    param = next(model.parameters())
+    x = torch.empty(batch_size, model.patch_embed.proj.in_channels, img_size, img_size, device=param.device, dtype=param.dtype)
+    with FlopCounterMode(display=False) as counter:
+        model(x)
+    return counter.get_total_flops()
+
+
+@lru_cache(maxsize=None)
+def model_stats(name: str, img_size: int = 224, **kwargs) -> tuple[int, int]:
+    """(parameters, forward FLOPs per image) of a named model, built on the meta device.
+
+    Blocks are identical, so both counts are affine in depth: count depths 1 and 2 and
+    extrapolate, which is exact and keeps `vitdeep models` fast.
+    """
+    counts = []
+    for depth in (1, 2):
+        with torch.device("meta"):
+            model = create_model(name, img_size=img_size, depth=depth, **kwargs)
+        counts.append((count_parameters(model), count_flops(model, img_size)))
+    depth = get_spec(name).depth
+    (p1, f1), (p2, f2) = counts
+    return p1 + (depth - 1) * (p2 - p1), f1 + (depth - 1) * (f2 - f1)
+
+
+def print_model_table(names: list[str] | None = None, img_size: int = 224, patch_size: int = 16) -> None:
+    """The `vitdeep models` table, read from the registry (all models, or the named ones)."""
+    from rich.table import Table
+
+    from vitdeep.monitor import make_console
+
+    specs = [get_spec(name) for name in names] if names else list(MODELS.values())
+    title = f"vitdeep models at {img_size}px, patch {patch_size} (forward GFLOPs per image, multiply-add = 2)"
+    table = Table(title=title)
+    for column in ("name", "depth", "width", "heads", "params (M)", "GFLOPs", "timm twin"):
+        table.add_column(column, justify="left" if column in ("name", "timm twin") else "right", no_wrap=True)
+    for spec in specs:
+        params, flops = model_stats(spec.name, img_size, patch_size=patch_size)
+        table.add_row(
+            spec.name, str(spec.depth), str(spec.embed_dim), str(spec.num_heads),
+            f"{params / 1e6:.1f}", f"{flops / 1e9:.2f}", spec.timm_twin or "",
+        )
+    make_console().print(table)
+
+
+def _timm_cfg(spec: ModelSpec) -> dict:
+    return dict(
+        url="", num_classes=1000, input_size=(3, 224, 224), crop_pct=0.875, interpolation="bicubic",
+        mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, first_conv="patch_embed.proj", classifier="head",
+    )
+
+
+default_cfgs = generate_default_cfgs({f"vitdeep_{spec.name}": _timm_cfg(spec) for spec in MODELS.values()})
+
+
+def _timm_entrypoint(spec: ModelSpec):
+    def entrypoint(pretrained: bool = False, **kwargs) -> nn.Module:
+        return build_model_with_cfg(spec.model_cls, f"vitdeep_{spec.name}", pretrained, **{**spec.kwargs(), **kwargs})
+
+    entrypoint.__name__ = f"vitdeep_{spec.name}"
+    entrypoint.__qualname__ = entrypoint.__name__
+    entrypoint.__module__ = __name__
+    entrypoint.__doc__ = f"vitdeep {spec.name}: {spec.family}, depth {spec.depth}, width {spec.embed_dim}."
+    return entrypoint
+
+
+def _register_with_timm() -> None:
+    """Every model is also `timm.create_model("vitdeep_<name>")` once `vitdeep.models` is imported."""
+    module = sys.modules[__name__]
+    for spec in MODELS.values():
+        entrypoint = _timm_entrypoint(spec)
+        setattr(module, entrypoint.__name__, entrypoint)
+        register_model(entrypoint)
+
+
+_register_with_timm()
