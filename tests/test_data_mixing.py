@@ -1,0 +1,142 @@
+"""Batch mixing (timm's Mixup/CutMix, patch-aligned CutMix with per-patch targets) and the
+augmentation config."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from timm.data import Mixup
+from timm.data.mixup import mixup_target
+
+from vitdeep.data.mixing import MixConfig, build_mixer
+from vitdeep.data.transforms import AugmentConfig, _posterize, eval_transform, train_transform
+from vitdeep.errors import UserError
+
+
+def _batch(size: int, img: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.rand(size, 3, img, img, generator=generator), torch.randint(0, 10, (size,), generator=generator)
+
+
+@pytest.mark.parametrize("img, patch, batch", [(32, 8, 4), (224, 16, 6), (48, 16, 2)])
+def test_patch_aligned_cutmix_targets_agree_with_pixels(img, patch, batch):
+    mixer = build_mixer(MixConfig(mixup=0.0, cutmix=1.0, patch_aligned=True), 10, img, patch)
+    grid = img // patch
+    cut = 0
+    for seed in range(12):
+        np.random.seed(seed)
+        images, labels = _batch(batch, img, seed)
+        out = mixer(images.clone(), labels)
+        assert out.patch_source.shape == out.patch_labels.shape == (batch, grid * grid)
+        assert torch.equal(out.patch_labels, labels[out.patch_source])
+        for b in range(batch):
+            for i, source in enumerate(out.patch_source[b].tolist()):
+                rows, cols = slice(i // grid * patch, (i // grid + 1) * patch), slice(i % grid * patch, (i % grid + 1) * patch)
+                assert torch.equal(out.images[b, :, rows, cols], images[source, :, rows, cols])
+                assert source in (b, batch - 1 - b)
+        own = (out.patch_source == torch.arange(batch).unsqueeze(1)).double().mean(1)
+        assert torch.allclose(own, torch.full((batch,), out.lam, dtype=torch.float64))
+        assert torch.allclose(out.targets, mixup_target(labels, 10, out.lam, 0.1))
+        cut += out.lam < 1
+    assert cut >= 6
+
+
+def test_plain_mixing_is_timms():
+    cfg = MixConfig()
+    mixer = build_mixer(cfg, 10, 32, 8)
+    reference = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mix_prob, switch_prob=cfg.switch_prob,
+                      label_smoothing=cfg.label_smoothing, num_classes=10)
+    for seed in range(8):
+        images, labels = _batch(4, 32, seed)
+        np.random.seed(seed)
+        ours = mixer(images.clone(), labels)
+        np.random.seed(seed)
+        expected_images, expected_targets = reference(images.clone(), labels)
+        assert torch.equal(ours.images, expected_images) and torch.allclose(ours.targets, expected_targets)
+        assert ours.patch_labels is None and ours.patch_source is None
+
+
+def test_mixup_batches_have_no_patch_targets():
+    mixer = build_mixer(MixConfig(cutmix=0.0, patch_aligned=True), 10, 32, 8)
+    images, labels = _batch(4, 32)
+    out = mixer(images.clone(), labels)
+    assert out.patch_labels is None and out.patch_source is None and 0 < out.lam < 1
+    assert torch.allclose(out.images, out.lam * images + (1 - out.lam) * images.flip(0))
+
+
+def test_an_unmixed_batch_keeps_its_own_patches():
+    mixer = build_mixer(MixConfig(mix_prob=1e-12, patch_aligned=True), 10, 32, 8)
+    images, labels = _batch(4, 32)
+    out = mixer(images.clone(), labels)
+    assert out.lam == 1.0 and torch.equal(out.images, images)
+    assert torch.equal(out.patch_source, torch.arange(4).unsqueeze(1).expand(4, 16))
+    assert torch.allclose(out.targets, mixup_target(labels, 10, 1.0, 0.1))
+
+
+def test_mixing_off_gives_no_mixer():
+    assert build_mixer(MixConfig(mixup=0.0, cutmix=0.0), 10, 32, 8) is None
+    assert build_mixer(MixConfig(mix_prob=0.0), 10, 32, 8) is None
+
+
+def test_mixing_errors_are_user_errors():
+    with pytest.raises(UserError, match="even micro-batch"):
+        build_mixer(MixConfig(), 10, 32, 8)(*_batch(3, 32))
+    with pytest.raises(UserError, match="multiple of the patch size"):
+        build_mixer(MixConfig(patch_aligned=True), 10, 30, 8)
+    with pytest.raises(UserError, match="--switch-prob"):
+        MixConfig(switch_prob=1.5)
+    with pytest.raises(UserError, match="--label-smoothing"):
+        MixConfig(label_smoothing=1.0)
+
+
+def test_augment_defaults_are_deits_recipe():
+    cfg = AugmentConfig()
+    assert (cfg.scale_min, cfg.scale_max, cfg.interpolation, cfg.hflip) == (0.08, 1.0, "bicubic", 0.5)
+    assert (cfg.rand_augment, cfg.color_jitter, cfg.reprob, cfg.remode, cfg.recount) == ("rand-m9-mstd0.5-inc1", 0.3, 0.25, "pixel", 1)
+    assert (cfg.repeated_aug, cfg.eval_crop_ratio) == (1, 0.875)
+    for config in (AugmentConfig, MixConfig):
+        assert all(f.metadata.get("help") for f in dataclasses.fields(config))
+    assert set(AugmentConfig.help()) == {f.name for f in dataclasses.fields(AugmentConfig)}
+
+
+def _steps(transform) -> list[str]:
+    return [type(step).__name__ for step in transform.transforms]
+
+
+def test_zero_turns_augmentation_parts_off():
+    assert _steps(train_transform(AugmentConfig(), 32)) == [
+        "RandomResizedCropAndInterpolation", "RandomHorizontalFlip", "RandAugment", "MaybePILToTensor"]
+    assert _steps(train_transform(AugmentConfig(rand_augment=""), 32)) == [
+        "RandomResizedCropAndInterpolation", "RandomHorizontalFlip", "ColorJitter", "MaybePILToTensor"]
+    assert _steps(train_transform(AugmentConfig(rand_augment="", color_jitter=0, hflip=0), 32)) == [
+        "RandomResizedCropAndInterpolation", "MaybePILToTensor"]
+
+
+def test_rand_augment_survives_its_strongest_posterize():
+    """timm maps magnitude 10 to posterize with 0 bits, which Pillow >= 13 refuses."""
+    transform = train_transform(AugmentConfig(rand_augment="rand-m10-mstd0-inc1"), 32)
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        out = transform(Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)))
+        assert out.dtype == torch.uint8 and out.shape == (3, 32, 32)
+    assert not np.asarray(_posterize(Image.new("RGB", (4, 4), (200, 100, 50)), 0)).any()
+
+
+def test_eval_transform_resizes_and_centre_crops_grayscale_digits(digits_dir):
+    image = Image.open(next((digits_dir / "val").glob("*/*.png"))).convert("RGB")
+    out = eval_transform(32, 0.5)(image)
+    assert out.dtype == torch.uint8 and out.shape == (3, 32, 32)
+    assert torch.equal(out[0], out[1]) and torch.equal(out[1], out[2])
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (dict(hflip=1.5), "--hflip"), (dict(reprob=-0.1), "--reprob"), (dict(scale_min=0.9, scale_max=0.5), "crop scale"),
+    (dict(interpolation="lanczos5"), "--interpolation"), (dict(remode="zero"), "--remode"),
+    (dict(rand_augment="autoaug"), "--rand-augment"), (dict(repeated_aug=0), "--repeated-aug"),
+    (dict(eval_crop_ratio=1.2), "--eval-crop-ratio"),
+])
+def test_augment_config_rejects_bad_values(overrides, needle):
+    with pytest.raises(UserError, match=needle):
+        AugmentConfig(**overrides)
