@@ -1,0 +1,289 @@
+"""Training and evaluation loaders over tar shards, and the on-device batch preprocessing.
+
+`train_loader` and `eval_loader` check everything a user can get wrong (shards, sizes, ranks,
+batch sizes) before any worker starts, then wrap a DataLoader over the streams of
+`vitdeep.data.streams`. Rank and world size are always passed in: nothing here asks
+torch.distributed or webdataset's node splitter who we are. Batches leave the workers as uint8
+(a quarter of the bytes of float32); `BatchPreprocessor` normalises them on the device.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator, Sequence
+
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.data.random_erasing import RandomErasing
+from torch.utils.data import DataLoader, IterableDataset
+
+from vitdeep.data.info import DatasetInfo, read_dataset_info
+from vitdeep.data.samples import ReadStats
+from vitdeep.data.streams import EvalPlan, EvalStream, TrainPlan, TrainStream
+from vitdeep.data.transforms import AugmentConfig, Transform, eval_transform, train_transform
+from vitdeep.errors import UserError
+
+__all__ = [
+    "BatchPreprocessor",
+    "DatasetInfo",
+    "EvalLoader",
+    "ReadStats",
+    "TrainLoader",
+    "eval_loader",
+    "read_dataset_info",
+    "sum_over_ranks",
+    "train_loader",
+]
+
+#: Default limit on the fraction of bad samples before a loader stops.
+MAX_BAD_FRACTION = 0.01
+#: Until this many samples have been read, the limit is judged against this many.
+MIN_JUDGED = 1000
+SHUFFLE_BUFFER = 1000
+
+
+class _Loader:
+    """A DataLoader over one of our streams: tallies the workers' `ReadStats`, turns a reader's
+    fatal error or too much bad data into one `UserError` in the main process."""
+
+    def __init__(self, dataset: IterableDataset, num_workers: int, max_bad_fraction: float, pin_memory: bool):
+        if not 0.0 <= max_bad_fraction <= 1.0:
+            raise UserError(f"--max-bad-fraction must be in [0, 1], got {max_bad_fraction}")
+        self.max_bad_fraction = max_bad_fraction
+        self.stats = ReadStats()
+        # A private generator: the DataLoader draws its workers' base seed from it, not from the
+        # caller's global stream (our streams seed themselves per batch).
+        self._loader = DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                                  generator=torch.Generator())
+
+    @property
+    def bad_samples(self) -> int:
+        return self.stats.bad_samples
+
+    def _items(self) -> Iterator[tuple]:
+        latest: dict[int, ReadStats] = {}
+        self.stats = ReadStats()
+        for images, labels, keys, stats in self._loader:
+            latest[stats.worker] = stats
+            self.stats = sum(latest.values(), ReadStats())
+            if stats.fatal:
+                raise UserError(stats.fatal)
+            self._check_bad(final=False)
+            if images is not None:
+                yield images, labels, keys
+        self._check_bad(final=True)
+
+    def _check_bad(self, final: bool) -> None:
+        bad, read = self.stats.bad_samples, self.stats.read
+        if bad > self.max_bad_fraction * (read if final else max(read, MIN_JUDGED)):
+            reasons = ", ".join(f"{count} {reason}" for reason, count in self.stats.bad.most_common())
+            raise UserError(
+                f"{bad} of {read} samples read were bad ({reasons}), more than --max-bad-fraction "
+                f"{self.max_bad_fraction:g} allows; see the warnings above for where"
+            )
+
+
+class TrainLoader(_Loader):
+    """One rank's training epoch. `len()` is the epoch's batch count, the same on every rank;
+    with `start_batch=b` iteration yields batches b … len()-1, exactly as a full run would."""
+
+    def __init__(self, plan: TrainPlan, info: DatasetInfo, transform: Transform, num_workers: int,
+                 max_bad_fraction: float, pin_memory: bool):
+        super().__init__(TrainStream(plan, transform), num_workers, max_bad_fraction, pin_memory)
+        self.plan = plan
+        self.info = info
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.plan.batches
+
+    @property
+    def start_batch(self) -> int:
+        return self.plan.start_batch
+
+    def __len__(self) -> int:
+        return self.plan.batches
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for images, labels, _ in self._items():
+            yield images, labels
+
+
+class EvalLoader(_Loader):
+    """One rank's share of an evaluation set: every sample exactly once over all ranks."""
+
+    def __init__(self, plan: EvalPlan, info: DatasetInfo, transform: Transform, num_workers: int,
+                 max_bad_fraction: float, pin_memory: bool, with_keys: bool):
+        super().__init__(EvalStream(plan, transform), num_workers, max_bad_fraction, pin_memory)
+        self.plan = plan
+        self.info = info
+        self.with_keys = with_keys
+        per_reader = self._per_reader_counts()
+        mine = per_reader[plan.rank * plan.readers : (plan.rank + 1) * plan.readers] if per_reader else None
+        #: Samples expected over all ranks / on this rank / batches on this rank (None if unknown).
+        self.samples_total: int | None = info.num_samples
+        self.samples_rank: int | None = sum(mine) if mine is not None else None
+        self.num_batches: int | None = sum(math.ceil(n / plan.batch) for n in mine) if mine is not None else None
+
+    def _per_reader_counts(self) -> list[int] | None:
+        plan, info = self.plan, self.info
+        if plan.by_shards and info.shard_sizes is not None:
+            return [sum(info.shard_sizes[c :: plan.consumers]) for c in range(plan.consumers)]
+        if not plan.by_shards and info.num_samples is not None:
+            return [len(range(c, info.num_samples, plan.consumers)) for c in range(plan.consumers)]
+        return None
+
+    def __len__(self) -> int:
+        if self.num_batches is None:
+            raise TypeError("the number of evaluation batches is unknown (no sample counts for these shards)")
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[tuple]:
+        for images, labels, keys in self._items():
+            yield (images, labels, keys) if self.with_keys else (images, labels)
+
+
+def _check_ranks(rank: int, world_size: int, num_workers: int, micro_batch: int) -> None:
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise UserError(f"rank {rank} is not in a world of {world_size}")
+    if num_workers < 0:
+        raise UserError(f"--workers must be >= 0, got {num_workers}")
+    if micro_batch < 1:
+        raise UserError(f"the micro-batch size must be >= 1, got {micro_batch}")
+
+
+def train_loader(
+    urls: str | os.PathLike | Sequence[str] | DatasetInfo,
+    *,
+    micro_batch: int,
+    img_size: int,
+    rank: int,
+    world_size: int,
+    seed: int,
+    epoch: int,
+    num_workers: int,
+    aug: AugmentConfig,
+    num_samples: int | None = None,
+    start_batch: int = 0,
+    max_bad_fraction: float = MAX_BAD_FRACTION,
+    shuffle_buffer: int = SHUFFLE_BUFFER,
+    split: str = "train",
+    num_classes: int | None = None,
+    pin_memory: bool = False,
+) -> TrainLoader:
+    """The training stream of rank `rank`: total_samples // (micro_batch × world_size) batches of
+    `(images uint8 [B,3,H,W], labels int64 [B])`, reproducible from (seed, epoch, rank, batch)."""
+    _check_ranks(rank, world_size, num_workers, micro_batch)
+    if seed < 0 or epoch < 0:
+        raise UserError(f"seed and epoch must be >= 0, got {seed} and {epoch}")
+    if micro_batch % aug.repeated_aug:
+        raise UserError(f"the micro-batch size ({micro_batch}) must be a multiple of --repeated-aug ({aug.repeated_aug})")
+    info = read_dataset_info(urls, num_samples, split)
+    total = info.require_num_samples()
+    batches = total // (micro_batch * world_size)
+    if batches == 0:
+        raise UserError(f"{total} training samples make no global batch of {micro_batch} × {world_size} ranks")
+    if not 0 <= start_batch <= batches:
+        raise UserError(f"start batch {start_batch} is outside the epoch of {batches} batches")
+    plan = TrainPlan(
+        urls=info.urls,
+        rank=rank,
+        world_size=world_size,
+        readers=max(num_workers, 1),
+        seed=seed,
+        epoch=epoch,
+        batches=batches,
+        start_batch=start_batch,
+        images_per_batch=micro_batch // aug.repeated_aug,
+        views=aug.repeated_aug,
+        shuffle_buffer=shuffle_buffer,
+        num_classes=num_classes or info.num_classes,
+    )
+    return TrainLoader(plan, info, train_transform(aug, img_size), num_workers, max_bad_fraction, pin_memory)
+
+
+def eval_loader(
+    urls: str | os.PathLike | Sequence[str] | DatasetInfo,
+    *,
+    micro_batch: int,
+    img_size: int,
+    crop_ratio: float,
+    rank: int,
+    world_size: int,
+    num_workers: int,
+    num_samples: int | None = None,
+    split: str = "val",
+    sharding: str = "auto",
+    interpolation: str = "bicubic",
+    max_bad_fraction: float = MAX_BAD_FRACTION,
+    num_classes: int | None = None,
+    with_keys: bool = False,
+    pin_memory: bool = False,
+) -> EvalLoader:
+    """Rank `rank`'s share of an evaluation set, every sample exactly once over all ranks.
+
+    `sharding="shards"` gives each (rank, worker) whole shards and needs at least ranks × workers
+    shards; `"modulo"` has every reader read all shards and keep every (ranks × workers)-th
+    sample; `"auto"` picks whole shards when there are enough. Batches are
+    `(images uint8, labels int64)` (plus the sample keys with `with_keys`); the last of each
+    worker may be short.
+    """
+    _check_ranks(rank, world_size, num_workers, micro_batch)
+    if sharding not in ("auto", "shards", "modulo"):
+        raise UserError(f"sharding must be auto, shards or modulo, got {sharding!r}")
+    info = read_dataset_info(urls, num_samples, split)
+    readers = max(num_workers, 1)
+    enough = info.num_shards >= world_size * readers
+    if sharding == "shards" and not enough:
+        raise UserError(
+            f"exact evaluation by whole shards needs at least ranks × workers = {world_size} × {readers} shards, "
+            f"but there are {info.num_shards}: use fewer workers or modulo sharding"
+        )
+    plan = EvalPlan(
+        urls=info.urls,
+        rank=rank,
+        world_size=world_size,
+        readers=readers,
+        batch=micro_batch,
+        by_shards=sharding == "shards" or (sharding == "auto" and enough),
+        num_classes=num_classes or info.num_classes,
+    )
+    transform = eval_transform(img_size, crop_ratio, interpolation)
+    return EvalLoader(plan, info, transform, num_workers, max_bad_fraction, pin_memory, with_keys)
+
+
+class BatchPreprocessor:
+    """uint8 batch → normalised float in the engine's dtype on the device, plus (training) timm's
+    random erasing on the whole batch; the cheap per-pixel work the workers leave out."""
+
+    def __init__(
+        self,
+        device: torch.device | str,
+        dtype: torch.dtype = torch.float32,
+        aug: AugmentConfig | None = None,
+        mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+        std: Sequence[float] = IMAGENET_DEFAULT_STD,
+    ):
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.mean = torch.tensor(mean, device=self.device).view(1, -1, 1, 1) * 255
+        self.std = torch.tensor(std, device=self.device).view(1, -1, 1, 1) * 255
+        self.erase = None
+        if aug is not None and aug.reprob > 0:
+            self.erase = RandomErasing(aug.reprob, mode=aug.remode, max_count=aug.recount, device=self.device)
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = images.to(self.device, non_blocking=True).float().sub_(self.mean).div_(self.std)
+        if self.erase is not None:
+            x = self.erase(x)
+        return x.to(self.dtype), labels.to(self.device, non_blocking=True)
+
+
+def sum_over_ranks(counts: dict[str, float], device: torch.device | str = "cpu") -> dict[str, float]:
+    """Sum named counts (e.g. samples, top-1 hits) over all ranks; a no-op without a process group."""
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return dict(counts)
+    values = torch.tensor(list(counts.values()), dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(values)
+    return dict(zip(counts, values.tolist()))
