@@ -52,6 +52,37 @@ def models_command(
     print_model_table(names, img_size=img_size, patch_size=patch_size)
 
 
+@app.command("shards")
+def shards_command(
+    src: Optional[str] = typer.Argument(
+        None, metavar="SRC", help="ImageFolder root: class sub-folders, or train/ val/ … folders of class sub-folders."
+    ),
+    out: Optional[str] = typer.Argument(None, metavar="OUT", help="Folder for the shards and _info.json."),
+    demo: bool = typer.Option(False, "--demo", help="Write the built-in demo set (digits as real PNGs); give only OUT."),
+    split: Optional[list[str]] = typer.Option(
+        None, "--split", help="Split folder(s) of SRC to write; SRC itself when it holds class folders. Default: all found."
+    ),
+    shard_size: Optional[str] = typer.Option(
+        None, "--shard-size", help="Samples per shard (e.g. 1000) or bytes per shard (256MB, 1GiB). Default 1000, demo 50."
+    ),
+    seed: int = typer.Option(0, help="Seed of the one-off shuffle of the file list."),
+    workers: int = typer.Option(8, help="Threads reading image files in parallel."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace shards of the same split already in OUT."),
+) -> None:
+    """Pack an ImageFolder tree into WebDataset tar shards (KEY.jpg|png|webp + KEY.cls) with _info.json."""
+    from vitdeep.data.shards import DEFAULT_SHARD_SIZE, DEMO_SHARD_SIZE, write_demo_shards, write_shards
+
+    if demo:
+        if src is None or out is not None:
+            raise UserError("--demo takes exactly one folder: vitdeep shards --demo OUT")
+        write_demo_shards(src, shard_size=shard_size or DEMO_SHARD_SIZE, overwrite=overwrite)
+        return
+    if src is None or out is None:
+        raise UserError("give SRC and OUT (or --demo OUT): vitdeep shards SRC OUT")
+    write_shards(src, out, splits=split, shard_size=shard_size or DEFAULT_SHARD_SIZE, seed=seed, workers=workers,
+                 overwrite=overwrite)
+
+
 def _strip_launcher_args(args: list[str]) -> list[str]:
     """Drop the `--local_rank=N` the deepspeed launcher appends; the rank comes from the env."""
     kept, skip_next = [], False
