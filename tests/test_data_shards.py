@@ -136,10 +136,11 @@ def _spec_forms(out: Path) -> dict:
         "joined": f"{out}/train-{{000000..000006}}.tar::{out}/train-{{000007..000014}}.tar",
         "list": [str(out / f"train-{i:06d}.tar") for i in range(15)],
         "pipe": f"pipe:cat {out}/train-{{000000..000014}}.tar",
+        "file": f"file://{out}/train-{{000000..000014}}.tar",
     }
 
 
-@pytest.mark.parametrize("form", ["directory", "braces", "glob", "joined", "list", "pipe"])
+@pytest.mark.parametrize("form", ["directory", "braces", "glob", "joined", "list", "pipe", "file"])
 def test_url_forms_resolve_to_the_same_shards(digit_shards, form, capfd):
     info = read_dataset_info(_spec_forms(digit_shards)[form], split="train")
     assert len(info.urls) == 15
@@ -189,6 +190,8 @@ def test_bad_shard_specs(digit_shards, tmp_path):
         read_dataset_info(str(digit_shards), split="test")
     with pytest.raises(UserError, match="holds the splits train, val"):
         read_dataset_info(str(digit_shards))
+    with pytest.raises(UserError, match="named more than once"):
+        read_dataset_info(f"{digit_shards}/train-000000.tar::{digit_shards}/train-00000{{0..1}}.tar")
     with pytest.raises(UserError, match="empty shard URL"):
         read_dataset_info(f"{digit_shards}/train-000000.tar::")
     (tmp_path / "_info.json").write_text(json.dumps({"splits": {"train": {"filenames": ["../x.tar"]}}}))

@@ -6,7 +6,7 @@ A data argument is one string or a list of them; a string may join several with 
 - a directory: its shards are listed by `_info.json` (timm's layout, which `vitdeep shards` writes)
   for the wanted split, or else are its `*.tar` files whose names contain the split;
 - a local path with `{000..099}` braces and/or `*` globs;
-- a URL (`https://…`, `gs://…`, `file:…`) with braces, opened by webdataset;
+- a URL (`https://…`, `gs://…`) with braces, opened by webdataset (`file:` URLs are local paths);
 - a `pipe:COMMAND` URL, which runs a shell command: honoured only because the user wrote it,
   and echoed to stderr first. Names read from `_info.json` are always joined to the local
   directory, so a file can never smuggle in a command.
@@ -22,9 +22,11 @@ import json
 import os
 import re
 import sys
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 from webdataset.shardlists import expand_urls
 
@@ -83,11 +85,13 @@ def read_dataset_info(
     parts = _split_parts(urls)
     resolved: list[str] = []
     for part in parts:
+        if part.startswith("file:"):
+            part = urlparse(part).path
         if part.startswith("pipe:"):
             if is_main_process():
                 print(f"note: shard URLs run a shell command: {part}", file=sys.stderr)
             resolved += _expand(part)
-        elif _SCHEME.match(part) and not part.startswith("file:"):
+        elif _SCHEME.match(part):
             resolved += _expand(part)
         elif Path(part).is_dir():
             resolved += _directory_shards(Path(part), split)
@@ -95,6 +99,9 @@ def read_dataset_info(
             resolved += _local_shards(part)
     if not resolved:
         raise UserError(f"no shards in {_show(urls)}")
+    twice = next((url for url, count in Counter(resolved).items() if count > 1), None)
+    if twice is not None:
+        raise UserError(f"shard {twice} is named more than once in {_show(urls)}")
 
     beside: dict[str, _Beside] = {}
     sizes: dict[str, int] = {}

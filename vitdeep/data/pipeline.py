@@ -268,13 +268,13 @@ class BatchPreprocessor:
         self.device = torch.device(device)
         self.dtype = dtype
         self.mean = torch.tensor(mean, device=self.device).view(1, -1, 1, 1) * 255
-        self.std = torch.tensor(std, device=self.device).view(1, -1, 1, 1) * 255
+        self.inv_std = 1.0 / (torch.tensor(std, device=self.device).view(1, -1, 1, 1) * 255)
         self.erase = None
         if aug is not None and aug.reprob > 0:
             self.erase = RandomErasing(aug.reprob, mode=aug.remode, max_count=aug.recount, device=self.device)
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = images.to(self.device, non_blocking=True).float().sub_(self.mean).div_(self.std)
+        x = images.to(self.device, non_blocking=True).float().sub_(self.mean).mul_(self.inv_std)
         if self.erase is not None:
             x = self.erase(x)
         return x.to(self.dtype), labels.to(self.device, non_blocking=True)

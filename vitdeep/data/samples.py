@@ -3,7 +3,8 @@
 A shard is read with webdataset's tar iterator; every failure (an unreadable tar, a truncated
 member, an undecodable image, a missing or out-of-range `cls`) is logged, counted in `ReadStats`
 and skipped. `count_samples` counts a shard's samples from the tar headers alone, grouping member
-names exactly as the reader does, so a resumed stream can skip samples without reading them.
+names exactly as the reader does, so a resumed stream can skip samples without decoding them
+(for local files, without reading more than the headers).
 """
 
 from __future__ import annotations
