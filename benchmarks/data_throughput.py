@@ -19,6 +19,7 @@ import argparse
 import tempfile
 import time
 from collections.abc import Callable, Iterable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -61,12 +62,12 @@ def make_photos(root: Path, count: int, seed: int = 0) -> dict:
     return {"count": count, "width": round(width), "height": round(height), "kbytes": round(nbytes / 1e3)}
 
 
-def _rate(batches: Iterable, prepare: BatchPreprocessor | None = None) -> float:
+def _rate(batches: Iterable, prepare: Callable[[torch.Tensor], torch.Tensor] | None = None) -> float:
     """Images per second over one full pass (worker start-up included). Each float batch is read
     once, as a model's first layer would read it."""
     start, images = time.perf_counter(), 0
     for batch in batches:
-        x = prepare(*batch[:2])[0] if prepare else batch[0]
+        x = prepare(batch[0]) if prepare else batch[0]
         x.sum()
         images += len(x)
     return images / (time.perf_counter() - start)
@@ -90,7 +91,7 @@ def run(images: int = 1280, workers: int = 2, batch: int = 64, img_size: int = 2
             auto_augment=aug.rand_augment, interpolation=aug.interpolation, re_prob=aug.reprob, re_mode=aug.remode,
             re_count=aug.recount)))
         folder_eval = ImageFolder(root / "train", transform=create_transform(
-            img_size, is_training=False, crop_pct=aug.eval_crop_ratio, interpolation=aug.interpolation))
+            img_size, is_training=False, crop_pct=aug.crop_ratio, interpolation=aug.interpolation))
 
         def torchvision(dataset, train: bool) -> float:
             return _rate(DataLoader(dataset, batch_size=batch, shuffle=train, drop_last=train, num_workers=workers))
@@ -99,10 +100,10 @@ def run(images: int = 1280, workers: int = 2, batch: int = 64, img_size: int = 2
             if train:
                 loader = train_loader(shards, micro_batch=batch, img_size=img_size, rank=0, world_size=1, seed=0,
                                       epoch=0, num_workers=workers, aug=aug)
-                return _rate(loader, BatchPreprocessor("cpu", aug=aug))
-            loader = eval_loader(shards, micro_batch=batch, img_size=img_size, crop_ratio=aug.eval_crop_ratio, rank=0,
+                return _rate(loader, partial(BatchPreprocessor(aug, "cpu"), train=True))
+            loader = eval_loader(shards, micro_batch=batch, img_size=img_size, crop_ratio=aug.crop_ratio, rank=0,
                                  world_size=1, num_workers=workers, split="train")
-            return _rate(loader, BatchPreprocessor("cpu"))
+            return _rate(loader, BatchPreprocessor(None, "cpu"))
 
         rows = []
         for name, dataset, train in (("train (DeiT augmentation)", folder_train, True), ("eval (resize + centre crop)", folder_eval, False)):

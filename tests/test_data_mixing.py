@@ -95,7 +95,7 @@ def test_augment_defaults_are_deits_recipe():
     cfg = AugmentConfig()
     assert (cfg.scale_min, cfg.scale_max, cfg.interpolation, cfg.hflip) == (0.08, 1.0, "bicubic", 0.5)
     assert (cfg.rand_augment, cfg.color_jitter, cfg.reprob, cfg.remode, cfg.recount) == ("rand-m9-mstd0.5-inc1", 0.3, 0.25, "pixel", 1)
-    assert (cfg.repeated_aug, cfg.eval_crop_ratio) == (1, 0.875)
+    assert (cfg.repeated_aug, cfg.crop_ratio) == (1, 0.875)
     for config in (AugmentConfig, MixConfig):
         assert all(f.metadata.get("help") for f in dataclasses.fields(config))
     assert set(AugmentConfig.help()) == {f.name for f in dataclasses.fields(AugmentConfig)}
@@ -135,7 +135,7 @@ def test_eval_transform_resizes_and_centre_crops_grayscale_digits(digits_dir):
     (dict(hflip=1.5), "--hflip"), (dict(reprob=-0.1), "--reprob"), (dict(scale_min=0.9, scale_max=0.5), "crop scale"),
     (dict(interpolation="lanczos5"), "--interpolation"), (dict(remode="zero"), "--remode"),
     (dict(rand_augment="autoaug"), "--rand-augment"), (dict(repeated_aug=0), "--repeated-aug"),
-    (dict(eval_crop_ratio=1.2), "--eval-crop-ratio"),
+    (dict(crop_ratio=1.2), "--crop-ratio"),
 ])
 def test_augment_config_rejects_bad_values(overrides, needle):
     with pytest.raises(UserError, match=needle):

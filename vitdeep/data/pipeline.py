@@ -255,13 +255,13 @@ def eval_loader(
 
 class BatchPreprocessor:
     """uint8 batch → normalised float in the engine's dtype on the device, plus (training) timm's
-    random erasing on the whole batch; the cheap per-pixel work the workers leave out."""
+    random erasing on the whole batch: the cheap per-pixel work the workers leave out."""
 
     def __init__(
         self,
+        aug: AugmentConfig | None,
         device: torch.device | str,
         dtype: torch.dtype = torch.float32,
-        aug: AugmentConfig | None = None,
         mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
         std: Sequence[float] = IMAGENET_DEFAULT_STD,
     ):
@@ -273,11 +273,12 @@ class BatchPreprocessor:
         if aug is not None and aug.reprob > 0:
             self.erase = RandomErasing(aug.reprob, mode=aug.remode, max_count=aug.recount, device=self.device)
 
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, images: torch.Tensor, train: bool = False) -> torch.Tensor:
+        """`train=True` adds random erasing (when the config has it)."""
         x = images.to(self.device, non_blocking=True).float().sub_(self.mean).mul_(self.inv_std)
-        if self.erase is not None:
+        if train and self.erase is not None:
             x = self.erase(x)
-        return x.to(self.dtype), labels.to(self.device, non_blocking=True)
+        return x.to(self.dtype)
 
 
 def sum_over_ranks(counts: dict[str, float], device: torch.device | str = "cpu") -> dict[str, float]:

@@ -40,7 +40,7 @@ class AugmentConfig:
     remode: str = field(default="pixel", metadata={"help": f"Random erasing fill: {', '.join(ERASE_MODES)}."})
     recount: int = field(default=1, metadata={"help": "Most random erasing boxes per image."})
     repeated_aug: int = field(default=1, metadata={"help": "Augmented views per decoded image, in the same batch (1 = off)."})
-    eval_crop_ratio: float = field(default=0.875, metadata={"help": "Evaluation: centre crop / resized shorter side."})
+    crop_ratio: float = field(default=0.875, metadata={"help": "Evaluation: centre crop / resized shorter side."})
 
     def __post_init__(self) -> None:
         for name in ("hflip", "reprob"):
@@ -58,8 +58,8 @@ class AugmentConfig:
             raise UserError(f"--color-jitter must be >= 0, got {self.color_jitter}")
         if self.recount < 1 or self.repeated_aug < 1:
             raise UserError("--recount and --repeated-aug must be >= 1")
-        if not 0.0 < self.eval_crop_ratio <= 1.0:
-            raise UserError(f"--eval-crop-ratio must be in (0, 1], got {self.eval_crop_ratio}")
+        if not 0.0 < self.crop_ratio <= 1.0:
+            raise UserError(f"--crop-ratio must be in (0, 1], got {self.crop_ratio}")
 
     @classmethod
     def help(cls) -> dict[str, str]:
