@@ -256,3 +256,17 @@ def test_cli_models_table(capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "deit_small_24" in out and "43.3" in out and "cait_xxs36" in out
+
+
+def test_module_call_with_aux_returns_forward_aux():
+    """Engines that hook the module call (DeepSpeed ZeRO-3) reach forward_aux through forward."""
+    model = create_model("deit_tiny_12", img_size=IMG, num_classes=10).eval()
+    x = _images()
+    direct, through_call = model.forward_aux(x, attention=True), model(x, aux=True, attention=True)
+    assert torch.equal(direct.logits, through_call.logits) and len(through_call.attentions) == 12
+    assert isinstance(through_call, tuple)  # a named tuple: hooks see every tensor inside
+
+
+def test_depth_override_in_model_stats():
+    params_24, flops_24 = model_stats("deit_tiny_12", 224, depth=24)
+    assert (params_24, flops_24) == model_stats("deit_tiny_24", 224)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from timm.layers import trunc_normal_
@@ -13,14 +13,16 @@ from vitdeep.errors import UserError
 from vitdeep.models.layers import Attention
 
 
-@dataclass
-class AuxOutput:
+class AuxOutput(NamedTuple):
     """Everything the over-smoothing losses and diagnostics need from one forward pass.
 
     `tokens[0]` is the sequence entering block 1 and `tokens[l]` the output of block `l`; the
     last one is taken after the final norm. Each holds `num_prefix_tokens` prefix tokens (class /
     distillation) before the patches; CaiT's self-attention blocks see patches only, so its
     sequences have none. Use `patch_tokens(l)` rather than slicing by hand.
+
+    A named tuple (not a dataclass) so that engines which hook module outputs (DeepSpeed ZeRO-3
+    re-gathers parameters for the backward pass through them) see every tensor inside.
     """
 
     logits: torch.Tensor

@@ -95,6 +95,11 @@ def get_spec(name: str) -> ModelSpec:
     return spec
 
 
+def family_of(model: nn.Module) -> str:
+    """'cait' or 'deit': decides e.g. how official FeatScale weights convert."""
+    return "cait" if isinstance(model, Cait) else "deit"
+
+
 def model_options(name: str) -> list[str]:
     """Keyword options `create_model` accepts for this model."""
     params = inspect.signature(get_spec(name).model_cls.__init__).parameters
@@ -141,12 +146,12 @@ def model_stats(name: str, img_size: int = 224, **kwargs) -> tuple[int, int]:
     Blocks are identical, so both counts are affine in depth: count depths 1 and 2 and
     extrapolate, which is exact and keeps `vitdeep models` fast.
     """
+    depth = kwargs.pop("depth", None) or get_spec(name).depth
     counts = []
-    for depth in (1, 2):
+    for probe_depth in (1, 2):
         with torch.device("meta"):
-            model = create_model(name, img_size=img_size, depth=depth, **kwargs)
+            model = create_model(name, img_size=img_size, depth=probe_depth, **kwargs)
         counts.append((count_parameters(model), count_flops(model, img_size)))
-    depth = get_spec(name).depth
     (p1, f1), (p2, f2) = counts
     return p1 + (depth - 1) * (p2 - p1), f1 + (depth - 1) * (f2 - f1)
 
@@ -183,6 +188,13 @@ default_cfgs = generate_default_cfgs({f"vitdeep_{spec.name}": _timm_cfg(spec) fo
 
 def _timm_entrypoint(spec: ModelSpec):
     def entrypoint(pretrained: bool = False, **kwargs) -> nn.Module:
+        overlay = kwargs.get("pretrained_cfg_overlay") or {}
+        if pretrained and overlay.get("file"):
+            from vitdeep.models.checkpoints import export_options
+
+            # a vitdeep export knows its options: build the model it was saved from
+            kwargs = {**(export_options(overlay["file"]) or {}), **kwargs}
+            kwargs["pretrained_cfg_overlay"] = {"num_classes": kwargs.get("num_classes", 1000), **overlay}
         return build_model_with_cfg(spec.model_cls, f"vitdeep_{spec.name}", pretrained, **{**spec.kwargs(), **kwargs})
 
     entrypoint.__name__ = f"vitdeep_{spec.name}"
