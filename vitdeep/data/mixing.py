@@ -25,7 +25,6 @@ class MixConfig:
     cutmix: float = field(default=1.0, metadata={"help": "CutMix Beta(α, α) parameter (0 = off)."})
     mix_prob: float = field(default=1.0, metadata={"help": "Probability that a batch is mixed at all."})
     switch_prob: float = field(default=0.5, metadata={"help": "Probability of CutMix rather than Mixup when both are on."})
-    label_smoothing: float = field(default=0.1, metadata={"help": "Label smoothing of the mixed targets."})
     patch_aligned: bool = field(
         default=False, metadata={"help": "Snap the CutMix box to the patch grid and return per-patch targets."}
     )
@@ -36,8 +35,6 @@ class MixConfig:
         for name in ("mix_prob", "switch_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise UserError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise UserError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
 
     @property
     def enabled(self) -> bool:
@@ -87,7 +84,7 @@ class _GridMixup(Mixup):
 class Mixer:
     """Callable `(images float [B,3,H,W], labels int64 [B]) -> MixedBatch`; mixes in place."""
 
-    def __init__(self, cfg: MixConfig, num_classes: int, img_size: int, patch_size: int):
+    def __init__(self, cfg: MixConfig, num_classes: int, img_size: int, patch_size: int, label_smoothing: float = 0.0):
         if cfg.patch_aligned and img_size % patch_size:
             raise UserError(f"patch-aligned CutMix needs the image size ({img_size}) to be a multiple of the patch size ({patch_size})")
         self.aligned = cfg.patch_aligned
@@ -98,7 +95,7 @@ class Mixer:
             cutmix_alpha=cfg.cutmix,
             prob=cfg.mix_prob,
             switch_prob=cfg.switch_prob,
-            label_smoothing=cfg.label_smoothing,
+            label_smoothing=label_smoothing,
             num_classes=num_classes,
         )
 
@@ -122,6 +119,9 @@ class Mixer:
         return source.flatten(1)
 
 
-def build_mixer(cfg: MixConfig, num_classes: int, img_size: int, patch_size: int) -> Mixer | None:
-    """The batch mixer for a run, or None when mixing is off (targets are then plain labels)."""
-    return Mixer(cfg, num_classes, img_size, patch_size) if cfg.enabled else None
+def build_mixer(cfg: MixConfig, num_classes: int, img_size: int, patch_size: int, label_smoothing: float = 0.0) -> Mixer | None:
+    """The batch mixer for a run, or None when mixing is off (targets are then plain labels).
+
+    `label_smoothing` is the objective's (one value for image and patch targets).
+    """
+    return Mixer(cfg, num_classes, img_size, patch_size, label_smoothing) if cfg.enabled else None
