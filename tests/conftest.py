@@ -16,3 +16,13 @@ def digits_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("digits")
     write_digits_imagefolder(root)
     return root
+
+
+@pytest.fixture(scope="session")
+def digit_shards(tmp_path_factory):
+    """The built-in demo set as real tar shards: `train-*.tar` (1,500) and `val-*.tar` (297)."""
+    from vitdeep.data.shards import write_demo_shards
+
+    out = tmp_path_factory.mktemp("digit-shards")
+    write_demo_shards(out, show=False)
+    return out

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 from typing import Optional
 
 import typer
 
-from vitdeep.errors import UserError
+from vitdeep.cli_options import with_config_options
+from vitdeep.errors import TrainingStopped, UserError
 
 app = typer.Typer(
     name="vitdeep",
@@ -52,6 +54,42 @@ def models_command(
     print_model_table(names, img_size=img_size, patch_size=patch_size)
 
 
+@app.command("analyze")
+def analyze_command(
+    model: Optional[str] = typer.Option(None, "--model", help="Architecture (see `vitdeep models`); random init unless --checkpoint."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Plain state-dict file (.safetensors or torch) of --model."),
+    images: Optional[Path] = typer.Option(None, "--images", help="Folder of images or an ImageFolder tree."),
+    out: Path = typer.Option(..., "--out", help="Output folder: metrics.json, oversmoothing.png, tb/."),
+    compare: Optional[list[str]] = typer.Option(
+        None, "--compare", help="Overlay another source, [LABEL=]CKPT (a state dict of --model) or [LABEL=]MODEL (random init). Repeatable."
+    ),
+    num_images: int = typer.Option(1000, "--num-images", help="Images to average over (a seeded sample when the folder has more)."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Images per forward pass (attention maps are kept for one batch)."),
+    img_size: int = typer.Option(224, "--img-size", help="Input resolution of the model."),
+    patch_size: int = typer.Option(16, "--patch-size", help="Patch size of the model."),
+    num_classes: int = typer.Option(1000, "--num-classes", help="Classes of the model's head."),
+    attnscale: bool = typer.Option(False, "--attnscale", help="Model has AttnScale."),
+    featscale: bool = typer.Option(False, "--featscale", help="Model has FeatScale."),
+    talking_heads: Optional[bool] = typer.Option(None, "--talking-heads/--no-talking-heads", help="Talking-heads attention (default: the model's)."),
+    patch_head: bool = typer.Option(False, "--patch-head", help="Model has the patch-mixing head."),
+    distilled: bool = typer.Option(False, "--distilled", help="DeiT model with a distillation token."),
+    model_option: Optional[list[str]] = typer.Option(None, "--model-option", "-O", help="Any other model option as KEY=VALUE, e.g. -O embed_dim=64. Repeatable."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random init and of the image sample."),
+    device: Optional[str] = typer.Option(None, "--device", help="Torch device (default: cuda when available, else cpu)."),
+) -> None:
+    """Per-layer over-smoothing metrics (patch cosine similarity, attention std, high-frequency
+    energy ratio) of one or more models: metrics.json, a PNG and TensorBoard events."""
+    from vitdeep.analysis import collect_model_options, run_analyze
+
+    switches = {"attnscale": attnscale or None, "featscale": featscale or None, "talking_heads": talking_heads,
+                "patch_head": patch_head or None, "distilled": distilled or None}
+    options = collect_model_options(img_size, patch_size, num_classes, switches, model_option or ())
+    run_analyze(
+        model=model, checkpoint=checkpoint, images=images, out=out, compare=compare or (),
+        num_images=num_images, batch_size=batch_size, options=options, seed=seed, device=device,
+    )
+
+
 @app.command("shards")
 def shards_command(
     src: Optional[str] = typer.Argument(
@@ -81,6 +119,102 @@ def shards_command(
         raise UserError("give SRC and OUT (or --demo OUT): vitdeep shards SRC OUT")
     write_shards(src, out, splits=split, shard_size=shard_size or DEFAULT_SHARD_SIZE, seed=seed, workers=workers,
                  overwrite=overwrite)
+
+
+def _finetune_defaults() -> dict:
+    from vitdeep.config import FINETUNE_RECIPE
+
+    return FINETUNE_RECIPE
+
+
+@app.command("train", context_settings={"max_content_width": 120})
+@with_config_options()
+def train_command(
+    options: dict,
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML / JSON file of options (flags override it)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved run (model, batch arithmetic, schedule, DeepSpeed config) and exit."),
+) -> None:
+    """Train a model with DeepSpeed: one process, or every rank under deepspeed / torchrun / SLURM."""
+    _run_training(options, config, dry_run)
+
+
+@app.command("finetune", context_settings={"max_content_width": 120})
+@with_config_options(overrides=_finetune_defaults())
+def finetune_command(
+    options: dict,
+    source: str = typer.Option(..., "--from", help="Weights to start from: a vitdeep checkpoint or export, or a timm / DeiT / CaiT state dict (then name --model)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML / JSON file of options (flags override it)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved run and exit."),
+) -> None:
+    """Finetune from a checkpoint, e.g. at 384 or 512 px.
+
+    Takes train's options, with DeiT's finetuning recipe and the source's architecture as
+    defaults; position embeddings are resampled to the new grid.
+    """
+    from vitdeep.config import FINETUNE_RECIPE
+    from vitdeep.models.checkpoints import source_model_options
+
+    recipe = {**FINETUNE_RECIPE, **source_model_options(source)}
+    _run_training({**options, "init_from": source}, config, dry_run, recipe=recipe)
+
+
+def _run_training(options: dict, config: Optional[Path], dry_run: bool, recipe: Optional[dict] = None) -> None:
+    from vitdeep.config import resolve_config
+    from vitdeep.engine.loop import plan_from_env, print_plan, train
+
+    plan = plan_from_env(resolve_config(options, config, recipe))
+    if dry_run:
+        print_plan(plan)
+        return
+    train(plan)
+
+
+@app.command("eval")
+def eval_command(
+    checkpoint: str = typer.Option(..., "--checkpoint", help="A vitdeep checkpoint (run dir, checkpoints/ or step dir), an export, or a timm / DeiT / CaiT state dict (then name --model)."),
+    data: str = typer.Option(..., "--data", help="Shards to evaluate on (each sample exactly once over all ranks)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Model name, for plain state dicts."),
+    img_size: Optional[int] = typer.Option(None, "--img-size", help="Evaluation resolution (default: the model's; otherwise the position embedding is resampled)."),
+    crop_ratio: float = typer.Option(0.875, "--crop-ratio", help="Centre-crop ratio of the resize."),
+    ema: bool = typer.Option(False, "--ema", help="Evaluate the EMA weights."),
+    batch_size: int = typer.Option(128, "--batch-size", help="Images per forward pass per rank."),
+    workers: int = typer.Option(4, "--workers", help="Data-loader workers per rank."),
+    split: str = typer.Option("val", "--split", help="Split to read when --data names a folder with several."),
+    num_samples: Optional[int] = typer.Option(None, "--num-samples", help="Sample count when the shards carry no _info.json."),
+    out: Path = typer.Option(Path("eval.json"), "--out", help="JSON file for the results (with per-class accuracy)."),
+) -> None:
+    """Exact top-1 / top-5 / loss over a sharded set, on one process or many ranks."""
+    from vitdeep.engine.evaluate import run_eval
+
+    run_eval(
+        checkpoint, data, out=out, model_name=model, img_size=img_size, crop_ratio=crop_ratio, ema=ema,
+        batch_size=batch_size, workers=workers, split=split, num_samples=num_samples,
+    )
+
+
+@app.command("export")
+def export_command(
+    source: str = typer.Argument(..., metavar="SRC", help="A vitdeep checkpoint (run dir, checkpoints/ or step dir) or export."),
+    out: Path = typer.Argument(..., metavar="OUT.safetensors", help="The consolidated state dict to write (a .json with the options is written beside it)."),
+    ema: bool = typer.Option(False, "--ema", help="Export the EMA weights."),
+    dtype: str = typer.Option("fp32", "--dtype", help="fp32 or bf16."),
+) -> None:
+    """Write one consolidated state dict (safetensors) that vitdeep and timm load.
+
+    timm: `timm.create_model("vitdeep_<name>", pretrained=True, pretrained_cfg_overlay=dict(file=OUT))`
+    after `import vitdeep.models`.
+    """
+    import torch
+
+    from vitdeep.models.checkpoints import export_weights, read_weights
+    from vitdeep.monitor import make_console
+
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    if dtype not in dtypes:
+        raise UserError(f"--dtype {dtype}: choose fp32 or bf16")
+    weights = read_weights(source, ema=ema)
+    path = export_weights(weights, out, dtype=dtypes[dtype], ema=ema)
+    make_console().print(f"exported {weights.model} ({weights.kind}) to {path} and {path.with_suffix('.json')}")
 
 
 def _strip_launcher_args(args: list[str]) -> list[str]:
@@ -119,3 +253,6 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as error:
         _report_user_error(error)
         sys.exit(2)
+    except TrainingStopped as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)

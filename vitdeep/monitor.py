@@ -6,7 +6,10 @@ Named `monitor` rather than the design's `logging` so it never shadows the stand
 
 from __future__ import annotations
 
+import json
 import os
+import time
+from pathlib import Path
 
 from rich.console import Console
 
@@ -26,3 +29,54 @@ def is_main_process() -> bool:
 def make_console(stderr: bool = False) -> Console:
     width = Console(stderr=stderr).width
     return Console(stderr=stderr, width=max(width, MIN_WIDTH), quiet=not is_main_process())
+
+
+def progress_bar(console: Console | None = None, transient: bool = False):
+    """A rich progress bar with count, rate and ETA (quiet on ranks other than 0)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TaskProgressColumn(),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[info]}"),
+        console=console or make_console(stderr=True),
+        transient=transient,
+        disable=not is_main_process(),
+    )
+
+
+class RunLogger:
+    """TensorBoard scalars / figures and a JSON-lines metrics file, written by global rank 0 only."""
+
+    def __init__(self, out: str | Path, enabled: bool | None = None) -> None:
+        self.enabled = is_main_process() if enabled is None else enabled
+        self.out = Path(out)
+        self._writer = None
+        self._jsonl = None
+        if self.enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.out.mkdir(parents=True, exist_ok=True)
+            self._writer = SummaryWriter(str(self.out / "tb"))
+            self._jsonl = open(self.out / "metrics.jsonl", "a", buffering=1)
+
+    def scalars(self, step: int, values: dict[str, float], kind: str = "train") -> None:
+        if not self.enabled:
+            return
+        for name, value in values.items():
+            self._writer.add_scalar(f"{kind}/{name}", value, step)
+        self._jsonl.write(json.dumps({"kind": kind, "step": step, "time": time.time(), **values}) + "\n")
+
+    def figure(self, tag: str, figure, step: int) -> None:
+        if self.enabled:
+            self._writer.add_figure(tag, figure, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self._writer.close()
+            self._jsonl.close()

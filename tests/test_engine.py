@@ -1,0 +1,89 @@
+"""DeepSpeed plumbing: ds_config "auto" filling and checks, schedule, param groups, EMA."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from tests.launch import BIN, run
+from vitdeep.engine.deepspeed import fill_ds_config, load_ds_config, param_groups, plan_batches
+from vitdeep.engine.schedule import LrSchedule
+from vitdeep.errors import UserError
+from vitdeep.models import create_model
+
+OPTIONS = {"global_batch": 64, "micro_batch": 16, "clip_grad": 1.0}
+
+
+def test_auto_values_are_filled_from_the_options():
+    filled, adopted, plan = fill_ds_config(load_ds_config("zero2_bf16"), OPTIONS, frozenset(), world_size=2)
+    assert (filled["train_batch_size"], filled["train_micro_batch_size_per_gpu"], filled["gradient_accumulation_steps"]) == (64, 16, 2)
+    assert filled["gradient_clipping"] == 1.0 and adopted == {} and plan.grad_accum == 2
+
+
+def test_explicit_ds_value_wins_over_a_default_and_contradiction_names_both():
+    ds = {**load_ds_config("zero2_bf16"), "train_batch_size": 128}
+    filled, adopted, plan = fill_ds_config(ds, OPTIONS, frozenset(), world_size=2)
+    assert adopted == {"global_batch": 128} and filled["gradient_accumulation_steps"] == 4
+    with pytest.raises(UserError, match=r"train_batch_size=128 but --global-batch=64"):
+        fill_ds_config(ds, OPTIONS, frozenset({"global_batch"}), world_size=2)
+    ds = {**load_ds_config("zero2_bf16"), "gradient_accumulation_steps": 3}
+    with pytest.raises(UserError, match="gradient_accumulation_steps=3"):
+        fill_ds_config(ds, OPTIONS, frozenset(), world_size=2)
+
+
+def test_batch_that_does_not_divide_is_an_error():
+    with pytest.raises(UserError, match=r"global_batch=64 is not a multiple of micro_batch=24 × world size 2"):
+        plan_batches(64, 24, 2)
+
+
+def test_bad_ds_configs(tmp_path):
+    with pytest.raises(UserError, match="ds-config not found"):
+        load_ds_config(str(tmp_path / "nope.json"))
+    broken = tmp_path / "broken.json"
+    broken.write_text("{ not json")
+    with pytest.raises(UserError, match="not valid JSON"):
+        load_ds_config(str(broken))
+    with_optimizer = tmp_path / "opt.json"
+    with_optimizer.write_text(json.dumps({"optimizer": {"type": "Adam"}}))
+    with pytest.raises(UserError, match="optimizer"):
+        load_ds_config(str(with_optimizer))
+
+
+def test_every_bundled_config_fills_completely():
+    for name in ("zero1_bf16", "zero2_bf16", "zero3_bf16", "zero2_fp16", "zero3_offload", "cpu_fp32"):
+        filled, _, _ = fill_ds_config(load_ds_config(name), OPTIONS, frozenset(), world_size=4)
+        assert "auto" not in json.dumps(filled)
+
+
+def test_schedule_warmup_cosine_and_constant():
+    schedule = LrSchedule(peak_lr=1e-3, total_steps=110, warmup_steps=10, warmup_lr=1e-6, min_lr=1e-5)
+    assert schedule.lr_at(0) == pytest.approx(1e-6)
+    assert schedule.lr_at(5) == pytest.approx(1e-6 + (1e-3 - 1e-6) / 2)
+    assert schedule.lr_at(10) == pytest.approx(1e-3)
+    assert schedule.lr_at(60) == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5))
+    assert schedule.lr_at(110) == pytest.approx(1e-5)
+    constant = LrSchedule(peak_lr=5e-6, total_steps=50, kind="constant")
+    assert {constant.lr_at(s) for s in range(50)} == {5e-6}
+
+
+def test_schedule_applies_layer_decay_scale():
+    model = create_model("deit_tiny_12", img_size=16, patch_size=4, num_classes=10)
+    optimizer = torch.optim.AdamW(param_groups(model, 0.05, 0.5), lr=1.0)
+    LrSchedule(peak_lr=1e-3, total_steps=10).apply(optimizer, 3)
+    lrs = sorted({g["lr"] / g["lr_scale"] for g in optimizer.param_groups})
+    assert len(lrs) == 1 and math.isclose(lrs[0], LrSchedule(peak_lr=1e-3, total_steps=10).lr_at(3))
+
+
+@pytest.mark.parametrize("ds_config", ["zero1_bf16", "zero2_bf16", "zero3_bf16", "cpu_fp32"])
+def test_partitioned_ema_is_exact_under_every_zero_stage(ds_config):
+    from tests.launch import free_port
+
+    script = str(BIN.parent.parent / "tests" / "scripts" / "ema_check.py")
+    result = run([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), script, ds_config], timeout=600)
+    line = next(l for l in result.stdout.splitlines() if "EMA_CHECK" in l)
+    numbers = json.loads(line.split("EMA_CHECK ", 1)[1])
+    print(ds_config, numbers)
+    assert numbers["trained_moved"] > 10 * numbers["tolerance"]
+    assert numbers["initial"] < numbers["tolerance"]
+    assert numbers["current"] < 1e-6 and numbers["restored"] < 1e-6

@@ -1,0 +1,191 @@
+"""Loading others' weights, `vitdeep finetune`, `vitdeep eval` and `vitdeep export`, for real."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+from tests.launch import deepspeed_cmd, run, single_cmd
+from tests.test_train import SMALL, metrics
+from vitdeep.cli import main
+from vitdeep.engine.checkpoint import complete_checkpoints, read_marker
+from vitdeep.models import create_model
+from vitdeep.models.checkpoints import build_model, read_weights
+
+#: SMALL at 32 px: an 8×8 patch grid.
+SMALL_32 = [*SMALL, "--img-size", "32"]
+
+
+@pytest.fixture(scope="module")
+def zero3_run(digit_shards, tmp_path_factory):
+    """2 ranks, ZeRO-3 in fp32 (a ds_config of the user's own), one epoch with validation; the EMA
+    decay of 1 keeps the initial weights, which makes the EMA's consolidation checkable exactly."""
+    root = tmp_path_factory.mktemp("zero3")
+    ds_config = root / "zero3_fp32.json"
+    ds_config.write_text(json.dumps({
+        "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto", "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 1000},
+    }))
+    out = root / "run"
+    run(deepspeed_cmd(["train", "--data", str(digit_shards), "--val", str(digit_shards), "--out", str(out), *SMALL_32,
+                       "--epochs", "1", "--ds-config", str(ds_config), "--ema-decay", "1.0", "--no-ema-warmup",
+                       "--mixup", "0", "--cutmix", "0"]))
+    return out
+
+
+def test_eval_on_two_ranks_equals_one_rank_and_the_training_validation(zero3_run, digit_shards, tmp_path):
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    run(single_cmd(["eval", "--checkpoint", str(zero3_run), "--data", str(digit_shards), "--workers", "1", "--out", str(one)]))
+    run(deepspeed_cmd(["eval", "--checkpoint", str(zero3_run), "--data", str(digit_shards), "--workers", "2", "--out", str(two)]))
+    one, two = json.loads(one.read_text()), json.loads(two.read_text())
+    assert one["count"] == two["count"] == 297 and one["world_size"] == 1 and two["world_size"] == 2
+    assert one["top1"] == two["top1"] and sum(c["count"] for c in one["per_class"]) == 297
+    trained = metrics(zero3_run, "val")[23]
+    print(f"top-1 {one['top1']:.2f} (1 rank) = {two['top1']:.2f} (2 ranks); the run's own validation {trained['top1']:.2f}")
+    assert one["top1"] == pytest.approx(trained["top1"], abs=1e-9)  # loading loses nothing
+
+
+def test_consolidated_ema_of_a_zero3_run(zero3_run):
+    torch.manual_seed(0)  # the run's seed: the EMA with decay 1 is the initial model
+    marker = read_marker(complete_checkpoints(zero3_run)[-1])
+    initial = create_model(marker["model"], **marker["model_kwargs"]).state_dict()
+    ema = read_weights(zero3_run, ema=True).state_dict
+    trained = read_weights(zero3_run).state_dict
+    assert set(ema) == set(initial)
+    assert all(torch.equal(ema[k], initial[k]) for k in initial)
+    assert not torch.equal(trained["blocks.0.attn.qkv.weight"], initial["blocks.0.attn.qkv.weight"])
+
+
+def test_resampled_position_embedding_is_bicubic_of_the_source_grid(zero3_run):
+    weights = read_weights(zero3_run)
+    model, report = build_model(weights, img_size=64)
+    source = weights.state_dict["pos_embed"]
+    grid = source[:, 1:].reshape(1, 8, 8, -1).permute(0, 3, 1, 2)
+    expected = F.interpolate(grid, size=(16, 16), mode="bicubic", align_corners=False).permute(0, 2, 3, 1).reshape(1, 256, -1)
+    assert report.resampled == "8×8 → 16×16"
+    assert torch.equal(model.pos_embed[:, :1], source[:, :1])  # the class token's slot is kept
+    assert torch.allclose(model.pos_embed[:, 1:], expected, atol=1e-6)
+
+
+def test_finetune_at_64px_from_a_zero3_checkpoint(zero3_run, digit_shards, tmp_path):
+    out = tmp_path / "ft"
+    result = run(deepspeed_cmd(["finetune", "--from", str(zero3_run), "--data", str(digit_shards), "--out", str(out),
+                                *SMALL_32, "--img-size", "64", "--steps", "4", "--freeze-blocks", "2",
+                                "--ds-config", "zero2_bf16"]))
+    assert "position embedding resampled 8×8 → 16×16" in result.stdout + result.stderr
+    marker = read_marker(complete_checkpoints(out)[-1])
+    assert marker["model_kwargs"]["img_size"] == 64 and marker["step"] == 4
+    config = json.loads((out / "config.json").read_text())
+    assert config["optim"]["weight_decay"] == 1e-8 and config["optim"]["schedule"] == "constant"  # the recipe
+    before, after = read_weights(zero3_run).state_dict, read_weights(out).state_dict
+    frozen = "blocks.1.mlp.fc1.weight"  # kept as it was, in the run's bf16
+    assert after[frozen].dtype == torch.float32 and torch.equal(before[frozen].bfloat16().float(), after[frozen])
+    assert not torch.equal(before["blocks.3.mlp.fc1.weight"], after["blocks.3.mlp.fc1.weight"])
+
+
+def test_export_loads_in_timm_with_the_checkpoints_logits(zero3_run, tmp_path):
+    import vitdeep.models  # noqa: F401  (registers vitdeep_* with timm)
+
+    path = tmp_path / "model.safetensors"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", str(zero3_run), str(path)])
+    assert exit_info.value.code == 0 and path.with_suffix(".json").is_file()
+    name = read_marker(complete_checkpoints(zero3_run)[-1])["model"]
+    from_timm = timm.create_model(f"vitdeep_{name}", pretrained=True, pretrained_cfg_overlay=dict(file=str(path))).eval()
+    ours, _ = build_model(read_weights(zero3_run))
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(from_timm(x), ours.eval()(x))
+
+
+def _timm_checkpoint(tmp_path: Path, twin: str, seed: int = 0) -> tuple[torch.nn.Module, Path]:
+    """A timm model saved the way DeiT's training script saves (wrapper, `module.`, args)."""
+    torch.manual_seed(seed)
+    model = timm.create_model(twin, img_size=32, num_classes=10).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    path = tmp_path / f"{twin}.pth"
+    torch.save({"model": {f"module.{k}": v for k, v in model.state_dict().items()}, "epoch": 299,
+                "args": argparse.Namespace(lr=5e-4)}, path)
+    return model, path
+
+
+@pytest.mark.parametrize("name, twin, options", [
+    ("deit_tiny_12", "deit_tiny_patch16_224", {}),
+    ("deit_tiny_12", "deit_tiny_patch16_224", {"attnscale": True, "featscale": True, "init_values": 1e-5}),
+    ("cait_xxs24", "cait_xxs24_224", {"attnscale": True}),
+])
+def test_timm_state_dicts_load_and_give_timms_logits(tmp_path, name, twin, options):
+    reference, path = _timm_checkpoint(tmp_path, twin)
+    model, report = build_model(read_weights(path), name, img_size=32, **options)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        diff = (model.eval()(x) - reference(x)).abs().max().item()
+    print(f"{twin} → {name} {options}: max |Δlogits| {diff:.1e}; identity: {len(report.identity)} tensors")
+    assert diff < 1e-5
+    assert bool(report.identity) == bool(options)
+
+
+def _official_block_forward(block, omega, lamb1, lamb2):
+    """Wang et al.'s ViT block: explicit AttnScale with `attn.lamb`, FeatScale terms added twice."""
+
+    def forward(x):
+        attn = block.attn
+        B, N, C = x.shape
+        h = block.norm1(x)
+        q, k, v = attn.qkv(h).reshape(B, N, 3, attn.num_heads, C // attn.num_heads).permute(2, 0, 3, 1, 4)
+        a = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(-1)
+        a = 1 / N + (a - 1 / N) * (1 + omega[None, :, None, None])
+        y = attn.proj((a @ v).transpose(1, 2).reshape(B, N, C))
+        y_d = y.mean(1, keepdim=True)
+        y_h = y - y_d
+        y_d, y_h = y_d * lamb1, y_h * lamb2
+        y = y + y_d + y_h
+        x = x + (y + y_d + y_h)
+        return x + block.mlp(block.norm2(x))
+
+    return forward
+
+
+def test_official_attnscale_featscale_checkpoint_converts(tmp_path):
+    torch.manual_seed(1)
+    reference = timm.create_model("deit_tiny_patch16_224", img_size=32, num_classes=10).eval()
+    state = dict(reference.state_dict())
+    for i, block in enumerate(reference.blocks):
+        omega, lamb1, lamb2 = torch.randn(3) * 0.5, torch.randn(192) * 0.1, torch.randn(192) * 0.1
+        state[f"blocks.{i}.attn.lamb"], state[f"blocks.{i}.lamb1"], state[f"blocks.{i}.lamb2"] = omega, lamb1, lamb2
+        block.forward = _official_block_forward(block, omega, lamb1, lamb2)
+    path = tmp_path / "featscale_tiny.pth"
+    torch.save({"model": state}, path)
+    model, report = build_model(read_weights(path), "deit_tiny_12", img_size=32, attnscale=True, featscale=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        diff = (model.eval()(x) - reference(x)).abs().max().item()
+    assert len(report.converted) == 36 and not report.identity
+    assert diff < 1e-5
+
+
+@pytest.mark.parametrize("source, extra, needle", [
+    ("missing", [], "checkpoint not found"),
+    ("garbage", [], "is not a checkpoint torch can read safely"),
+    ("timm_small", ["--model", "deit_tiny_12"], "source depth 12, width 384; model depth 6, width 64"),
+    ("run", ["--img-size", "30"], "img_size=30 is not divisible by patch_size=4"),
+])
+def test_bad_sources_exit_2(zero3_run, digit_shards, tmp_path, capsys, source, extra, needle):
+    paths = {"missing": tmp_path / "nope.pth", "garbage": tmp_path / "garbage.pth", "run": zero3_run}
+    (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint at all")
+    if source == "timm_small":
+        paths[source] = _timm_checkpoint(tmp_path, "deit_small_patch16_224")[1]
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["finetune", "--from", str(paths[source]), "--data", str(digit_shards), "--out", str(out), *SMALL_32, *extra])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and needle in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()

@@ -1,0 +1,249 @@
+"""`vitdeep train` for real: DeepSpeed engines on 2 CPU ranks over gloo, real shards of real images."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.launch import cpu_env, deepspeed_cmd, run, single_cmd
+from vitdeep.cli import main
+from vitdeep.engine.checkpoint import MARKER, complete_checkpoints, read_marker
+
+#: A small deep ViT and light augmentation, so a few dozen steps show learning on 2 CPU cores.
+SMALL = [
+    "--model", "deit_tiny_12", "--depth", "6", "--embed-dim", "64", "--num-heads", "4",
+    "--img-size", "16", "--patch-size", "4", "--global-batch", "64", "--micro-batch", "16",
+    "--workers", "1", "--lr", "2e-3", "--warmup-steps", "3", "--log-every", "1",
+    "--rand-augment", "", "--reprob", "0", "--hflip", "0", "--scale-min", "0.6", "--color-jitter", "0",
+]
+
+
+def train_args(shards: Path, out: Path, *extra: str) -> list[str]:
+    return ["train", "--data", str(shards), "--out", str(out), *SMALL, *extra]
+
+
+def metrics(out: Path, kind: str = "train") -> dict[int, dict]:
+    """Logged rows by step (a resumed run's rows replace the ones it re-did)."""
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {row["step"]: row for row in rows if row["kind"] == kind}
+
+
+def mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values)
+
+
+@pytest.fixture(scope="module")
+def zero2_run(digit_shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("zero2")
+    result = run(deepspeed_cmd(train_args(digit_shards, out, "--steps", "40", "--ds-config", "zero2_bf16",
+                                          "--mixup", "0", "--cutmix", "0", "--save-every", "20",
+                                          "--val", str(digit_shards), "--oversmoothing-every", "10")))
+    return out, result
+
+
+def test_zero2_bf16_two_ranks_learns_and_checkpoints(zero2_run):
+    out, result = zero2_run
+    rows = metrics(out)
+    assert sorted(rows) == list(range(1, 41))
+    first, last = mean(rows[s]["ce"] for s in range(1, 6)), mean(rows[s]["ce"] for s in range(36, 41))
+    print(f"ZeRO-2 bf16 CE: first 5 steps {first:.3f}, last 5 {last:.3f}")
+    assert last < first - 0.05
+    assert {"contrastive", "patch_mix", "lr", "images_per_s"} <= set(rows[40])
+    checkpoints = complete_checkpoints(out)
+    assert [read_marker(p)["step"] for p in checkpoints] == [20, 23, 40]  # every 20 steps, each epoch's end, the end
+    assert read_marker(checkpoints[-1])["world_size"] == 2
+    assert (out / "config.json").is_file() and list((out / "tb").iterdir())
+    assert metrics(out, "oversmoothing")[10]["cossim/last"] > 0
+    val = metrics(out, "val")
+    assert set(val) == {23} and {"top1", "ema_top1", "top5"} <= set(val[23])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 40 and summary["skipped_steps"] == 0
+
+
+def test_zero3_bf16_two_ranks(digit_shards, tmp_path):
+    run(deepspeed_cmd(train_args(digit_shards, tmp_path, "--steps", "30", "--ds-config", "zero3_bf16", "--mixup", "0",
+                                 "--cutmix", "0", "--val", str(digit_shards), "--save-every", "15")))
+    rows = metrics(tmp_path)
+    first, last = mean(rows[s]["ce"] for s in range(1, 6)), mean(rows[s]["ce"] for s in range(26, 31))
+    print(f"ZeRO-3 bf16 CE: first 5 steps {first:.3f}, last 5 {last:.3f}")
+    assert last < first - 0.03
+    assert [read_marker(p)["step"] for p in complete_checkpoints(tmp_path)] == [15, 23, 30]
+    assert metrics(tmp_path, "val")[23]["ema_top1"] >= 0
+
+
+def test_zero1_bf16_and_torchrun_launch(digit_shards, tmp_path):
+    from tests.launch import torchrun_cmd
+
+    run(torchrun_cmd(train_args(digit_shards, tmp_path, "--steps", "6", "--ds-config", "zero1_bf16", "--save-every", "6")))
+    assert sorted(metrics(tmp_path)) == list(range(1, 7))
+    assert read_marker(complete_checkpoints(tmp_path)[-1])["zero_stage"] == 1
+
+
+def test_single_process_fp32(digit_shards, tmp_path):
+    run(single_cmd(train_args(digit_shards, tmp_path, "--steps", "4", "--ds-config", "cpu_fp32", "--global-batch", "32")))
+    marker = read_marker(complete_checkpoints(tmp_path)[-1])
+    assert marker["world_size"] == 1 and marker["precision"] == "fp32" and marker["step"] == 4
+
+
+def _start(cmd: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(cmd, env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def _kill(process: subprocess.Popen) -> None:
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=60)
+
+
+def _wait_for(condition, process: subprocess.Popen, timeout: float = 300.0, poll: float = 0.002) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if process.poll() is not None:
+            raise AssertionError(f"run ended before the condition held:\n{process.stdout.read()[-4000:]}")
+        if time.monotonic() > deadline:
+            _kill(process)
+            raise AssertionError("timed out")
+        time.sleep(poll)
+
+
+FP32_RESUME = ["--steps", "16", "--ds-config", "cpu_fp32", "--save-every", "5", "--ema-decay", "0.9"]
+
+
+def test_sigkill_then_resume_matches_an_uninterrupted_run(digit_shards, tmp_path):
+    """fp32, fixed seed: the resumed run takes the same lr and the same losses (within 1e-5)."""
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    run(deepspeed_cmd(train_args(digit_shards, reference, *FP32_RESUME)))
+    process = _start(deepspeed_cmd(train_args(digit_shards, killed, *FP32_RESUME)))
+    _wait_for(lambda: (killed / "checkpoints" / "step_00000005" / MARKER).is_file(), process)
+    _kill(process)
+    resumed_from = read_marker(complete_checkpoints(killed)[-1])["step"]
+    assert resumed_from < 16
+    result = run(deepspeed_cmd(train_args(digit_shards, killed, *FP32_RESUME, "--resume", "auto")))
+    assert f"at step {resumed_from}" in result.stdout + result.stderr
+    expected, got = metrics(reference), metrics(killed)
+    for step in range(resumed_from + 1, 17):
+        assert got[step]["lr"] == pytest.approx(expected[step]["lr"], rel=1e-12)
+        assert got[step]["loss"] == pytest.approx(expected[step]["loss"], abs=1e-5), f"step {step}"
+    print(f"resumed at step {resumed_from}; losses of steps {resumed_from + 1}..16 equal the uninterrupted run's")
+
+
+def test_sigkill_during_a_save_resumes_from_the_previous_checkpoint(digit_shards, tmp_path):
+    args = train_args(digit_shards, tmp_path, "--steps", "40", "--ds-config", "zero2_bf16", "--save-every", "1")
+    process = _start(deepspeed_cmd(args))
+    root = tmp_path / "checkpoints"
+
+    def saving_after_a_complete_one() -> bool:
+        if not root.is_dir():
+            return False
+        partial = [p for p in root.iterdir() if p.name.startswith("step_") and not (p / MARKER).exists()]
+        return bool(partial) and bool(complete_checkpoints(tmp_path))
+
+    _wait_for(saving_after_a_complete_one, process)
+    _kill(process)
+    complete = complete_checkpoints(tmp_path)
+    partial = [p for p in root.iterdir() if p.name.startswith("step_") and read_marker(p) is None]
+    assert partial, "the kill landed between saves; the interrupted save left nothing to ignore"
+    newest_complete = read_marker(complete[-1])["step"]
+    assert max(int(p.name[5:]) for p in partial) > newest_complete
+    result = run(deepspeed_cmd([*args[:-2], "--save-every", "10", "--steps", "42", "--resume", "auto"]))
+    assert f"at step {newest_complete}" in result.stdout + result.stderr
+    assert read_marker(complete_checkpoints(tmp_path)[-1])["step"] == 42
+
+
+NAN_SCRIPT = Path(__file__).parent / "scripts" / "train_with_nan.py"
+
+
+def _nan_cmd(args: list[str], bad_micro_batches: str) -> list[str]:
+    cmd = deepspeed_cmd(args)
+    module_at = cmd.index("--module")
+    return [*cmd[:module_at], str(NAN_SCRIPT), bad_micro_batches, *cmd[module_at + 2:]]
+
+
+def test_a_non_finite_loss_on_one_rank_is_skipped_by_all(digit_shards, tmp_path):
+    result = run(_nan_cmd(train_args(digit_shards, tmp_path, "--steps", "8", "--ds-config", "zero2_bf16"), "3"))
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary == {**summary, "steps": 8, "skipped_steps": 1}
+    assert "non-finite loss" in result.stdout + result.stderr
+
+
+def test_non_finite_losses_in_a_row_stop_the_run_and_keep_the_checkpoint(digit_shards, tmp_path):
+    args = train_args(digit_shards, tmp_path, "--steps", "20", "--ds-config", "zero2_bf16", "--save-every", "2", "--max-bad-steps", "3")
+    result = run(_nan_cmd(args, "9-"), check=False)
+    assert result.returncode != 0
+    assert "3 non-finite losses in a row" in result.stderr + result.stdout
+    complete = complete_checkpoints(tmp_path)
+    assert [read_marker(p)["step"] for p in complete][-1] == 4  # micro-batches 0-8 make 4 steps
+    marker_before = (complete[-1] / MARKER).read_text()
+    assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith("step_") and read_marker(p) is None]
+    assert (complete[-1] / MARKER).read_text() == marker_before
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--model", "deit_huge_12"], "unknown model 'deit_huge_12'"),
+        (["--ds-config", "zero9"], "ds-config not found: zero9"),
+        (["--micro-batch", "24"], "global_batch=64 is not a multiple of micro_batch=24"),
+        (["--ds-config", "zero2_fp16"], "fp16 needs a GPU"),
+        (["--img-size", "18"], "img_size=18 is not divisible by patch_size=4"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(digit_shards, tmp_path, capsys, extra, needle):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        main([*train_args(digit_shards, out), *extra])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and needle in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_missing_shards_and_broken_ds_config(tmp_path, capsys):
+    broken = tmp_path / "broken.json"
+    broken.write_text("{")
+    for args, needle in (
+        (train_args(tmp_path / "nowhere", tmp_path / "out"), "nowhere"),
+        (train_args(tmp_path, tmp_path / "out", "--ds-config", str(broken)), "not valid JSON"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main(args)
+        assert exit_info.value.code == 2 and needle in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_resume_of_another_models_checkpoint_is_refused(zero2_run, digit_shards, capsys):
+    out, _ = zero2_run
+    checkpoint = complete_checkpoints(out)[-1]
+    with pytest.raises(SystemExit) as exit_info:
+        main(train_args(digit_shards, out.parent / "other", "--depth", "4", "--resume", str(checkpoint)))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "has depth=6; this run has depth=4" in err
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(digit_shards, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*train_args(digit_shards, tmp_path / "out", "--epochs", "3"), "--dry-run"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0 and "gradient accumulation" in out and '"train_batch_size": 64' in out
+    assert not (tmp_path / "out").exists()
+
+
+def test_config_file_and_cli_precedence(digit_shards, tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("optim:\n  global_batch: 128\n  epochs: 7\nmodel: deit_tiny_24\n")
+    with pytest.raises(SystemExit):
+        main([*train_args(digit_shards, tmp_path / "out"), "--config", str(config), "--dry-run"])
+    out = capsys.readouterr().out
+    assert "deit_tiny_12" in out  # the flag wins over the file
+    assert '"train_batch_size": 64' in out
+    config.write_text("global_batch: 128\nepochs: 7\n")
+    with pytest.raises(SystemExit):
+        main(["train", "--data", str(digit_shards), "--out", str(tmp_path / "o"), "--config", str(config), "--dry-run"])
+    out = capsys.readouterr().out
+    assert '"train_batch_size": 128' in out and "77" in out  # 7 epochs × 11 steps

@@ -1,0 +1,82 @@
+"""Command-line flags generated from the run config's fields (`vitdeep/config.py`).
+
+Each field becomes `--kebab-case-name` with the field's help text, its type and its default, in a
+help panel per config section, so the CLI never repeats a default. Flags default to "not given"
+(None), so a config file's values survive unless a flag overrides them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import typing
+from typing import Any, Callable, Optional
+
+import typer
+
+from vitdeep.config import SECTION_TITLES, section_classes
+
+
+def _flag(name: str, annotation: Any) -> str:
+    flag = "--" + name.replace("_", "-")
+    return f"{flag}/--no-{name.replace('_', '-')}" if annotation is bool else flag
+
+
+def _strip_optional(annotation: Any) -> Any:
+    if typing.get_origin(annotation) is typing.Union:
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return args[0]
+    return annotation
+
+
+def _shown_default(value: Any) -> str:
+    if value is None:
+        return "unset"
+    if isinstance(value, tuple):
+        return " ".join(map(str, value))
+    return str(value)
+
+
+def config_parameters(overrides: dict[str, Any] | None = None) -> list[inspect.Parameter]:
+    """One keyword parameter per config field; `overrides` (a recipe) changes the shown defaults."""
+    overrides = overrides or {}
+    parameters = []
+    for section, cls in section_classes().items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            annotation = _strip_optional(hints[f.name])
+            default = overrides.get(f.name, f.default if f.default is not dataclasses.MISSING else None)
+            option = typer.Option(
+                None,
+                _flag(f.name, annotation),
+                help=f.metadata.get("help", ""),
+                show_default=_shown_default(default),
+                rich_help_panel=SECTION_TITLES[section],
+            )
+            parameters.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=Optional[annotation]))
+    return parameters
+
+
+def with_config_options(overrides: dict[str, Any] | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorate `command(options: dict, **own_parameters)`: the generated flags arrive as
+    `options` (only the ones given), the command's own parameters as they are."""
+
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        own = [p for name, p in inspect.signature(command).parameters.items() if name != "options"]
+        own_hints = typing.get_type_hints(command)
+        generated = config_parameters(overrides)
+        generated_names = {p.name for p in generated}
+
+        @functools.wraps(command)
+        def wrapper(**kwargs: Any) -> Any:
+            options = {k: v for k, v in kwargs.items() if k in generated_names and v is not None}
+            return command(options, **{k: v for k, v in kwargs.items() if k not in generated_names})
+
+        parameters = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own] + generated
+        wrapper.__signature__ = inspect.Signature(parameters)
+        wrapper.__annotations__ = {**{p.name: own_hints[p.name] for p in own}, **{p.name: p.annotation for p in generated}}
+        del wrapper.__wrapped__
+        return wrapper
+
+    return decorate

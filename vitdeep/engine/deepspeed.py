@@ -1,0 +1,226 @@
+"""DeepSpeed set-up: the process group, the ds_config ("auto" filling and checks), the client
+AdamW with weight-decay / layer-decay groups, and `deepspeed.initialize`.
+
+DeepSpeed itself is imported lazily: `--dry-run` and the checks run without starting it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vitdeep.errors import UserError
+
+DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def world_from_env() -> tuple[int, int, int]:
+    """(rank, world size, local rank) as set by deepspeed / torchrun / SLURM mapping; 1 process otherwise."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_distributed(timeout_minutes: float) -> DistInfo:
+    """Join (or, for a plain single process, create) the process group.
+
+    CPU runs use gloo; GPU runs NCCL. `timeout_minutes` bounds every collective, so a lost node
+    ends the others with an error instead of a hang.
+    """
+    import deepspeed
+    import torch.distributed as dist
+
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    rank, world_size, local_rank = world_from_env()
+    on_gpu = torch.cuda.is_available()
+    if on_gpu:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        deepspeed.init_distributed(
+            dist_backend="nccl" if on_gpu else "gloo",
+            timeout=timedelta(minutes=timeout_minutes),
+            verbose=False,
+        )
+    device = torch.device("cuda", local_rank) if on_gpu else torch.device("cpu")
+    return DistInfo(rank, world_size, local_rank, device)
+
+
+def find_ds_config(name_or_path: str) -> Path:
+    """A ds_config file path, or the name of a bundled one (`zero2_bf16`)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    bundled = DS_CONFIG_DIR / f"{name_or_path.removesuffix('.json')}.json"
+    if bundled.is_file() and path.parent == Path("."):
+        return bundled
+    names = ", ".join(sorted(p.stem for p in DS_CONFIG_DIR.glob("*.json")))
+    raise UserError(f"ds-config not found: {name_or_path} (a JSON file, or one of: {names})")
+
+
+def load_ds_config(name_or_path: str) -> dict[str, Any]:
+    path = find_ds_config(name_or_path)
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise UserError(f"ds-config {path} is not valid JSON: {error}") from error
+    if not isinstance(config, dict):
+        raise UserError(f"ds-config {path} must hold a JSON object")
+    if "optimizer" in config or "scheduler" in config:
+        raise UserError(f"ds-config {path}: remove the 'optimizer'/'scheduler' blocks; vitdeep passes its own AdamW and schedule")
+    return config
+
+
+def precision(ds_config: dict[str, Any]) -> str:
+    """'bf16', 'fp16' or 'fp32', from the ds_config."""
+    if ds_config.get("bf16", {}).get("enabled") and ds_config.get("fp16", {}).get("enabled"):
+        raise UserError("ds-config enables both bf16 and fp16; choose one")
+    if ds_config.get("bf16", {}).get("enabled"):
+        return "bf16"
+    if ds_config.get("fp16", {}).get("enabled"):
+        return "fp16"
+    return "fp32"
+
+
+def zero_stage(ds_config: dict[str, Any]) -> int:
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """Global batch = micro batch × gradient accumulation × world size."""
+
+    global_batch: int
+    micro_batch: int
+    world_size: int
+    grad_accum: int
+
+
+def plan_batches(global_batch: int, micro_batch: int, world_size: int) -> BatchPlan:
+    if global_batch <= 0 or micro_batch <= 0:
+        raise UserError(f"batch sizes must be positive (global_batch={global_batch}, micro_batch={micro_batch})")
+    per_step = micro_batch * world_size
+    if global_batch % per_step:
+        raise UserError(
+            f"global_batch={global_batch} is not a multiple of micro_batch={micro_batch} × world size {world_size} = {per_step}"
+        )
+    return BatchPlan(global_batch, micro_batch, world_size, global_batch // per_step)
+
+
+#: ds_config key → (vitdeep option it mirrors).
+_AUTO_KEYS = {
+    "train_batch_size": "global_batch",
+    "train_micro_batch_size_per_gpu": "micro_batch",
+    "gradient_clipping": "clip_grad",
+}
+
+
+def fill_ds_config(
+    ds_config: dict[str, Any], options: dict[str, Any], explicit: frozenset[str], world_size: int
+) -> tuple[dict[str, Any], dict[str, Any], BatchPlan]:
+    """Fill the "auto" values from the run options and check the explicit ones.
+
+    An explicit ds_config value wins over a vitdeep *default*; an explicit value that contradicts
+    an option the user set is an error naming both. Returns (filled config, the options it
+    changed, the batch plan). `gradient_clipping` is always written out (its default moved
+    between DeepSpeed releases).
+    """
+    filled = copy.deepcopy(ds_config)
+    adopted: dict[str, Any] = {}
+    for key, name in _AUTO_KEYS.items():
+        value = filled.get(key, "auto")
+        if value == "auto":
+            continue
+        if name in explicit and value != options[name]:
+            flag = "--" + name.replace("_", "-")
+            raise UserError(f"ds-config sets {key}={value} but {flag}={options[name]}; remove one of them")
+        adopted[name] = type(options[name])(value) if options[name] is not None else value
+    merged = {**options, **adopted}
+    plan = plan_batches(merged["global_batch"], merged["micro_batch"], world_size)
+    accum = filled.get("gradient_accumulation_steps", "auto")
+    if accum != "auto" and int(accum) != plan.grad_accum:
+        raise UserError(
+            f"ds-config sets gradient_accumulation_steps={accum} but global_batch={plan.global_batch} / "
+            f"(micro_batch={plan.micro_batch} × world size {world_size}) = {plan.grad_accum}"
+        )
+    filled.update(
+        train_batch_size=plan.global_batch,
+        train_micro_batch_size_per_gpu=plan.micro_batch,
+        gradient_accumulation_steps=plan.grad_accum,
+        gradient_clipping=float(merged["clip_grad"]),
+    )
+    leftover = [k for k, v in _walk(filled) if v == "auto"]
+    if leftover:
+        raise UserError(f"ds-config has 'auto' values vitdeep cannot fill: {', '.join(leftover)}")
+    return filled, adopted, plan
+
+
+def _walk(config: dict[str, Any], prefix: str = ""):
+    for key, value in config.items():
+        if isinstance(value, dict):
+            yield from _walk(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def check_precision_supported(ds_config: dict[str, Any]) -> None:
+    """fp16 needs a GPU (DeepSpeed's loss scaling is refused on the CPU accelerator)."""
+    if precision(ds_config) == "fp16" and not torch.cuda.is_available():
+        raise UserError("fp16 needs a GPU; this machine has none (use a bf16 or fp32 ds-config)")
+    offload = ds_config.get("zero_optimization", {})
+    if not torch.cuda.is_available() and ("offload_optimizer" in offload or "offload_param" in offload):
+        raise UserError("ZeRO offload moves GPU memory to the CPU; this machine has no GPU (use zero3_bf16)")
+
+
+def param_groups(model: nn.Module, weight_decay: float, layer_decay: float | None) -> list[dict[str, Any]]:
+    """AdamW groups: no decay on 1-D parameters and `model.no_weight_decay()`; with
+    `layer_decay`, lr scale decay^(depth from the top) per layer (timm's grouping, `lr_scale`)."""
+    from timm.optim import param_groups_layer_decay, param_groups_weight_decay
+
+    skip = model.no_weight_decay()
+    if layer_decay:
+        return param_groups_layer_decay(model, weight_decay, no_weight_decay_list=skip, layer_decay=layer_decay)
+    return param_groups_weight_decay(model, weight_decay, no_weight_decay_list=skip)
+
+
+def build_optimizer(model: nn.Module, weight_decay: float, layer_decay: float | None, lr: float) -> torch.optim.Optimizer:
+    """The client AdamW (fused kernel on CUDA); DeepSpeed wraps it for ZeRO."""
+    groups = param_groups(model, weight_decay, layer_decay)
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=torch.cuda.is_available())
+
+
+def initialize(model: nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict[str, Any]):
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    return engine
+
+
+def engine_dtype(ds_config: dict[str, Any]) -> torch.dtype:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision(ds_config)]

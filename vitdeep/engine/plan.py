@@ -1,0 +1,175 @@
+"""The resolved run: batch arithmetic, schedule, DeepSpeed config and model options.
+
+Everything here is computed from the config and the shards' metadata without starting
+DeepSpeed, so `--dry-run` shows exactly what a run would do, and every check a user can fail
+runs before any process group or file exists.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from vitdeep.config import TrainConfig
+from vitdeep.data.pipeline import DatasetInfo, read_dataset_info
+from vitdeep.engine.deepspeed import (
+    BatchPlan,
+    check_precision_supported,
+    fill_ds_config,
+    load_ds_config,
+    precision,
+    zero_stage,
+)
+from vitdeep.engine.schedule import LrSchedule
+from vitdeep.errors import UserError
+from vitdeep.losses import Objective
+from vitdeep.models import create_model, get_spec, model_stats
+from vitdeep.models.checkpoints import Weights, adapt_state_dict, read_weights
+
+#: DeiT's learning-rate scaling rule: lr = base_lr × global_batch / 512.
+LR_REFERENCE_BATCH = 512
+
+
+@dataclass
+class RunPlan:
+    cfg: TrainConfig
+    world_size: int
+    batch: BatchPlan
+    ds_config: dict[str, Any]
+    train_info: DatasetInfo
+    val_info: DatasetInfo | None
+    num_classes: int
+    micro_per_epoch: int
+    steps_per_epoch: int
+    total_steps: int
+    epochs: int
+    schedule: LrSchedule
+    model_kwargs: dict[str, Any]
+    init_weights: Weights | None = None
+
+    @property
+    def precision(self) -> str:
+        return precision(self.ds_config)
+
+    @property
+    def zero_stage(self) -> int:
+        return zero_stage(self.ds_config)
+
+    def summary(self) -> dict[str, Any]:
+        """What `--dry-run` prints (and `config.json` records beside the options)."""
+        params, flops = model_stats(self.cfg.model.model, self.cfg.model.img_size, **_stat_options(self.model_kwargs))
+        return {
+            "model": self.cfg.model.model,
+            "parameters": params,
+            "GFLOPs per image (forward)": round(flops / 1e9, 3),
+            "num_classes": self.num_classes,
+            "train samples": self.train_info.num_samples,
+            "val samples": self.val_info.num_samples if self.val_info else None,
+            "world size": self.world_size,
+            "global batch": self.batch.global_batch,
+            "micro batch": self.batch.micro_batch,
+            "gradient accumulation": self.batch.grad_accum,
+            "steps per epoch": self.steps_per_epoch,
+            "epochs": self.epochs,
+            "total steps": self.total_steps,
+            "warm-up steps": self.schedule.warmup_steps,
+            "peak lr": self.schedule.peak_lr,
+            "schedule": self.schedule.kind,
+            "precision": self.precision,
+            "ZeRO stage": self.zero_stage,
+        }
+
+
+def _stat_options(model_kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in model_kwargs.items() if k not in ("img_size",)}
+
+
+def model_kwargs_for(cfg: TrainConfig, num_classes: int, objective: Objective) -> dict[str, Any]:
+    """`create_model` options from the run config (only those the user can change)."""
+    m = cfg.model
+    kwargs: dict[str, Any] = dict(
+        img_size=m.img_size,
+        patch_size=m.patch_size,
+        num_classes=num_classes,
+        drop_path_rate=m.drop_path,
+        drop_rate=m.drop,
+        attn_drop_rate=m.attn_drop,
+        proj_drop_rate=m.proj_drop,
+        attnscale=m.attnscale,
+        featscale=m.featscale,
+        patch_head=objective.needs_patch_head,
+    )
+    for name in ("depth", "embed_dim", "num_heads", "talking_heads", "init_values"):
+        if getattr(m, name) is not None:
+            kwargs[name] = getattr(m, name)
+    if objective.needs_teacher:
+        if get_spec(m.model).family != "deit":
+            raise UserError(f"distillation needs a distillation token; {m.model} is a CaiT model (use a deit_* model)")
+        kwargs["distilled"] = True
+    return kwargs
+
+
+def make_plan(cfg: TrainConfig, world_size: int) -> RunPlan:
+    """Resolve and check everything a run needs; raises `UserError` on bad input."""
+    get_spec(cfg.model.model)
+    if not cfg.data.data:
+        raise UserError("no training data: pass --data SHARDS")
+    if not cfg.run.out:
+        raise UserError("no output directory: pass --out DIR")
+    raw = load_ds_config(cfg.run.ds_config)
+    check_precision_supported(raw)
+    options = {"global_batch": cfg.optim.global_batch, "micro_batch": cfg.optim.micro_batch, "clip_grad": cfg.optim.clip_grad}
+    ds_config, adopted, batch = fill_ds_config(raw, options, cfg.explicit, world_size)
+    for name, value in adopted.items():
+        setattr(cfg.optim, name, value)
+
+    train_info = read_dataset_info(cfg.data.data, num_samples=cfg.data.num_samples, split="train")
+    val_info = read_dataset_info(cfg.data.val, num_samples=cfg.data.val_num_samples, split="val") if cfg.data.val else None
+    num_classes = cfg.model.num_classes or train_info.num_classes
+    if not num_classes:
+        raise UserError("the shards carry no class count (_info.json); pass --num-classes")
+
+    micro_per_epoch = train_info.num_samples // (batch.micro_batch * world_size)
+    steps_per_epoch = micro_per_epoch // batch.grad_accum
+    if steps_per_epoch == 0:
+        raise UserError(
+            f"the training set has {train_info.num_samples} samples, fewer than one global batch of {batch.global_batch}"
+        )
+    o = cfg.optim
+    total_steps = o.steps if o.steps else o.epochs * steps_per_epoch
+    if total_steps <= 0:
+        raise UserError(f"nothing to train: steps={o.steps}, epochs={o.epochs}")
+    epochs = math.ceil(total_steps / steps_per_epoch)
+    warmup = o.warmup_steps if o.warmup_steps is not None else round(o.warmup_epochs * steps_per_epoch)
+    peak_lr = o.lr if o.lr is not None else o.base_lr * batch.global_batch / LR_REFERENCE_BATCH
+    schedule = LrSchedule(peak_lr, total_steps, min(warmup, total_steps), o.warmup_lr, o.min_lr, o.schedule)
+
+    objective = Objective(cfg.loss)
+    model_kwargs = model_kwargs_for(cfg, num_classes, objective)
+    with torch.device("meta"):  # every option and shape checked now, at no cost
+        meta_model = create_model(cfg.model.model, **model_kwargs)
+    init_weights = None
+    if cfg.run.init_from:
+        init_weights = read_weights(cfg.run.init_from, ema=cfg.run.init_from_ema)
+        adapt_state_dict(init_weights.state_dict, meta_model, init_weights.source, init_weights.kind)
+    if not 0 <= cfg.optim.freeze_blocks <= len(meta_model.blocks):
+        raise UserError(f"--freeze-blocks {cfg.optim.freeze_blocks} is outside 0..{len(meta_model.blocks)} (the model's depth)")
+    return RunPlan(
+        cfg=cfg,
+        world_size=world_size,
+        batch=batch,
+        ds_config=ds_config,
+        train_info=train_info,
+        val_info=val_info,
+        num_classes=num_classes,
+        micro_per_epoch=steps_per_epoch * batch.grad_accum,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+        epochs=epochs,
+        schedule=schedule,
+        model_kwargs=model_kwargs,
+        init_weights=init_weights,
+    )
