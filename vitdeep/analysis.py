@@ -1,0 +1,482 @@
+"""Over-smoothing diagnostics (reference.md §1): per-layer patch cosine similarity, attention
+standard deviation and high-frequency energy ratio, streamed over many images in bounded memory,
+plus `vitdeep analyze` (model and image sources → metrics.json, a PNG and TensorBoard events).
+
+Layer indices: token metrics (`cossim`, `hf_ratio`) have L + 1 values, index 0 = patch + position
+embedding (block 1's input) and l = after block l (the last after the final norm); `attn_std` has
+L values, index i = block i + 1.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn, TimeRemainingColumn
+from rich.table import Table
+from rich.text import Text
+from torch import nn
+
+from vitdeep.errors import UserError
+from vitdeep.losses import patch_cosine_similarity
+from vitdeep.models import MODELS, AuxOutput, create_model
+
+METRIC_NAMES = ("cossim", "attn_std", "hf_ratio")
+METRIC_DEFINITIONS = {
+    "cossim": "mean signed cosine between patch tokens i != j; index 0 = embeddings, l = after block l",
+    "attn_std": "population std of each post-softmax attention row, mean over heads and queries; index i = block i+1",
+    "hf_ratio": "||h - mean_tokens(h)||^2 / ||h||^2 over patch tokens; index 0 = embeddings, l = after block l",
+}
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def high_frequency_ratio(tokens: torch.Tensor) -> torch.Tensor:
+    """‖h − mean_tokens(h)‖² / ‖h‖² of each sequence `[..., n, D]` → `[...]` (Wang et al. 2022):
+    the share of energy outside the DC component that a low-pass attention stack removes."""
+    h = tokens.float()
+    high = (h - h.mean(dim=-2, keepdim=True)).square().sum(dim=(-2, -1))
+    return high / h.square().sum(dim=(-2, -1)).clamp_min(torch.finfo(h.dtype).tiny)
+
+
+def layerwise_cosine_similarity(tokens: Sequence[torch.Tensor], num_prefix_tokens: int = 0) -> torch.Tensor:
+    """CosSim of the patch tokens of each layer `[B, N, D]`, averaged over images → `[len(tokens)]`."""
+    return torch.stack([patch_cosine_similarity(t[:, num_prefix_tokens:]).mean() for t in tokens])
+
+
+def layerwise_attention_std(attentions: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Std over the keys of each attention row `[B, H, N, N]` (population std), averaged over
+    heads, queries and images → `[L]`. Uniform rows give 0, one-hot rows sqrt(N − 1)/N."""
+    return torch.stack([a.float().std(dim=-1, correction=0).mean() for a in attentions])
+
+
+def layerwise_high_frequency_ratio(tokens: Sequence[torch.Tensor], num_prefix_tokens: int = 0) -> torch.Tensor:
+    """`high_frequency_ratio` of the patch tokens of each layer, averaged over images."""
+    return torch.stack([high_frequency_ratio(t[:, num_prefix_tokens:]).mean() for t in tokens])
+
+
+def batch_metrics(out: AuxOutput) -> dict[str, torch.Tensor]:
+    """The three per-layer curves of one batch (needs `model(x, aux=True, attention=True)`)."""
+    if out.attentions is None:
+        raise ValueError("over-smoothing metrics need the attention maps: call model(x, aux=True, attention=True)")
+    return {
+        "cossim": layerwise_cosine_similarity(out.tokens, out.num_prefix_tokens),
+        "attn_std": layerwise_attention_std(out.attentions),
+        "hf_ratio": layerwise_high_frequency_ratio(out.tokens, out.num_prefix_tokens),
+    }
+
+
+@dataclass
+class OversmoothingMetrics:
+    """Per-layer curves averaged over `num_images` images (layer indices: module docstring)."""
+
+    cossim: list[float]
+    attn_std: list[float]
+    hf_ratio: list[float]
+    num_images: int
+
+    @property
+    def depth(self) -> int:
+        return len(self.attn_std)
+
+    def flat(self) -> dict[str, float]:
+        """Scalars for TensorBoard: `cossim/layer_00` …, plus `cossim/last` and so on."""
+        width = max(2, len(str(self.depth)))
+        scalars = {}
+        for name in METRIC_NAMES:
+            values = getattr(self, name)
+            first = 1 if name == "attn_std" else 0
+            scalars |= {f"{name}/layer_{first + i:0{width}d}": v for i, v in enumerate(values)}
+            scalars[f"{name}/last"] = values[-1]
+        return scalars
+
+
+class OversmoothingAccumulator:
+    """Running per-layer sums over batches: memory is O(layers) however many images stream by."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.num_images = 0
+
+    def update(self, out: AuxOutput) -> None:
+        batch = out.logits.shape[0]
+        for name, values in batch_metrics(out).items():
+            total = values.detach().double().cpu() * batch
+            self.sums[name] = self.sums[name] + total if name in self.sums else total
+        self.num_images += batch
+
+    def compute(self) -> OversmoothingMetrics:
+        if not self.num_images:
+            raise ValueError("no images were accumulated")
+        means = {name: (self.sums[name] / self.num_images).tolist() for name in METRIC_NAMES}
+        return OversmoothingMetrics(**means, num_images=self.num_images)
+
+
+def forward_with_attention(model: nn.Module, images: torch.Tensor) -> AuxOutput:
+    """`AuxOutput` with attention maps, through the module call (so DeepSpeed ZeRO-3's hooks
+    gather parameters), with the images on the model's device and in its dtype."""
+    param = next(model.parameters())
+    return model(images.to(device=param.device, dtype=param.dtype), aux=True, attention=True)
+
+
+@torch.no_grad()
+def oversmoothing_metrics(model: nn.Module, images: torch.Tensor, max_images: int = 16) -> dict[str, float]:
+    """Per-layer metrics of a fixed small batch, for logging during training every k steps.
+
+    Cost is one forward pass with attention maps over at most `max_images` images, in eval mode
+    (the previous mode is restored). Under ZeRO-3 every rank must call it (parameters are
+    gathered collectively).
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        accumulator = OversmoothingAccumulator()
+        accumulator.update(forward_with_attention(model, images[:max_images]))
+    finally:
+        model.train(was_training)
+    return accumulator.compute().flat()
+
+
+# ---- sources: which models, which images -------------------------------------------------------
+
+
+def parse_option_value(text: str) -> bool | int | float | str | None:
+    """`true`/`false`/`none`, then int, then float, else the string itself."""
+    lowered = text.strip().lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered == "none":
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_model_options(pairs: Iterable[str]) -> dict:
+    """`["embed_dim=64", "attnscale=true"]` → `{"embed_dim": 64, "attnscale": True}`."""
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"model option '{pair}' is not KEY=VALUE")
+        options[key.strip()] = parse_option_value(value)
+    return options
+
+
+def collect_model_options(
+    img_size: int, patch_size: int, num_classes: int, switches: dict[str, bool | None], extra: Iterable[str] = ()
+) -> dict:
+    """Model keyword options from CLI flags: the sizes, each switch that was set (None = the
+    model's own default), then `KEY=VALUE` pairs, which win."""
+    options = {"img_size": img_size, "patch_size": patch_size, "num_classes": num_classes}
+    options |= {name: value for name, value in switches.items() if value is not None}
+    return options | parse_model_options(extra)
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """One model to analyse: a registered architecture with options, random init (seeded) or
+    loaded from `checkpoint`, a plain state-dict file (`.safetensors` or a torch file)."""
+
+    label: str
+    model: str
+    options: dict = field(default_factory=dict)
+    checkpoint: Path | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        with torch.device("meta"):  # checks the name and options at no cost
+            create_model(self.model, **self.options)
+        if self.checkpoint is not None and not Path(self.checkpoint).is_file():
+            raise UserError(f"checkpoint not found: {self.checkpoint}")
+
+    def describe(self) -> dict:
+        return {"model": self.model, "options": self.options, "checkpoint": str(self.checkpoint) if self.checkpoint else None}
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A plain state dict, read without unpickling arbitrary objects."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # any reader failure is a bad file, reported in one line
+        raise UserError(f"cannot read checkpoint {path}: {str(error).splitlines()[0]}") from error
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"checkpoint {path} is not a plain state dict (name → tensor)")
+    return state
+
+
+def _key_summary(keys: Sequence[str], limit: int = 3) -> str:
+    shown = ", ".join(keys[:limit]) + (", …" if len(keys) > limit else "")
+    return f"{len(keys)} ({shown})"
+
+
+def load_model_for_analysis(source: ModelSource) -> nn.Module:
+    """Build the source's model in eval mode: seeded random init, then its checkpoint if any."""
+    torch.manual_seed(source.seed)
+    model = create_model(source.model, **source.options)
+    if source.checkpoint is not None:
+        path = Path(source.checkpoint)
+        try:
+            missing, unexpected = model.load_state_dict(read_state_dict(path), strict=False)
+        except RuntimeError as error:
+            raise UserError(f"checkpoint {path} does not fit model '{source.model}': {str(error).splitlines()[-1].strip()}") from error
+        if missing or unexpected:
+            raise UserError(
+                f"checkpoint {path} does not fit model '{source.model}' with options {source.options}: "
+                f"missing keys {_key_summary(missing)}, unexpected keys {_key_summary(unexpected)}"
+            )
+    return model.eval()
+
+
+def resolve_model_sources(
+    model: str | None, checkpoint: Path | None, compare: Sequence[str], options: dict, seed: int = 0
+) -> list[ModelSource]:
+    """The sources of one `analyze` run: `--checkpoint` (else `--model` at random init), then each
+    `--compare [LABEL=]SOURCE`. Every source is checked before anything runs."""
+    if model is None:
+        raise UserError("name the architecture with --model NAME (a plain state-dict checkpoint does not record it)")
+    if checkpoint is not None:
+        first = ModelSource(str(checkpoint), model, options, Path(checkpoint), seed)
+    else:
+        first = ModelSource(f"{model} random init", model, options, None, seed)
+    sources = [first] + [compare_source(spec, model, options, seed) for spec in compare]
+    labels = [source.label for source in sources]
+    duplicates = sorted({label for label in labels if labels.count(label) > 1})
+    if duplicates:
+        raise UserError(f"two sources share the label '{duplicates[0]}': name them with --compare LABEL=SOURCE")
+    return sources
+
+
+def compare_source(spec: str, model: str, options: dict, seed: int = 0) -> ModelSource:
+    """`[LABEL=]SOURCE`: SOURCE is a checkpoint file of `model`, or a model name (random init)."""
+    label, sep, target = spec.partition("=")
+    if not sep or Path(spec).is_file():
+        label, target = "", spec
+    if Path(target).is_file():
+        return ModelSource(label or target, model, options, Path(target), seed)
+    if target.removeprefix("vitdeep_") in MODELS:
+        return ModelSource(label or f"{target} random init", target, options, None, seed)
+    raise UserError(f"--compare '{target}' is neither a checkpoint file nor a model name (see `vitdeep models`)")
+
+
+class ImageSource(Protocol):
+    """Where `analyze` reads images: `num_images` images as float batches at a model's resolution.
+    `batches` can be called once per model (each model sees the same images)."""
+
+    num_images: int
+
+    def batches(self, img_size: int) -> Iterator[torch.Tensor]: ...
+
+    def describe(self) -> str: ...
+
+
+def list_images(folder: Path, num_images: int, seed: int = 0) -> list[Path]:
+    """Image files under `folder` (flat or ImageFolder tree); a seeded sample of `num_images`
+    when there are more, so every class of a sorted tree is represented."""
+    if num_images <= 0:
+        raise UserError(f"--num-images must be positive, got {num_images}")
+    if not folder.is_dir():
+        raise UserError(f"image folder not found: {folder}")
+    paths = sorted(
+        p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and p.is_file()
+    )
+    if not paths:
+        raise UserError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {folder}")
+    if len(paths) > num_images:
+        paths = sorted(random.Random(seed).sample(paths, num_images))
+    return paths
+
+
+def iter_image_batches(paths: Sequence[Path], img_size: int, batch_size: int) -> Iterator[torch.Tensor]:
+    """Float batches `[B, 3, S, S]` through timm's eval transform (resize, centre crop 0.875,
+    ImageNet normalisation), as at evaluation time."""
+    from PIL import Image
+    from timm.data import create_transform
+
+    transform = create_transform(img_size, is_training=False, crop_pct=0.875, interpolation="bicubic")
+    for start in range(0, len(paths), batch_size):
+        images = []
+        for path in paths[start : start + batch_size]:
+            try:
+                with Image.open(path) as image:
+                    images.append(transform(image.convert("RGB")))
+            except OSError as error:
+                raise UserError(f"cannot read image {path}: {error}") from error
+        yield torch.stack(images)
+
+
+@dataclass
+class ImageFolderSource:
+    """Images from a folder (`--images DIR`)."""
+
+    folder: Path
+    requested: int
+    batch_size: int = 32
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.batch_size <= 0:
+            raise UserError(f"--batch-size must be positive, got {self.batch_size}")
+        self.paths = list_images(Path(self.folder), self.requested, self.seed)
+        self.num_images = len(self.paths)
+
+    def batches(self, img_size: int) -> Iterator[torch.Tensor]:
+        return iter_image_batches(self.paths, img_size, self.batch_size)
+
+    def describe(self) -> str:
+        return str(self.folder)
+
+
+def resolve_image_source(images: Path | None, num_images: int, batch_size: int = 32, seed: int = 0) -> ImageSource:
+    """The images of one `analyze` run (`--images DIR`)."""
+    if images is None:
+        raise UserError("give the images to analyse with --images DIR")
+    return ImageFolderSource(Path(images), num_images, batch_size, seed)
+
+
+# ---- vitdeep analyze ---------------------------------------------------------------------------
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """`None` = the GPU when there is one, else the CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as error:
+        raise UserError(f"unknown device '{device}'") from error
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device '{device}' requested but no GPU is available")
+    return resolved
+
+
+@torch.no_grad()
+def measure_model(
+    model: nn.Module, batches: Iterable[torch.Tensor], on_batch: Callable[[int], None] | None = None
+) -> OversmoothingMetrics:
+    """Stream batches through the model (with attention maps) into running per-layer means;
+    `on_batch(n)` is called after each batch of n images (progress)."""
+    accumulator = OversmoothingAccumulator()
+    for images in batches:
+        accumulator.update(forward_with_attention(model, images))
+        if on_batch is not None:
+            on_batch(images.shape[0])
+    return accumulator.compute()
+
+
+class _RateColumn(ProgressColumn):
+    """Images per second (rich's own speed column counts bytes)."""
+
+    def render(self, task: Task) -> Text:
+        return Text(f"{task.speed:.1f} img/s" if task.speed else "– img/s", style="progress.data.speed")
+
+
+def _progress(console: Console | None) -> Progress:
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _RateColumn(), TimeRemainingColumn())
+    return Progress(*columns, console=console)
+
+
+def analyze_sources(
+    sources: Sequence[ModelSource], images: ImageSource, device: torch.device, console: Console | None = None
+) -> dict[str, OversmoothingMetrics]:
+    """Metrics of every source over the same images, one at a time (one model in memory)."""
+    results = {}
+    with _progress(console) as progress:
+        for source in sources:
+            task = progress.add_task(source.label, total=images.num_images)
+            model = load_model_for_analysis(source).to(device)
+            batches = images.batches(model.img_size)
+            results[source.label] = measure_model(model, batches, lambda n, task=task: progress.advance(task, n))
+            del model
+    return results
+
+
+def _tag(label: str) -> str:
+    return "".join(c if c.isalnum() or c in "._- " else "_" for c in label)
+
+
+def write_tensorboard(log_dir: Path, results: dict[str, OversmoothingMetrics]) -> None:
+    """Each curve as scalars with the layer index as step (`cossim/<label>` …), plus the figure."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from vitdeep.plots import oversmoothing_figure
+
+    with SummaryWriter(str(log_dir)) as writer:
+        for label, metrics in results.items():
+            for name in METRIC_NAMES:
+                first = 1 if name == "attn_std" else 0
+                for i, value in enumerate(getattr(metrics, name)):
+                    writer.add_scalar(f"{name}/{_tag(label)}", value, global_step=first + i)
+        writer.add_figure("oversmoothing", oversmoothing_figure(results), close=False)
+
+
+def write_analysis(
+    out: Path, results: dict[str, OversmoothingMetrics], sources: Sequence[ModelSource], images: ImageSource
+) -> dict[str, Path]:
+    """`metrics.json`, `oversmoothing.png` and TensorBoard events `tb/` under `out`."""
+    from vitdeep.plots import save_oversmoothing_plot
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "metrics.json", "png": out / "oversmoothing.png", "tensorboard": out / "tb"}
+    described = {source.label: source.describe() for source in sources}
+    report = {
+        "images": images.describe(),
+        "definitions": METRIC_DEFINITIONS,
+        "sources": {label: described[label] | asdict(metrics) for label, metrics in results.items()},
+    }
+    paths["json"].write_text(json.dumps(report, indent=2) + "\n")
+    save_oversmoothing_plot(results, paths["png"])
+    write_tensorboard(paths["tensorboard"], results)
+    return paths
+
+
+def print_summary(console: Console, results: dict[str, OversmoothingMetrics], paths: dict[str, Path]) -> None:
+    table = Table(title="Over-smoothing per source (first → last layer)")
+    for column in ("source", "images", "blocks", "patch CosSim", "attention std", "HF energy ratio"):
+        table.add_column(column, justify="left" if column == "source" else "right")
+    for label, m in results.items():
+        curves = [f"{values[0]:.3g} → {values[-1]:.3g}" for values in (m.cossim, m.attn_std, m.hf_ratio)]
+        table.add_row(label, str(m.num_images), str(m.depth), *curves)
+    console.print(table)
+    console.print("wrote " + ", ".join(str(path) for path in paths.values()))
+
+
+def run_analyze(
+    *,
+    model: str | None,
+    checkpoint: Path | None,
+    images: Path | None,
+    out: Path,
+    compare: Sequence[str] = (),
+    num_images: int = 1000,
+    batch_size: int = 32,
+    options: dict | None = None,
+    seed: int = 0,
+    device: str | None = None,
+) -> dict[str, OversmoothingMetrics]:
+    """`vitdeep analyze`: check every input, measure every source, then write the outputs
+    (nothing is written when an input is bad or a model fails to load)."""
+    from vitdeep.monitor import make_console
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder")
+    sources = resolve_model_sources(model, checkpoint, compare, options or {}, seed)
+    image_source = resolve_image_source(images, num_images, batch_size, seed)
+    console = make_console()
+    results = analyze_sources(sources, image_source, resolve_device(device), console)
+    print_summary(console, results, write_analysis(out, results, sources, image_source))
+    return results
