@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
@@ -62,14 +63,82 @@ def init_distributed(timeout_minutes: float) -> DistInfo:
     on_gpu = torch.cuda.is_available()
     if on_gpu:
         torch.cuda.set_device(local_rank)
+    timeout = timedelta(minutes=timeout_minutes)
+    _set_default_group_timeout(timeout)
     if not dist.is_initialized():
-        deepspeed.init_distributed(
-            dist_backend="nccl" if on_gpu else "gloo",
-            timeout=timedelta(minutes=timeout_minutes),
-            verbose=False,
-        )
+        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", timeout=timeout, verbose=False)
     device = torch.device("cuda", local_rank) if on_gpu else torch.device("cpu")
     return DistInfo(rank, world_size, local_rank, device)
+
+
+def _set_default_group_timeout(timeout: timedelta) -> None:
+    """Make `timeout` the default of every process group created from here on.
+
+    `init_process_group(timeout=…)` covers only the world group: groups made by `new_group()`
+    without a timeout (DeepSpeed's data-parallel / ZeRO groups, which carry the gradient
+    reductions) take torch's module default instead, 30 minutes for gloo and 10 for NCCL, so a
+    hung node would stall the others that long whatever --dist-timeout says.
+    """
+    from torch.distributed import distributed_c10d
+
+    distributed_c10d.default_pg_timeout = timeout
+    distributed_c10d.default_pg_nccl_timeout = timeout
+
+
+#: Words of the errors gloo / NCCL raise when a peer died, hung past the timeout or was cut off
+#: (gloo's carry its source path, e.g. "[.../gloo/transport/tcp/pair.cc:545] Read error …").
+_PEER_ERROR_WORDS = ("gloo/", "nccl", "connection reset by peer", "connection closed by peer")
+
+
+def lost_peer_reason(error: BaseException) -> str | None:
+    """The short reason when `error` (or its cause) is a collective / rendezvous losing a peer, else None.
+
+    torch.distributed's own error classes always count; a plain RuntimeError only when it carries
+    gloo's or NCCL's words and a process group of several ranks exists (so other bugs keep their
+    traceback).
+    """
+    import torch.distributed as dist
+
+    grouped = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        text = str(current)
+        if isinstance(current, dist.DistError) or (
+            grouped and isinstance(current, RuntimeError) and any(w in text.lower() for w in _PEER_ERROR_WORDS)
+        ):
+            return _short_reason(text)
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _short_reason(text: str) -> str:
+    line = next((s.strip() for s in text.splitlines() if s.strip()), "unknown error")
+    line = re.sub(r"^(\[[^\]]*\]\s*)+", "", line)  # gloo's "[file.cc:123]" prefix
+    line = line.split(". This is typically caused")[0].rstrip(". ")
+    return line[:240]
+
+
+def lost_peer_message(reason: str, out: str | Path | None = None) -> str:
+    """One line for a run that lost a rank: what happened and how to go on."""
+    import torch.distributed as dist
+
+    from vitdeep.engine.checkpoint import CHECKPOINTS, complete_checkpoints, read_marker
+
+    rank, world_size, _ = world_from_env()
+    if not (dist.is_available() and dist.is_initialized()):
+        where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+        return (f"the ranks could not form a process group at {where} (rank {rank} of {world_size}: {reason}); check "
+                f"MASTER_ADDR / MASTER_PORT, the firewall, and that every node starts within --dist-timeout")
+    text = f"lost contact with another rank (rank {rank} of {world_size}: {reason}); a node died, hung or was cut off"
+    if out is None:
+        return text
+    found = complete_checkpoints(Path(out))
+    if not found:
+        return f"{text}; no checkpoint was complete yet in {Path(out) / CHECKPOINTS}, start the run again"
+    return (f"{text}; the last complete checkpoint {found[-1]} (step {read_marker(found[-1])['step']}) is intact, "
+            f"resume with --resume auto")
 
 
 def find_ds_config(name_or_path: str) -> Path:
