@@ -166,7 +166,15 @@ def _run_training(options: dict, config: Optional[Path], dry_run: bool, recipe: 
     if dry_run:
         print_plan(plan)
         return
-    train(plan)
+    try:
+        train(plan)
+    except Exception as error:
+        from vitdeep.engine.deepspeed import lost_peer_message, lost_peer_reason
+
+        reason = lost_peer_reason(error)
+        if reason is None:
+            raise
+        raise TrainingStopped(lost_peer_message(reason, plan.cfg.run.out)) from None
 
 
 @app.command("eval")
@@ -255,4 +263,13 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     except TrainingStopped as error:
         print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
+    except Exception as error:
+        # A lost node / collective timeout (gloo, NCCL, the rendezvous): one line, exit 1.
+        from vitdeep.engine.deepspeed import lost_peer_message, lost_peer_reason
+
+        reason = lost_peer_reason(error)
+        if reason is None:
+            raise
+        print(f"error: {lost_peer_message(reason)}", file=sys.stderr)
         sys.exit(1)
