@@ -446,7 +446,7 @@ def write_analysis(
 def print_summary(console: Console, results: dict[str, OversmoothingMetrics], paths: dict[str, Path]) -> None:
     table = Table(title="Over-smoothing per source (first → last layer)")
     for column in ("source", "images", "blocks", "patch CosSim", "attention std", "HF energy ratio"):
-        table.add_column(column, justify="left" if column == "source" else "right")
+        table.add_column(column, justify="left" if column == "source" else "right", overflow="fold")
     for label, m in results.items():
         curves = [f"{values[0]:.3g} → {values[-1]:.3g}" for values in (m.cossim, m.attn_std, m.hf_ratio)]
         table.add_row(label, str(m.num_images), str(m.depth), *curves)
