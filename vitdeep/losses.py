@@ -139,7 +139,7 @@ class ObjectiveConfig:
     )
     label_smoothing: float = field(default=0.1, metadata={"help": "Label smoothing of integer labels (class and patch heads)."})
     distill: str = field(
-        default="none", metadata={"help": "DeiT distillation from a teacher's logits.", "choices": DISTILL_KINDS}
+        default="none", metadata={"help": "DeiT distillation from a teacher's logits: none, soft or hard.", "choices": DISTILL_KINDS}
     )
     distill_alpha: float = field(default=0.5, metadata={"help": "Distillation share α: (1 − α)·CE + α·teacher term."})
     distill_tau: float = field(default=1.0, metadata={"help": "Temperature τ of soft distillation."})
