@@ -172,87 +172,61 @@ def parse_model_options(pairs: Iterable[str]) -> dict:
 
 
 def collect_model_options(
-    img_size: int, patch_size: int, num_classes: int, switches: dict[str, bool | None], extra: Iterable[str] = ()
+    img_size: int | None, patch_size: int | None, num_classes: int | None, switches: dict[str, bool | None], extra: Iterable[str] = ()
 ) -> dict:
-    """Model keyword options from CLI flags: the sizes, each switch that was set (None = the
-    model's own default), then `KEY=VALUE` pairs, which win."""
-    options = {"img_size": img_size, "patch_size": patch_size, "num_classes": num_classes}
-    options |= {name: value for name, value in switches.items() if value is not None}
-    return options | parse_model_options(extra)
+    """Model keyword options from CLI flags: each one that was given (None = the model's or the
+    checkpoint's own), then `KEY=VALUE` pairs, which win."""
+    given = {"img_size": img_size, "patch_size": patch_size, "num_classes": num_classes} | switches
+    return {name: value for name, value in given.items() if value is not None} | parse_model_options(extra)
 
 
 @dataclass(frozen=True)
 class ModelSource:
-    """One model to analyse: a registered architecture with options, random init (seeded) or
-    loaded from `checkpoint`, a plain state-dict file (`.safetensors` or a torch file)."""
+    """One model to analyse: `model` at a seeded random init, or `checkpoint`, anything
+    `vitdeep.models.checkpoints.read_weights` reads (a vitdeep run / checkpoint / export knows its
+    model; a plain state dict needs `model`). `options` override the architecture (e.g. img_size)."""
 
     label: str
-    model: str
+    model: str | None
     options: dict = field(default_factory=dict)
     checkpoint: Path | None = None
     seed: int = 0
+    ema: bool = False
 
     def __post_init__(self) -> None:
-        with torch.device("meta"):  # checks the name and options at no cost
-            create_model(self.model, **self.options)
-        if self.checkpoint is not None and not Path(self.checkpoint).is_file():
+        if self.checkpoint is None:
+            with torch.device("meta"):  # checks the name and options at no cost
+                create_model(self.model, **self.options)
+        elif not Path(self.checkpoint).exists():
             raise UserError(f"checkpoint not found: {self.checkpoint}")
 
     def describe(self) -> dict:
         return {"model": self.model, "options": self.options, "checkpoint": str(self.checkpoint) if self.checkpoint else None}
 
 
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """A plain state dict, read without unpickling arbitrary objects."""
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # any reader failure is a bad file, reported in one line
-        raise UserError(f"cannot read checkpoint {path}: {str(error).splitlines()[0]}") from error
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UserError(f"checkpoint {path} is not a plain state dict (name → tensor)")
-    return state
-
-
-def _key_summary(keys: Sequence[str], limit: int = 3) -> str:
-    shown = ", ".join(keys[:limit]) + (", …" if len(keys) > limit else "")
-    return f"{len(keys)} ({shown})"
-
-
 def load_model_for_analysis(source: ModelSource) -> nn.Module:
-    """Build the source's model in eval mode: seeded random init, then its checkpoint if any."""
+    """Build the source's model in eval mode: seeded random init, or its checkpoint's weights."""
+    from vitdeep.models.checkpoints import build_model, read_weights
+
     torch.manual_seed(source.seed)
-    model = create_model(source.model, **source.options)
-    if source.checkpoint is not None:
-        path = Path(source.checkpoint)
-        try:
-            missing, unexpected = model.load_state_dict(read_state_dict(path), strict=False)
-        except RuntimeError as error:
-            raise UserError(f"checkpoint {path} does not fit model '{source.model}': {str(error).splitlines()[-1].strip()}") from error
-        if missing or unexpected:
-            raise UserError(
-                f"checkpoint {path} does not fit model '{source.model}' with options {source.options}: "
-                f"missing keys {_key_summary(missing)}, unexpected keys {_key_summary(unexpected)}"
-            )
+    if source.checkpoint is None:
+        return create_model(source.model, **source.options).eval()
+    model, _ = build_model(read_weights(source.checkpoint, ema=source.ema), source.model, **source.options)
     return model.eval()
 
 
 def resolve_model_sources(
-    model: str | None, checkpoint: Path | None, compare: Sequence[str], options: dict, seed: int = 0
+    model: str | None, checkpoint: Path | None, compare: Sequence[str], options: dict, seed: int = 0, ema: bool = False
 ) -> list[ModelSource]:
     """The sources of one `analyze` run: `--checkpoint` (else `--model` at random init), then each
     `--compare [LABEL=]SOURCE`. Every source is checked before anything runs."""
-    if model is None:
-        raise UserError("name the architecture with --model NAME (a plain state-dict checkpoint does not record it)")
     if checkpoint is not None:
-        first = ModelSource(str(checkpoint), model, options, Path(checkpoint), seed)
-    else:
+        first = ModelSource(str(checkpoint), model, options, Path(checkpoint), seed, ema)
+    elif model is not None:
         first = ModelSource(f"{model} random init", model, options, None, seed)
-    sources = [first] + [compare_source(spec, model, options, seed) for spec in compare]
+    else:
+        raise UserError("give a --checkpoint, or a --model NAME to analyse at random init")
+    sources = [first] + [compare_source(spec, model, options, seed, ema) for spec in compare]
     labels = [source.label for source in sources]
     duplicates = sorted({label for label in labels if labels.count(label) > 1})
     if duplicates:
@@ -260,16 +234,17 @@ def resolve_model_sources(
     return sources
 
 
-def compare_source(spec: str, model: str, options: dict, seed: int = 0) -> ModelSource:
-    """`[LABEL=]SOURCE`: SOURCE is a checkpoint file of `model`, or a model name (random init)."""
+def compare_source(spec: str, model: str | None, options: dict, seed: int = 0, ema: bool = False) -> ModelSource:
+    """`[LABEL=]SOURCE`: SOURCE is a checkpoint (of `model` when it is a plain state dict), or a
+    model name (random init)."""
     label, sep, target = spec.partition("=")
-    if not sep or Path(spec).is_file():
+    if not sep or Path(spec).exists():
         label, target = "", spec
-    if Path(target).is_file():
-        return ModelSource(label or target, model, options, Path(target), seed)
+    if Path(target).exists():
+        return ModelSource(label or target, model, options, Path(target), seed, ema)
     if target.removeprefix("vitdeep_") in MODELS:
         return ModelSource(label or f"{target} random init", target, options, None, seed)
-    raise UserError(f"--compare '{target}' is neither a checkpoint file nor a model name (see `vitdeep models`)")
+    raise UserError(f"--compare '{target}' is neither a checkpoint nor a model name (see `vitdeep models`)")
 
 
 class ImageSource(Protocol):
@@ -340,10 +315,52 @@ class ImageFolderSource:
         return str(self.folder)
 
 
-def resolve_image_source(images: Path | None, num_images: int, batch_size: int = 32, seed: int = 0) -> ImageSource:
-    """The images of one `analyze` run (`--images DIR`)."""
-    if images is None:
-        raise UserError("give the images to analyse with --images DIR")
+@dataclass
+class ShardSource:
+    """The first `requested` samples of a sharded set (`--data SHARDS`), through the exact-once
+    evaluation pipeline (resize, centre crop, ImageNet normalisation)."""
+
+    data: str
+    requested: int
+    batch_size: int = 32
+    split: str = "val"
+    workers: int = 2
+
+    def __post_init__(self) -> None:
+        from vitdeep.data.pipeline import read_dataset_info
+
+        if self.requested <= 0:
+            raise UserError(f"--num-images must be positive, got {self.requested}")
+        if self.batch_size <= 0:
+            raise UserError(f"--batch-size must be positive, got {self.batch_size}")
+        self.info = read_dataset_info(self.data, split=self.split)
+        self.num_images = min(self.requested, self.info.require_num_samples())
+
+    def batches(self, img_size: int) -> Iterator[torch.Tensor]:
+        from vitdeep.data.pipeline import BatchPreprocessor, eval_loader
+
+        loader = eval_loader(self.info, micro_batch=self.batch_size, img_size=img_size, crop_ratio=0.875, rank=0,
+                             world_size=1, num_workers=self.workers)
+        preprocess = BatchPreprocessor(None, torch.device("cpu"), torch.float32)
+        left = self.num_images
+        for images, _ in loader:
+            if left <= 0:
+                break
+            yield preprocess(images[:left], train=False)
+            left -= len(images)
+
+    def describe(self) -> str:
+        return str(self.data)
+
+
+def resolve_image_source(
+    images: Path | None, num_images: int, batch_size: int = 32, seed: int = 0, data: str | None = None
+) -> ImageSource:
+    """The images of one `analyze` run: `--images DIR` or `--data SHARDS`."""
+    if (images is None) == (data is None):
+        raise UserError("give the images to analyse with either --images DIR or --data SHARDS")
+    if data is not None:
+        return ShardSource(data, num_images, batch_size)
     return ImageFolderSource(Path(images), num_images, batch_size, seed)
 
 
@@ -460,6 +477,8 @@ def run_analyze(
     checkpoint: Path | None,
     images: Path | None,
     out: Path,
+    data: str | None = None,
+    ema: bool = False,
     compare: Sequence[str] = (),
     num_images: int = 1000,
     batch_size: int = 32,
@@ -474,8 +493,8 @@ def run_analyze(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a folder")
-    sources = resolve_model_sources(model, checkpoint, compare, options or {}, seed)
-    image_source = resolve_image_source(images, num_images, batch_size, seed)
+    sources = resolve_model_sources(model, checkpoint, compare, options or {}, seed, ema)
+    image_source = resolve_image_source(images, num_images, batch_size, seed, data)
     console = make_console()
     results = analyze_sources(sources, image_source, resolve_device(device), console)
     print_summary(console, results, write_analysis(out, results, sources, image_source))

@@ -56,18 +56,20 @@ def models_command(
 
 @app.command("analyze")
 def analyze_command(
-    model: Optional[str] = typer.Option(None, "--model", help="Architecture (see `vitdeep models`); random init unless --checkpoint."),
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Plain state-dict file (.safetensors or torch) of --model."),
-    images: Optional[Path] = typer.Option(None, "--images", help="Folder of images or an ImageFolder tree."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="A vitdeep run / checkpoint / export, or a timm / DeiT / CaiT state dict (then name --model)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Architecture (see `vitdeep models`): random init without --checkpoint."),
+    data: Optional[str] = typer.Option(None, "--data", help="Shards to read the images from (the val split of a folder with several)."),
+    images: Optional[Path] = typer.Option(None, "--images", help="Or a folder of images / an ImageFolder tree."),
     out: Path = typer.Option(..., "--out", help="Output folder: metrics.json, oversmoothing.png, tb/."),
     compare: Optional[list[str]] = typer.Option(
-        None, "--compare", help="Overlay another source, [LABEL=]CKPT (a state dict of --model) or [LABEL=]MODEL (random init). Repeatable."
+        None, "--compare", help="Overlay another source, [LABEL=]CHECKPOINT or [LABEL=]MODEL (random init). Repeatable."
     ),
-    num_images: int = typer.Option(1000, "--num-images", help="Images to average over (a seeded sample when the folder has more)."),
+    ema: bool = typer.Option(False, "--ema", help="Use the EMA weights of vitdeep checkpoints."),
+    num_images: int = typer.Option(1000, "--num-images", help="Images to average over."),
     batch_size: int = typer.Option(32, "--batch-size", help="Images per forward pass (attention maps are kept for one batch)."),
-    img_size: int = typer.Option(224, "--img-size", help="Input resolution of the model."),
-    patch_size: int = typer.Option(16, "--patch-size", help="Patch size of the model."),
-    num_classes: int = typer.Option(1000, "--num-classes", help="Classes of the model's head."),
+    img_size: Optional[int] = typer.Option(None, "--img-size", help="Input resolution (default: the checkpoint's, or the model's)."),
+    patch_size: Optional[int] = typer.Option(None, "--patch-size", help="Patch size of a random-init / plain state-dict model."),
+    num_classes: Optional[int] = typer.Option(None, "--num-classes", help="Classes of a random-init / plain state-dict model."),
     attnscale: bool = typer.Option(False, "--attnscale", help="Model has AttnScale."),
     featscale: bool = typer.Option(False, "--featscale", help="Model has FeatScale."),
     talking_heads: Optional[bool] = typer.Option(None, "--talking-heads/--no-talking-heads", help="Talking-heads attention (default: the model's)."),
@@ -77,15 +79,15 @@ def analyze_command(
     seed: int = typer.Option(0, "--seed", help="Seed of the random init and of the image sample."),
     device: Optional[str] = typer.Option(None, "--device", help="Torch device (default: cuda when available, else cpu)."),
 ) -> None:
-    """Per-layer over-smoothing metrics (patch cosine similarity, attention std, high-frequency
-    energy ratio) of one or more models: metrics.json, a PNG and TensorBoard events."""
+    """Per-layer over-smoothing metrics (patch CosSim, attention std, high-frequency energy) of
+    one or more models: metrics.json, a PNG and TensorBoard events."""
     from vitdeep.analysis import collect_model_options, run_analyze
 
     switches = {"attnscale": attnscale or None, "featscale": featscale or None, "talking_heads": talking_heads,
                 "patch_head": patch_head or None, "distilled": distilled or None}
     options = collect_model_options(img_size, patch_size, num_classes, switches, model_option or ())
     run_analyze(
-        model=model, checkpoint=checkpoint, images=images, out=out, compare=compare or (),
+        model=model, checkpoint=checkpoint, images=images, data=data, out=out, ema=ema, compare=compare or (),
         num_images=num_images, batch_size=batch_size, options=options, seed=seed, device=device,
     )
 
