@@ -46,9 +46,10 @@ def engine_step(s: Shapes, config_name: str, x: torch.Tensor, y: torch.Tensor, b
     config = copy.deepcopy(load_ds_config(config_name))
     if bucket:
         config["zero_optimization"].update(reduce_bucket_size=bucket, allgather_bucket_size=bucket)
-    config, _, _ = fill_ds_config(config, {"global_batch": s.batch, "micro_batch": s.batch, "clip_grad": 0.0}, frozenset(), 1)
     torch.manual_seed(0)
     model = create_model(s.model, img_size=s.img_size, num_classes=s.num_classes).train()
+    options = {"global_batch": s.batch, "micro_batch": s.batch, "clip_grad": 0.0}
+    config, _, _ = fill_ds_config(config, options, frozenset(), 1, sum(p.numel() for p in model.parameters()))
     engine = initialize(model, build_optimizer(model, 0.05, None, 1e-4), config)
     xe = x.to(engine.device, engine_dtype(config))
     ye = y.to(engine.device)

@@ -38,7 +38,7 @@ from vitdeep.models import count_parameters, create_model
 IMG_SIZE, MICRO_BATCH, CLASSES = 32, 2, 100
 
 
-def config_for(stage: int, world_size: int, bucket: int | None = None) -> dict:
+def config_for(stage: int, world_size: int, num_parameters: int, bucket: int | None = None) -> dict:
     config = copy.deepcopy(load_ds_config(ZERO_CONFIGS[stage]))
     if stage == 0:
         config["zero_optimization"] = {"stage": 0}
@@ -46,7 +46,7 @@ def config_for(stage: int, world_size: int, bucket: int | None = None) -> dict:
         zero = config["zero_optimization"]
         zero.update({k: bucket for k in ("reduce_bucket_size", "allgather_bucket_size") if k in zero})
     options = {"global_batch": MICRO_BATCH * world_size, "micro_batch": MICRO_BATCH, "clip_grad": 1.0}
-    return fill_ds_config(config, options, frozenset(), world_size)[0]
+    return fill_ds_config(config, options, frozenset(), world_size, num_parameters)[0]
 
 
 def storages(tensors) -> dict[tuple[int, str], int]:
@@ -87,7 +87,7 @@ def measure(stage: int, model_name: str, world_size: int, bucket: int | None = N
     model = create_model(model_name, img_size=IMG_SIZE, num_classes=CLASSES)
     n_params = count_parameters(model)
     optimizer = torch.optim.AdamW(param_groups(model, 0.05, None), lr=1e-4, fused=False)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config_for(stage, world_size, bucket))
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config_for(stage, world_size, count_parameters(model), bucket))
     x = torch.randn(MICRO_BATCH, 3, IMG_SIZE, IMG_SIZE, dtype=torch.bfloat16)
     y = torch.randint(0, CLASSES, (MICRO_BATCH,))
 

@@ -16,20 +16,31 @@ OPTIONS = {"global_batch": 64, "micro_batch": 16, "clip_grad": 1.0}
 
 
 def test_auto_values_are_filled_from_the_options():
-    filled, adopted, plan = fill_ds_config(load_ds_config("zero2_bf16"), OPTIONS, frozenset(), world_size=2)
+    filled, adopted, plan = fill_ds_config(load_ds_config("zero2_bf16"), OPTIONS, frozenset(), world_size=2, num_parameters=10**6)
     assert (filled["train_batch_size"], filled["train_micro_batch_size_per_gpu"], filled["gradient_accumulation_steps"]) == (64, 16, 2)
     assert filled["gradient_clipping"] == 1.0 and adopted == {} and plan.grad_accum == 2
+    assert filled["zero_optimization"]["reduce_bucket_size"] == 10**6  # capped at the model's size
+
+
+def test_zero_buckets_keep_deepspeeds_default_for_big_models_and_explicit_values():
+    filled, _, _ = fill_ds_config(load_ds_config("zero3_bf16"), OPTIONS, frozenset(), world_size=2, num_parameters=10**9)
+    assert filled["zero_optimization"]["reduce_bucket_size"] == 500_000_000
+    assert filled["zero_optimization"]["stage3_prefetch_bucket_size"] == 50_000_000
+    ds = load_ds_config("zero2_bf16")
+    ds["zero_optimization"]["reduce_bucket_size"] = 12345
+    filled, _, _ = fill_ds_config(ds, OPTIONS, frozenset(), world_size=2, num_parameters=10**9)
+    assert filled["zero_optimization"]["reduce_bucket_size"] == 12345
 
 
 def test_explicit_ds_value_wins_over_a_default_and_contradiction_names_both():
     ds = {**load_ds_config("zero2_bf16"), "train_batch_size": 128}
-    filled, adopted, plan = fill_ds_config(ds, OPTIONS, frozenset(), world_size=2)
+    filled, adopted, plan = fill_ds_config(ds, OPTIONS, frozenset(), world_size=2, num_parameters=10**6)
     assert adopted == {"global_batch": 128} and filled["gradient_accumulation_steps"] == 4
     with pytest.raises(UserError, match=r"train_batch_size=128 but --global-batch=64"):
-        fill_ds_config(ds, OPTIONS, frozenset({"global_batch"}), world_size=2)
+        fill_ds_config(ds, OPTIONS, frozenset({"global_batch"}), world_size=2, num_parameters=10**6)
     ds = {**load_ds_config("zero2_bf16"), "gradient_accumulation_steps": 3}
     with pytest.raises(UserError, match="gradient_accumulation_steps=3"):
-        fill_ds_config(ds, OPTIONS, frozenset(), world_size=2)
+        fill_ds_config(ds, OPTIONS, frozenset(), world_size=2, num_parameters=10**6)
 
 
 def test_batch_that_does_not_divide_is_an_error():
@@ -52,7 +63,7 @@ def test_bad_ds_configs(tmp_path):
 
 def test_every_bundled_config_fills_completely():
     for name in ("zero1_bf16", "zero2_bf16", "zero3_bf16", "zero2_fp16", "zero3_offload", "cpu_fp32"):
-        filled, _, _ = fill_ds_config(load_ds_config(name), OPTIONS, frozenset(), world_size=4)
+        filled, _, _ = fill_ds_config(load_ds_config(name), OPTIONS, frozenset(), world_size=4, num_parameters=10**6)
         assert "auto" not in json.dumps(filled)
 
 

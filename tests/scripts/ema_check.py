@@ -17,10 +17,11 @@ from vitdeep.models import create_model
 
 deepspeed.init_distributed(dist_backend="gloo")
 ds_name = sys.argv[-1]
-config, _, _ = fill_ds_config(load_ds_config(ds_name), {"global_batch": 8, "micro_batch": 4, "clip_grad": 0.0}, frozenset(), 2)
-dtype = engine_dtype(config)
 torch.manual_seed(0)
 model = create_model("deit_tiny_12", img_size=16, patch_size=4, num_classes=10, embed_dim=64, num_heads=4, depth=4)
+options = {"global_batch": 8, "micro_batch": 4, "clip_grad": 0.0}
+config, _, _ = fill_ds_config(load_ds_config(ds_name), options, frozenset(), 2, sum(p.numel() for p in model.parameters()))
+dtype = engine_dtype(config)
 x = torch.randn(4, 3, 16, 16)
 with torch.no_grad():
     initial = model.eval()(x)

@@ -26,7 +26,7 @@ from vitdeep.engine.deepspeed import (
 from vitdeep.engine.schedule import LrSchedule
 from vitdeep.errors import UserError
 from vitdeep.losses import Objective
-from vitdeep.models import create_model, get_spec, model_stats
+from vitdeep.models import count_parameters, create_model, get_spec, model_stats
 from vitdeep.models.checkpoints import Weights, adapt_state_dict, read_weights
 
 #: DeiT's learning-rate scaling rule: lr = base_lr × global_batch / 512.
@@ -121,16 +121,28 @@ def make_plan(cfg: TrainConfig, world_size: int) -> RunPlan:
         raise UserError("no output directory: pass --out DIR")
     raw = load_ds_config(cfg.run.ds_config)
     check_precision_supported(raw)
-    options = {"global_batch": cfg.optim.global_batch, "micro_batch": cfg.optim.micro_batch, "clip_grad": cfg.optim.clip_grad}
-    ds_config, adopted, batch = fill_ds_config(raw, options, cfg.explicit, world_size)
-    for name, value in adopted.items():
-        setattr(cfg.optim, name, value)
 
     train_info = read_dataset_info(cfg.data.data, num_samples=cfg.data.num_samples, split="train")
     val_info = read_dataset_info(cfg.data.val, num_samples=cfg.data.val_num_samples, split="val") if cfg.data.val else None
     num_classes = cfg.model.num_classes or train_info.num_classes
     if not num_classes:
         raise UserError("the shards carry no class count (_info.json); pass --num-classes")
+
+    objective = Objective(cfg.loss)
+    model_kwargs = model_kwargs_for(cfg, num_classes, objective)
+    with torch.device("meta"):  # every option and shape checked now, at no cost
+        meta_model = create_model(cfg.model.model, **model_kwargs)
+    init_weights = None
+    if cfg.run.init_from:
+        init_weights = read_weights(cfg.run.init_from, ema=cfg.run.init_from_ema)
+        adapt_state_dict(init_weights.state_dict, meta_model, init_weights.source, init_weights.kind)
+    if not 0 <= cfg.optim.freeze_blocks <= len(meta_model.blocks):
+        raise UserError(f"--freeze-blocks {cfg.optim.freeze_blocks} is outside 0..{len(meta_model.blocks)} (the model's depth)")
+
+    options = {"global_batch": cfg.optim.global_batch, "micro_batch": cfg.optim.micro_batch, "clip_grad": cfg.optim.clip_grad}
+    ds_config, adopted, batch = fill_ds_config(raw, options, cfg.explicit, world_size, count_parameters(meta_model))
+    for name, value in adopted.items():
+        setattr(cfg.optim, name, value)
 
     micro_per_epoch = train_info.num_samples // (batch.micro_batch * world_size)
     steps_per_epoch = micro_per_epoch // batch.grad_accum
@@ -147,16 +159,6 @@ def make_plan(cfg: TrainConfig, world_size: int) -> RunPlan:
     peak_lr = o.lr if o.lr is not None else o.base_lr * batch.global_batch / LR_REFERENCE_BATCH
     schedule = LrSchedule(peak_lr, total_steps, min(warmup, total_steps), o.warmup_lr, o.min_lr, o.schedule)
 
-    objective = Objective(cfg.loss)
-    model_kwargs = model_kwargs_for(cfg, num_classes, objective)
-    with torch.device("meta"):  # every option and shape checked now, at no cost
-        meta_model = create_model(cfg.model.model, **model_kwargs)
-    init_weights = None
-    if cfg.run.init_from:
-        init_weights = read_weights(cfg.run.init_from, ema=cfg.run.init_from_ema)
-        adapt_state_dict(init_weights.state_dict, meta_model, init_weights.source, init_weights.kind)
-    if not 0 <= cfg.optim.freeze_blocks <= len(meta_model.blocks):
-        raise UserError(f"--freeze-blocks {cfg.optim.freeze_blocks} is outside 0..{len(meta_model.blocks)} (the model's depth)")
     return RunPlan(
         cfg=cfg,
         world_size=world_size,
