@@ -221,12 +221,14 @@ def resolve_model_sources(
     """The sources of one `analyze` run: `--checkpoint` (else `--model` at random init), then each
     `--compare [LABEL=]SOURCE`. Every source is checked before anything runs."""
     if checkpoint is not None:
-        first = ModelSource(str(checkpoint), model, options, Path(checkpoint), seed, ema)
+        first = [ModelSource(str(checkpoint), model, options, Path(checkpoint), seed, ema)]
     elif model is not None:
-        first = ModelSource(f"{model} random init", model, options, None, seed)
+        first = [ModelSource(f"{model} random init", model, options, None, seed)]
+    elif compare:
+        first = []
     else:
-        raise UserError("give a --checkpoint, or a --model NAME to analyse at random init")
-    sources = [first] + [compare_source(spec, model, options, seed, ema) for spec in compare]
+        raise UserError("give a --checkpoint, a --model NAME to analyse at random init, or --compare sources")
+    sources = first + [compare_source(spec, model, options, seed, ema) for spec in compare]
     labels = [source.label for source in sources]
     duplicates = sorted({label for label in labels if labels.count(label) > 1})
     if duplicates:

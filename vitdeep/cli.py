@@ -227,6 +227,19 @@ def export_command(
     make_console().print(f"exported {weights.model} ({weights.kind}) to {path} and {path.with_suffix('.json')}")
 
 
+@app.command("demo")
+def demo_command(
+    out: Path = typer.Option(Path("runs/demo"), "--out", help="Output folder: shards/, baseline/, remedies/, summary.json, oversmoothing.png."),
+    ranks: int = typer.Option(2, "--ranks", help="DeepSpeed ranks per run (CPU processes without a GPU)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps per run instead of the recipe's epochs (a quick look)."),
+) -> None:
+    """The main job end to end on the built-in digits: shards, two DeepSpeed runs of a 24-block ViT
+    (CE only vs the over-smoothing remedies), evaluation, over-smoothing comparison, summary."""
+    from vitdeep.demo import run_demo
+
+    run_demo(out, ranks=ranks, extra=["--steps", str(steps)] if steps else [])
+
+
 def _strip_launcher_args(args: list[str]) -> list[str]:
     """Drop the `--local_rank=N` the deepspeed launcher appends; the rank comes from the env."""
     kept, skip_next = [], False
