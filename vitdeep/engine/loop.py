@@ -403,7 +403,8 @@ def print_plan(plan: RunPlan) -> None:
 
     table = Table(title="vitdeep train --dry-run", show_header=False)
     for key, value in plan.summary().items():
-        table.add_row(key, f"{value:,}" if isinstance(value, int) else str(value))
+        shown = f"{value:,}" if isinstance(value, int) else f"{value:.4g}" if isinstance(value, float) else str(value)
+        table.add_row(key, shown)
     console = make_console()
     console.print(table)
     console.print("DeepSpeed config:")
