@@ -247,3 +247,25 @@ def test_config_file_and_cli_precedence(digit_shards, tmp_path, capsys):
         main(["train", "--data", str(digit_shards), "--out", str(tmp_path / "o"), "--config", str(config), "--dry-run"])
     out = capsys.readouterr().out
     assert '"train_batch_size": 128' in out and "77" in out  # 7 epochs × 11 steps
+
+
+def test_hard_distillation_from_a_vitdeep_teacher(zero2_run, digit_shards, tmp_path):
+    teacher, _ = zero2_run
+    run(deepspeed_cmd(train_args(digit_shards, tmp_path, "--steps", "3", "--ds-config", "zero2_bf16",
+                                 "--distill", "hard", "--teacher", str(teacher))))
+    rows = metrics(tmp_path)
+    assert "distill" in rows[3] and rows[3]["distill"] > 0
+    marker = read_marker(complete_checkpoints(tmp_path)[-1])
+    assert marker["model_kwargs"]["distilled"] is True
+
+
+def test_resume_with_another_data_stream_says_so(zero2_run, digit_shards, tmp_path):
+    import shutil
+
+    source, _ = zero2_run
+    out = tmp_path / "copy"
+    shutil.copytree(source, out)
+    result = run(deepspeed_cmd(train_args(digit_shards, out, "--steps", "41", "--ds-config", "zero2_bf16", "--mixup", "0",
+                                          "--cutmix", "0", "--workers", "2", "--resume", "auto")))
+    assert "at step 40" in result.stdout and "workers=1 → 2" in result.stdout
+    assert read_marker(complete_checkpoints(out)[-1])["step"] == 41

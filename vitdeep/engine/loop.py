@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import random
 import time
 from pathlib import Path
@@ -97,6 +98,20 @@ def load_teacher(spec: str | None, plan: RunPlan, device: torch.device, dtype: t
     return teacher.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
+#: Options that shape the training data stream: with other values a resumed run goes on from the
+#: same position in the epoch, but not with exactly the samples the interrupted run would have seen.
+STREAM_KEYS = (("data", "workers"), ("optim", "micro_batch"), ("augment", "repeated_aug"), ("run", "seed"))
+
+
+def stream_changes(marker: dict[str, Any], plan: RunPlan) -> list[str]:
+    saved, now = marker.get("config", {}), plan.cfg.to_dict()
+    return [
+        f"{name}={saved.get(section, {}).get(name)} → {now[section][name]}"
+        for section, name in STREAM_KEYS
+        if saved.get(section, {}).get(name) != now[section][name]
+    ]
+
+
 class Trainer:
     """Owns the engine, the EMA, the objective and the data position of one run."""
 
@@ -155,6 +170,10 @@ class Trainer:
             self.ema.load_state_dict(extra["ema"])
         set_rng_state(extra["rng"])
         self.console.print(f"resumed from {path} at step {self.step} (epoch {self.epoch}, batch {self.batch_in_epoch})")
+        changes = stream_changes(marker, self.plan)
+        if changes:
+            self.console.print(f"[yellow]note: {', '.join(changes)} since the checkpoint: the data stream goes on from the "
+                               "same position but not with exactly the samples of the interrupted run")
 
     # -- the loop -----------------------------------------------------------------------------
 
@@ -385,10 +404,35 @@ def train(plan: RunPlan) -> dict[str, Any]:
     if dist_info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out / "config.json", {**plan.cfg.to_dict(), "plan": plan.summary()})
+    check_shared_output(out, dist_info)
     trainer = Trainer(plan, dist_info)
     if resume_path is not None:
         trainer.resume(resume_path)
     return trainer.fit()
+
+
+def check_shared_output(out: Path, dist_info: DistInfo) -> None:
+    """Every rank must see rank 0's `out` (checkpoints are written by all ranks into one folder);
+    a node-local `--out` would split every checkpoint across machines."""
+    if dist_info.world_size == 1:
+        return
+    token = [os.urandom(8).hex() if dist_info.is_main else None]
+    dist.broadcast_object_list(token)
+    probe = out / ".shared-check"
+    if dist_info.is_main:
+        probe.write_text(token[0])
+    dist.barrier()
+    try:
+        seen = probe.read_text() == token[0]
+    except OSError:
+        seen = False
+    missing = torch.tensor([0.0 if seen else 1.0], device=dist_info.device)
+    dist.all_reduce(missing)
+    dist.barrier()
+    if dist_info.is_main:
+        probe.unlink()
+    if missing.item():
+        raise UserError(f"--out {out} is not shared by all ranks ({int(missing.item())} cannot see rank 0's files): put it on storage every node mounts at the same path")
 
 
 def plan_from_env(cfg) -> RunPlan:
