@@ -13,8 +13,9 @@ from pathlib import Path
 
 from rich.console import Console
 
-#: Tables stay readable when output is piped or captured (rich would assume 80 columns).
-MIN_WIDTH = 120
+#: Width when output goes to a file or pipe (rich would assume 80 columns and cut tables and the
+#: progress line's loss terms); on a terminal its own width is used.
+LOG_WIDTH = 200
 
 
 def global_rank() -> int:
@@ -27,8 +28,9 @@ def is_main_process() -> bool:
 
 
 def make_console(stderr: bool = False) -> Console:
-    width = Console(stderr=stderr).width
-    return Console(stderr=stderr, width=max(width, MIN_WIDTH), quiet=not is_main_process())
+    probe = Console(stderr=stderr)
+    width = probe.width if probe.is_terminal else LOG_WIDTH
+    return Console(stderr=stderr, width=width, quiet=not is_main_process())
 
 
 def progress_bar(console: Console | None = None, transient: bool = False):
