@@ -23,6 +23,7 @@ from rich.table import Table
 from rich.text import Text
 from torch import nn
 
+from vitdeep.data.transforms import AugmentConfig
 from vitdeep.errors import UserError
 from vitdeep.losses import patch_cosine_similarity
 from vitdeep.models import MODELS, AuxOutput, create_model
@@ -33,6 +34,8 @@ METRIC_DEFINITIONS = {
     "attn_std": "population std of each post-softmax attention row, mean over heads and queries; index i = block i+1",
     "hf_ratio": "||h - mean_tokens(h)||^2 / ||h||^2 over patch tokens; index 0 = embeddings, l = after block l",
 }
+#: DeiT's evaluation centre crop (the augmentation config's default).
+EVAL_CROP_RATIO = AugmentConfig().crop_ratio
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
@@ -278,12 +281,12 @@ def list_images(folder: Path, num_images: int, seed: int = 0) -> list[Path]:
 
 
 def iter_image_batches(paths: Sequence[Path], img_size: int, batch_size: int) -> Iterator[torch.Tensor]:
-    """Float batches `[B, 3, S, S]` through timm's eval transform (resize, centre crop 0.875,
+    """Float batches `[B, 3, S, S]` through timm's eval transform (resize, DeiT's centre crop,
     ImageNet normalisation), as at evaluation time."""
     from PIL import Image
     from timm.data import create_transform
 
-    transform = create_transform(img_size, is_training=False, crop_pct=0.875, interpolation="bicubic")
+    transform = create_transform(img_size, is_training=False, crop_pct=EVAL_CROP_RATIO, interpolation="bicubic")
     for start in range(0, len(paths), batch_size):
         images = []
         for path in paths[start : start + batch_size]:
@@ -341,7 +344,7 @@ class ShardSource:
     def batches(self, img_size: int) -> Iterator[torch.Tensor]:
         from vitdeep.data.pipeline import BatchPreprocessor, eval_loader
 
-        loader = eval_loader(self.info, micro_batch=self.batch_size, img_size=img_size, crop_ratio=0.875, rank=0,
+        loader = eval_loader(self.info, micro_batch=self.batch_size, img_size=img_size, crop_ratio=EVAL_CROP_RATIO, rank=0,
                              world_size=1, num_workers=self.workers)
         preprocess = BatchPreprocessor(None, torch.device("cpu"), torch.float32)
         left = self.num_images

@@ -14,6 +14,7 @@ from typing import Optional
 import typer
 
 from vitdeep.cli_options import with_config_options
+from vitdeep.data.transforms import AugmentConfig
 from vitdeep.errors import TrainingStopped, UserError
 
 app = typer.Typer(
@@ -185,7 +186,7 @@ def eval_command(
     data: str = typer.Option(..., "--data", help="Shards to evaluate on (each sample exactly once over all ranks)."),
     model: Optional[str] = typer.Option(None, "--model", help="Model name, for plain state dicts."),
     img_size: Optional[int] = typer.Option(None, "--img-size", help="Evaluation resolution (default: the model's; otherwise the position embedding is resampled)."),
-    crop_ratio: float = typer.Option(0.875, "--crop-ratio", help="Centre-crop ratio of the resize."),
+    crop_ratio: float = typer.Option(AugmentConfig().crop_ratio, "--crop-ratio", help="Centre-crop ratio of the resize."),
     ema: bool = typer.Option(False, "--ema", help="Evaluate the EMA weights."),
     batch_size: int = typer.Option(128, "--batch-size", help="Images per forward pass per rank."),
     workers: int = typer.Option(4, "--workers", help="Data-loader workers per rank."),

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 from vitdeep.data.mixing import MixConfig
+from vitdeep.data.pipeline import MAX_BAD_FRACTION
 from vitdeep.data.transforms import AugmentConfig
 from vitdeep.errors import UserError
 from vitdeep.losses import ObjectiveConfig
@@ -55,7 +56,7 @@ class DataConfig:
     num_samples: Optional[int] = option(None, "Training samples per epoch when the shards carry no _info.json.")
     val_num_samples: Optional[int] = option(None, "Validation samples when the shards carry no _info.json.")
     workers: int = option(4, "Data-loader worker processes per rank.")
-    max_bad_fraction: float = option(0.001, "Stop when more than this fraction of samples is unreadable.")
+    max_bad_fraction: float = option(MAX_BAD_FRACTION, "Stop when more than this fraction of samples is unreadable.")
 
 
 @dataclass

@@ -53,6 +53,7 @@ def _launch(out: Path, name: str, shards: Path, ranks: int, extra: list[str]) ->
 def run_demo(out: str | Path = "runs/demo", ranks: int = 2, extra: list[str] | None = None) -> dict:
     """Shards → two DeepSpeed runs → evaluation → over-smoothing comparison → summary."""
     from vitdeep.analysis import run_analyze
+    from vitdeep.config import load_config_file, resolve_config
     from vitdeep.data.shards import write_demo_shards
     from vitdeep.engine.checkpoint import write_json_atomic
     from vitdeep.engine.evaluate import run_eval
@@ -66,9 +67,11 @@ def run_demo(out: str | Path = "runs/demo", ranks: int = 2, extra: list[str] | N
     for name in VARIANTS:
         _launch(out, name, shards, ranks, list(extra or ()))
 
+    recipe = resolve_config(load_config_file(RECIPE))
     results = {}
     for name in VARIANTS:
-        evaluation = run_eval(str(out / name), str(shards), out=out / name / "eval.json", crop_ratio=1.0, workers=1)
+        evaluation = run_eval(str(out / name), str(shards), out=out / name / "eval.json",
+                              crop_ratio=recipe.augment.crop_ratio, workers=recipe.data.workers)
         results[name] = {"top1": evaluation.top1}
     metrics = run_analyze(
         model=None, checkpoint=None, images=None, data=str(shards), out=out,

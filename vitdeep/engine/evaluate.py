@@ -112,7 +112,7 @@ def run_eval(
     out: Path,
     model_name: str | None = None,
     img_size: int | None = None,
-    crop_ratio: float = 0.875,
+    crop_ratio: float,
     ema: bool = False,
     batch_size: int = 128,
     workers: int = 4,
