@@ -132,7 +132,7 @@ class Trainer:
         freeze_blocks(model, cfg.optim.freeze_blocks)
         if cfg.model.grad_checkpointing:
             model.set_grad_checkpointing()
-        self.teacher = load_teacher(cfg.run.teacher, plan, dist_info.device, engine_dtype(plan.ds_config)) if self.objective.needs_teacher else None
+        self.teacher = load_teacher(cfg.run.teacher, plan, self.device, self.dtype) if self.objective.needs_teacher else None
         optimizer = build_optimizer(model, cfg.optim.weight_decay, cfg.optim.layer_decay, plan.schedule.lr_at(0))
         self.engine = initialize(model, optimizer, plan.ds_config)
         self.ema = PartitionedEma(self.engine, cfg.optim.ema_decay, cfg.optim.ema_warmup) if cfg.optim.ema_decay > 0 else None
