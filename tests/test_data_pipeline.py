@@ -13,7 +13,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision.transforms import functional as F
 from webdataset.writer import TarWriter
 
-from vitdeep.data.pipeline import BatchPreprocessor, eval_loader, read_dataset_info, sum_over_ranks, train_loader
+from vitdeep.data.pipeline import BatchPreprocessor, eval_loader, read_dataset_info, train_loader
 from vitdeep.data.shards import write_shards
 from vitdeep.data.streams import TrainPlan
 from vitdeep.data.transforms import AugmentConfig
@@ -286,10 +286,6 @@ def test_batch_preprocessor_matches_timm_normalisation(digit_shards):
     assert torch.allclose(preprocess(images, train=False), expected, atol=1e-5), "no erasing outside training"
     changed = (preprocess(images, train=True) != expected).flatten(1).any(1)
     assert changed.all() and images.dtype == torch.uint8
-
-
-def test_sum_over_ranks_is_identity_without_a_process_group():
-    assert sum_over_ranks({"samples": 297, "top1": 250}) == {"samples": 297, "top1": 250}
 
 
 def test_dataset_info_passes_through(digit_shards):

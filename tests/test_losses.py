@@ -12,12 +12,11 @@ from vitdeep.losses import (
     Objective,
     ObjectiveConfig,
     cosine_similarity_loss,
-    distillation_loss,
     patch_contrastive_loss,
     patch_cosine_similarity,
     patch_mixing_loss,
 )
-from vitdeep.models import create_model
+from vitdeep.models import AuxOutput, create_model
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -141,11 +140,23 @@ def test_patch_mixing_soft_targets_go_to_every_patch():
 # ---- distillation ------------------------------------------------------------------------------
 
 
+def _distilling_objective(kind: str, alpha: float, tau: float) -> Objective:
+    """The training objective with only CE and the teacher term (no smoothing, no extra losses)."""
+    cfg = ObjectiveConfig(cos_weight=0.0, contrastive_weight=0.0, patch_mix_weight=0.0, label_smoothing=0.0,
+                          distill=kind, distill_alpha=alpha, distill_tau=tau)
+    return Objective(cfg)
+
+
+def _logits_only(logits: torch.Tensor, dist_logits: torch.Tensor | None = None) -> AuxOutput:
+    return AuxOutput(logits=logits, tokens=[], attentions=None, patch_logits=None, dist_logits=dist_logits,
+                     num_prefix_tokens=1 if dist_logits is None else 2)
+
+
 def test_hard_distillation_is_deit_formula():
     cls, dist, teacher = (torch.randn(4, 5, generator=_gen(s)) for s in (15, 16, 17))
     labels = torch.tensor([0, 1, 2, 3])
     expected = 0.5 * F.cross_entropy(cls, labels) + 0.5 * F.cross_entropy(dist, teacher.argmax(-1))
-    value = distillation_loss(cls, teacher, labels, kind="hard", dist_logits=dist)
+    value = _distilling_objective("hard", 0.5, 1.0)(_logits_only(cls, dist), labels, teacher_logits=teacher)[0]
     assert value.item() == pytest.approx(expected.item(), abs=1e-6)
 
 
@@ -157,7 +168,7 @@ def test_soft_distillation_is_temperature_scaled_kl_and_spares_the_teacher():
     p_t, p_s = (teacher.detach() / tau).softmax(-1), (student.detach() / tau).softmax(-1)
     kl = (p_t * (p_t.log() - p_s.log())).sum(-1).mean()
     expected = (1 - alpha) * F.cross_entropy(student.detach(), labels) + alpha * tau**2 * kl
-    value = distillation_loss(student, teacher, labels, kind="soft", alpha=alpha, tau=tau)
+    value = _distilling_objective("soft", alpha, tau)(_logits_only(student), labels, teacher_logits=teacher)[0]
     assert value.item() == pytest.approx(expected.item(), abs=1e-6)
     value.backward()
     assert teacher.grad is None and student.grad.abs().sum() > 0

@@ -235,16 +235,3 @@ def resolve_config(
             values[sections[name]][name] = _coerce(name, value, types[name])
     built = {section: cls(**values[section]) for section, cls in section_classes().items()}
     return TrainConfig(**built, explicit=frozenset(from_file) | frozenset(cli))
-
-
-def config_from_dict(nested: dict[str, Any]) -> TrainConfig:
-    """Rebuild the config stored in `config.json` or a checkpoint."""
-    return resolve_config({}, recipe=load_flat(nested))
-
-
-def load_flat(nested: dict[str, Any]) -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in nested.items():
-        if key in SECTIONS and isinstance(value, dict):
-            flat.update(value)
-    return flat

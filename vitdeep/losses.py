@@ -103,26 +103,10 @@ def teacher_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kin
 
 
 def distillation_weights(alpha: float) -> dict[str, float]:
-    """DeiT's blend of the label and teacher terms: (1 − α)·CE + α·teacher term."""
+    """DeiT's loss blends the label and teacher terms: (1 − α)·CE(z_cls, y) + α·teacher term on
+    z_dist (the distillation-token head, or the class head when there is none); hard with α = 0.5
+    is DeiT's best."""
     return {"ce": 1.0 - alpha, "distill": alpha}
-
-
-def distillation_loss(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    labels_or_targets: torch.Tensor,
-    kind: str = "soft",
-    alpha: float = 0.5,
-    tau: float = 1.0,
-    dist_logits: torch.Tensor | None = None,
-    label_smoothing: float = 0.0,
-) -> torch.Tensor:
-    """DeiT's loss: (1 − α)·CE(z_cls, y) + α·teacher term on z_dist (the distillation-token head,
-    or the class head itself when the model has none). Hard with α = 0.5 is DeiT's best."""
-    weights = distillation_weights(alpha)
-    ce = classification_loss(student_logits, labels_or_targets, label_smoothing)
-    distill = teacher_loss(student_logits if dist_logits is None else dist_logits, teacher_logits, kind, tau)
-    return weights["ce"] * ce + weights["distill"] * distill
 
 
 @dataclass

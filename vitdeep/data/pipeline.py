@@ -30,9 +30,9 @@ __all__ = [
     "EvalLoader",
     "ReadStats",
     "TrainLoader",
+    "epoch_batches",
     "eval_loader",
     "read_dataset_info",
-    "sum_over_ranks",
     "train_loader",
 ]
 
@@ -95,10 +95,6 @@ class TrainLoader(_Loader):
         self.info = info
 
     @property
-    def batches_per_epoch(self) -> int:
-        return self.plan.batches
-
-    @property
     def start_batch(self) -> int:
         return self.plan.start_batch
 
@@ -144,6 +140,12 @@ class EvalLoader(_Loader):
             yield (images, labels, keys) if self.with_keys else (images, labels)
 
 
+def epoch_batches(num_samples: int, micro_batch: int, world_size: int) -> int:
+    """Micro-batches per rank in one training epoch, the same on every rank (the remainder of the
+    samples is left out, as by a drop-last sampler)."""
+    return num_samples // (micro_batch * world_size)
+
+
 def _check_ranks(rank: int, world_size: int, num_workers: int, micro_batch: int) -> None:
     if world_size < 1 or not 0 <= rank < world_size:
         raise UserError(f"rank {rank} is not in a world of {world_size}")
@@ -181,7 +183,7 @@ def train_loader(
         raise UserError(f"the micro-batch size ({micro_batch}) must be a multiple of --repeated-aug ({aug.repeated_aug})")
     info = read_dataset_info(urls, num_samples, split)
     total = info.require_num_samples()
-    batches = total // (micro_batch * world_size)
+    batches = epoch_batches(total, micro_batch, world_size)
     if batches == 0:
         raise UserError(f"{total} training samples make no global batch of {micro_batch} × {world_size} ranks")
     if not 0 <= start_batch <= batches:
@@ -279,12 +281,3 @@ class BatchPreprocessor:
         if train and self.erase is not None:
             x = self.erase(x)
         return x.to(self.dtype)
-
-
-def sum_over_ranks(counts: dict[str, float], device: torch.device | str = "cpu") -> dict[str, float]:
-    """Sum named counts (e.g. samples, top-1 hits) over all ranks; a no-op without a process group."""
-    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
-        return dict(counts)
-    values = torch.tensor(list(counts.values()), dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(values)
-    return dict(zip(counts, values.tolist()))

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from vitdeep.config import TrainConfig
-from vitdeep.data.pipeline import DatasetInfo, read_dataset_info
+from vitdeep.data.pipeline import DatasetInfo, epoch_batches, read_dataset_info
 from vitdeep.engine.deepspeed import (
     BatchPlan,
     check_precision_supported,
@@ -144,8 +144,7 @@ def make_plan(cfg: TrainConfig, world_size: int) -> RunPlan:
     for name, value in adopted.items():
         setattr(cfg.optim, name, value)
 
-    micro_per_epoch = train_info.num_samples // (batch.micro_batch * world_size)
-    steps_per_epoch = micro_per_epoch // batch.grad_accum
+    steps_per_epoch = epoch_batches(train_info.require_num_samples(), batch.micro_batch, world_size) // batch.grad_accum
     if steps_per_epoch == 0:
         raise UserError(
             f"the training set has {train_info.num_samples} samples, fewer than one global batch of {batch.global_batch}"
