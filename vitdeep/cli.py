@@ -169,15 +169,7 @@ def _run_training(options: dict, config: Optional[Path], dry_run: bool, recipe: 
     if dry_run:
         print_plan(plan)
         return
-    try:
-        train(plan)
-    except Exception as error:
-        from vitdeep.engine.deepspeed import lost_peer_message, lost_peer_reason
-
-        reason = lost_peer_reason(error)
-        if reason is None:
-            raise
-        raise TrainingStopped(lost_peer_message(reason, plan.cfg.run.out)) from None
+    train(plan)
 
 
 @app.command("eval")
@@ -262,7 +254,9 @@ def _report_user_error(error: UserError) -> None:
     """One line on stderr; ranks other than 0 stay quiet while they only repeat rank 0's checks."""
     import torch.distributed as dist
 
-    rank = int(os.environ.get("RANK", "0"))
+    from vitdeep.monitor import global_rank
+
+    rank = global_rank()
     if rank == 0:
         print(f"error: {error}", file=sys.stderr)
     elif dist.is_available() and dist.is_initialized():

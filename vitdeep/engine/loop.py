@@ -34,7 +34,16 @@ from vitdeep.engine.checkpoint import (
     set_rng_state,
     write_json_atomic,
 )
-from vitdeep.engine.deepspeed import DistInfo, build_optimizer, engine_dtype, init_distributed, initialize, world_from_env
+from vitdeep.engine.deepspeed import (
+    DistInfo,
+    build_optimizer,
+    engine_dtype,
+    init_distributed,
+    initialize,
+    lost_peer_message,
+    lost_peer_reason,
+    world_from_env,
+)
 from vitdeep.engine.ema import PartitionedEma
 from vitdeep.engine.evaluate import EvalResult, evaluate
 from vitdeep.engine.plan import RunPlan, make_plan
@@ -257,7 +266,8 @@ class Trainer:
         return self.teacher(x).float() if self.teacher is not None else None
 
     def _finite_on_all_ranks(self, loss: torch.Tensor) -> bool:
-        bad = torch.tensor([0.0 if torch.isfinite(loss).item() else 1.0], device=self.device)
+        """The step's one host sync: every rank learns whether any rank's loss is non-finite."""
+        bad = (~torch.isfinite(loss.detach())).float().reshape(1)
         if self.dist.world_size > 1:
             dist.all_reduce(bad)
         return bad.item() == 0
@@ -332,26 +342,25 @@ class Trainer:
         )
 
     def _reset_window(self) -> None:
-        self._window_terms: dict[str, float] = {}
+        self._window_terms: dict[str, torch.Tensor] = {}
         self._window_micro = 0
         self._window_images = 0
         self._window_start = time.perf_counter()
 
     def _accumulate(self, loss: torch.Tensor, terms: dict[str, torch.Tensor], images: int) -> None:
-        self._window_terms["loss"] = self._window_terms.get("loss", 0.0) + loss.item()
-        for name, value in terms.items():
-            self._window_terms[name] = self._window_terms.get(name, 0.0) + float(value)
+        """Running sums on the device: reading them waits for the GPU, so only logging does."""
+        for name, value in {"loss": loss.detach(), **terms}.items():
+            self._window_terms[name] = self._window_terms.get(name, 0.0) + value.double()
         self._window_micro += 1
         self._window_images += images
 
     def _log_window(self) -> None:
         """Mean of each loss term over the window and all ranks, lr, images/s."""
         names = sorted(self._window_terms)
-        values = torch.tensor([self._window_terms[n] / max(self._window_micro, 1) for n in names], dtype=torch.float64)
+        values = torch.stack([self._window_terms[n] for n in names]) / max(self._window_micro, 1)
         if self.dist.world_size > 1:
-            values = values.to(self.device)
             dist.all_reduce(values)
-            values = values.cpu() / self.dist.world_size
+            values = values / self.dist.world_size
         seconds = time.perf_counter() - self._window_start
         scalars = dict(zip(names, values.tolist()))
         scalars.update(lr=self.lr, images_per_s=self._window_images * self.dist.world_size / max(seconds, 1e-9), epoch=self.epoch)
@@ -405,10 +414,16 @@ def train(plan: RunPlan) -> dict[str, Any]:
         out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out / "config.json", {**plan.cfg.to_dict(), "plan": plan.summary()})
     check_shared_output(out, dist_info)
-    trainer = Trainer(plan, dist_info)
-    if resume_path is not None:
-        trainer.resume(resume_path)
-    return trainer.fit()
+    try:
+        trainer = Trainer(plan, dist_info)
+        if resume_path is not None:
+            trainer.resume(resume_path)
+        return trainer.fit()
+    except Exception as error:
+        reason = lost_peer_reason(error)
+        if reason is None:
+            raise
+        raise TrainingStopped(lost_peer_message(reason, out)) from None
 
 
 def check_shared_output(out: Path, dist_info: DistInfo) -> None:
