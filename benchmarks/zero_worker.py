@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from common import ZERO_CONFIGS, peak_memory
 from torch import nn
 
-from vitdeep.engine.deepspeed import fill_ds_config, load_ds_config, param_groups
+from vitdeep.engine.deepspeed import fill_ds_config, init_distributed, load_ds_config, param_groups
 from vitdeep.models import count_parameters, create_model
 
 IMG_SIZE, MICRO_BATCH, CLASSES = 32, 2, 100
@@ -122,7 +122,7 @@ def main() -> None:
     model_name = args[0] if args else "deit_small_12"
     bucket = int(float(args[1])) if len(args) > 1 else None  # override the configs' bucket sizes
     torch.set_num_threads(1)
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_distributed(timeout_minutes=10)
     world_size = dist.get_world_size()
     results = []
     for stage in ZERO_CONFIGS:

@@ -36,3 +36,8 @@ def run(cmd: list[str], timeout: float = 900, check: bool = True, **env: str) ->
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {result.returncode}\n--- stdout\n{result.stdout[-6000:]}\n--- stderr\n{result.stderr[-6000:]}")
     return result
+
+
+def shm_files(port: int) -> list[Path]:
+    """DeepSpeed's CPU all-reduce files in /dev/shm of the run with this master port (each 66 MB of RAM)."""
+    return sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))

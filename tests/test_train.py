@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.launch import cpu_env, deepspeed_cmd, run, single_cmd
+from tests.launch import cpu_env, deepspeed_cmd, run, shm_files, single_cmd
 from vitdeep.cli import main
 from vitdeep.engine.checkpoint import MARKER, complete_checkpoints, read_marker
+from vitdeep.engine.deepspeed import free_port
 
 #: A small deep ViT and light augmentation, so a few dozen steps show learning on 2 CPU cores.
 SMALL = [
@@ -119,10 +120,12 @@ FP32_RESUME = ["--steps", "16", "--ds-config", "cpu_fp32", "--save-every", "5", 
 def test_sigkill_then_resume_matches_an_uninterrupted_run(digit_shards, tmp_path):
     """fp32, fixed seed: the resumed run takes the same lr and the same losses (within 1e-5)."""
     reference, killed = tmp_path / "reference", tmp_path / "killed"
-    run(deepspeed_cmd(train_args(digit_shards, reference, *FP32_RESUME)))
-    process = _start(deepspeed_cmd(train_args(digit_shards, killed, *FP32_RESUME)))
+    finished_port, killed_port = free_port(), free_port()
+    run(deepspeed_cmd(train_args(digit_shards, reference, *FP32_RESUME), port=finished_port))
+    process = _start(deepspeed_cmd(train_args(digit_shards, killed, *FP32_RESUME), port=killed_port))
     _wait_for(lambda: (killed / "checkpoints" / "step_00000005" / MARKER).is_file(), process)
     _kill(process)
+    assert shm_files(finished_port) == shm_files(killed_port) == [], "runs, finished or killed, must leave no RAM behind"
     resumed_from = read_marker(complete_checkpoints(killed)[-1])["step"]
     assert resumed_from < 16
     result = run(deepspeed_cmd(train_args(digit_shards, killed, *FP32_RESUME, "--resume", "auto")))

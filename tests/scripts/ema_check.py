@@ -11,11 +11,11 @@ import sys
 import deepspeed
 import torch
 
-from vitdeep.engine.deepspeed import build_optimizer, engine_dtype, fill_ds_config, load_ds_config
+from vitdeep.engine.deepspeed import build_optimizer, engine_dtype, fill_ds_config, init_distributed, load_ds_config
 from vitdeep.engine.ema import PartitionedEma
 from vitdeep.models import create_model
 
-deepspeed.init_distributed(dist_backend="gloo")
+init_distributed(timeout_minutes=10)
 ds_name = sys.argv[-1]
 torch.manual_seed(0)
 model = create_model("deit_tiny_12", img_size=16, patch_size=4, num_classes=10, embed_dim=64, num_heads=4, depth=4)

@@ -69,6 +69,8 @@ def init_distributed(timeout_minutes: float) -> DistInfo:
     _set_default_group_timeout(timeout)
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", timeout=timeout, verbose=False)
+        if not on_gpu:
+            _unlink_shm_allreduce_buffer(rank, world_size)
     device = torch.device("cuda", local_rank) if on_gpu else torch.device("cpu")
     return DistInfo(rank, world_size, local_rank, device)
 
@@ -83,6 +85,24 @@ def _share_cpu_cores() -> None:
         return
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", 1)))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local_ranks, 1)))
+
+
+def _unlink_shm_allreduce_buffer(rank: int, world_size: int) -> None:
+    """Remove this rank's name of DeepSpeed's CPU all-reduce buffer once every rank has mapped it.
+
+    With all ranks on one machine (the launcher's LOCAL_SIZE equals the world size) DeepSpeed's
+    shared-memory all-reduce creates a 66 MB file per rank in /dev/shm and never unlinks it, so
+    every run, finished or killed, left its files in RAM; a test suite filled 24 GiB and was
+    killed. Each rank maps its peers' files before `init_distributed` returns, so after a barrier
+    the names can go while the mappings live on until the processes exit.
+    """
+    import torch.distributed as dist
+
+    if os.environ.get("LOCAL_SIZE") != str(world_size):
+        return
+    address, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    dist.barrier()
+    Path("/dev/shm", f"deepspeed_allreduce_buffer_{os.getuid()}_{address}_{port}_{rank}").unlink(missing_ok=True)
 
 
 def _set_default_group_timeout(timeout: timedelta) -> None:
