@@ -258,6 +258,14 @@ def _train_until_a_checkpoint(network, digit_shards, tmp_path, started) -> TwoNo
     return run
 
 
+def _signal_node_1(run: TwoNodes, sig: int) -> tuple[int, float]:
+    """Send `sig` to node 1; node 0's exit code and the seconds it took to exit."""
+    run.nodes[1].signal(sig)
+    sent = time.monotonic()
+    code = run.nodes[0].process.wait(timeout=DIST_TIMEOUT_MIN * 60 + 60)
+    return code, time.monotonic() - sent
+
+
 def _check_one_clear_line(run: TwoNodes, needle: str) -> str:
     err = run.nodes[0].output("err")
     lines = error_lines(err)
@@ -268,10 +276,7 @@ def _check_one_clear_line(run: TwoNodes, needle: str) -> str:
 
 def test_killing_a_node_ends_the_other_with_one_clear_line(network, digit_shards, tmp_path, started):
     run = _train_until_a_checkpoint(network, digit_shards, tmp_path, started)
-    run.nodes[1].signal(signal.SIGKILL)
-    killed = time.monotonic()
-    code = run.nodes[0].process.wait(timeout=DIST_TIMEOUT_MIN * 60 + 60)
-    seconds = time.monotonic() - killed
+    code, seconds = _signal_node_1(run, signal.SIGKILL)
     print(f"node 1 killed: node 0 exited {code} after {seconds:.1f} s ({network.kind})")
     assert code != 0
     assert seconds < DIST_TIMEOUT_MIN * 60 + 15
@@ -284,10 +289,7 @@ def test_killing_a_node_ends_the_other_with_one_clear_line(network, digit_shards
 def test_a_hung_node_ends_the_other_at_the_dist_timeout(network, digit_shards, tmp_path, started):
     """A node that stops answering without closing its connections: only --dist-timeout ends the wait."""
     run = _train_until_a_checkpoint(network, digit_shards, tmp_path, started)
-    run.nodes[1].signal(signal.SIGSTOP)
-    stopped = time.monotonic()
-    code = run.nodes[0].process.wait(timeout=DIST_TIMEOUT_MIN * 60 + 60)
-    seconds = time.monotonic() - stopped
+    code, seconds = _signal_node_1(run, signal.SIGSTOP)
     print(f"node 1 frozen: node 0 exited {code} after {seconds:.1f} s (--dist-timeout {DIST_TIMEOUT_MIN * 60:.0f} s, {network.kind})")
     assert code != 0
     assert DIST_TIMEOUT_MIN * 60 * 0.8 < seconds < DIST_TIMEOUT_MIN * 60 + 15
