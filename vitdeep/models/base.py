@@ -66,6 +66,16 @@ class DeepTransformer(nn.Module):
         """Recompute block activations in the backward pass (memory for the 48-block models)."""
         self.grad_checkpointing = enable
 
+    def forward(self, x: torch.Tensor, aux: bool = False, attention: bool = False) -> torch.Tensor | AuxOutput:
+        """Class logits `[B, C]` (with a distillation token: the mean of both heads, as DeiT).
+
+        `aux=True` returns `forward_aux(x, attention)` instead: going through the module call
+        lets engines that hook it (DeepSpeed ZeRO-3 gathers parameters there) see every pass.
+        """
+        if aux:
+            return self.forward_aux(x, attention)
+        return self.forward_head(self.forward_features(x))
+
     def run_block(self, block: nn.Module, x: torch.Tensor, need_weights: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.grad_checkpointing and torch.is_grad_enabled():
             return checkpoint(block, x, need_weights, use_reentrant=False)

@@ -176,12 +176,6 @@ class Cait(DeepTransformer):
         x = x[:, 0]
         return x if pre_logits else self.head(self.head_drop(x))
 
-    def forward(self, x: torch.Tensor, aux: bool = False, attention: bool = False) -> torch.Tensor | AuxOutput:
-        """Class logits, or with `aux=True` the `forward_aux` output (see `VisionTransformer.forward`)."""
-        if aux:
-            return self.forward_aux(x, attention)
-        return self.forward_head(self.forward_features(x))
-
     def forward_aux(self, x: torch.Tensor, attention: bool = False) -> AuxOutput:
         """As `VisionTransformer.forward_aux`; token sequences are patches only (no prefix)."""
         x = self.embed(x)

@@ -113,16 +113,6 @@ class VisionTransformer(DeepTransformer):
         logits, dist_logits = self._heads(x)
         return logits if dist_logits is None else (logits + dist_logits) / 2
 
-    def forward(self, x: torch.Tensor, aux: bool = False, attention: bool = False) -> torch.Tensor | AuxOutput:
-        """Class logits `[B, C]` (with a distillation token: the mean of both heads, as DeiT).
-
-        `aux=True` returns `forward_aux(x, attention)` instead: going through the module call
-        lets engines that hook it (DeepSpeed ZeRO-3 gathers parameters there) see every pass.
-        """
-        if aux:
-            return self.forward_aux(x, attention)
-        return self.forward_head(self.forward_features(x))
-
     def forward_aux(self, x: torch.Tensor, attention: bool = False) -> AuxOutput:
         """Logits plus per-layer tokens, attention maps (only when asked) and patch logits."""
         x = self.embed(x)
