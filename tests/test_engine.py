@@ -98,3 +98,23 @@ def test_partitioned_ema_is_exact_under_every_zero_stage(ds_config):
     assert numbers["trained_moved"] > 10 * numbers["tolerance"]
     assert numbers["initial"] < numbers["tolerance"]
     assert numbers["current"] < 1e-6 and numbers["restored"] < 1e-6
+
+
+def test_pruning_keeps_the_last_k_and_the_best_and_clears_interrupted_saves(tmp_path):
+    from vitdeep.engine.checkpoint import CHECKPOINTS, MARKER, complete_checkpoints, prune_checkpoints, tag_for
+
+    def checkpoint(step: int, top1: float | None = None, complete: bool = True) -> None:
+        path = tmp_path / CHECKPOINTS / tag_for(step)
+        path.mkdir(parents=True)
+        if complete:
+            (path / MARKER).write_text(json.dumps({"step": step, "val_top1": top1}))
+
+    for step, top1 in [(10, 50.0), (20, 80.0), (30, 60.0), (40, None), (50, 70.0)]:
+        checkpoint(step, top1)
+    checkpoint(25, complete=False)  # an interrupted save older than the newest complete one
+    checkpoint(60, complete=False)  # a save still being written
+    prune_checkpoints(tmp_path, keep_last=2)
+    assert [p.name for p in complete_checkpoints(tmp_path)] == [tag_for(s) for s in (20, 40, 50)]
+    assert sorted(p.name for p in (tmp_path / CHECKPOINTS).iterdir()) == [tag_for(s) for s in (20, 40, 50, 60)]
+    prune_checkpoints(tmp_path, keep_last=0)
+    assert [p.name for p in complete_checkpoints(tmp_path)] == [tag_for(s) for s in (20, 50)]

@@ -49,13 +49,18 @@ def read_marker(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def complete_checkpoints(out: Path) -> list[Path]:
-    """Complete checkpoints under `out/checkpoints`, oldest first."""
+def _marked(out: Path) -> list[tuple[Path, dict[str, Any]]]:
+    """(directory, marker) of each complete checkpoint under `out/checkpoints`, oldest first."""
     root = Path(out) / CHECKPOINTS
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and read_marker(p) is not None]
-    return sorted(found, key=lambda p: read_marker(p)["step"])
+    found = [(p, read_marker(p)) for p in root.iterdir() if p.is_dir()]
+    return sorted(((p, m) for p, m in found if m is not None), key=lambda pm: pm[1]["step"])
+
+
+def complete_checkpoints(out: Path) -> list[Path]:
+    """Complete checkpoints under `out/checkpoints`, oldest first."""
+    return [path for path, _ in _marked(out)]
 
 
 def resolve_resume(resume: str | None, out: Path) -> Path | None:
@@ -121,21 +126,20 @@ def save_checkpoint(
 def prune_checkpoints(out: Path, keep_last: int) -> None:
     """Keep the newest `keep_last` complete checkpoints and the best by validation top-1;
     remove the rest and the remains of interrupted saves older than the newest complete one."""
-    complete = complete_checkpoints(out)
-    if not complete:
+    marked = _marked(out)
+    if not marked:
         return
-    keep = set(complete[-keep_last:]) if keep_last > 0 else {complete[-1]}
-    scored = [(read_marker(p).get("val_top1"), p) for p in complete]
-    scored = [(s, p) for s, p in scored if s is not None]
+    complete = [path for path, _ in marked]
+    keep = set(complete[-max(keep_last, 1):])
+    scored = [(marker["val_top1"], path) for path, marker in marked if marker.get("val_top1") is not None]
     if scored:
         keep.add(max(scored, key=lambda sp: sp[0])[1])
-    newest_step = read_marker(complete[-1])["step"]
+    newest_step = marked[-1][1]["step"]
     for path in (Path(out) / CHECKPOINTS).iterdir():
         if not path.is_dir() or path in keep:
             continue
-        marker = read_marker(path)
-        step = marker["step"] if marker else _step_of(path)
-        if marker is not None or (step is not None and step < newest_step):
+        step = _step_of(path)
+        if path in complete or (step is not None and step < newest_step):
             shutil.rmtree(path, ignore_errors=True)
 
 
