@@ -14,6 +14,7 @@ from typing import Optional
 import typer
 
 from vitdeep.cli_options import with_config_options
+from vitdeep.config import FINETUNE_RECIPE
 from vitdeep.data.transforms import AugmentConfig
 from vitdeep.errors import TrainingStopped, UserError
 
@@ -124,12 +125,6 @@ def shards_command(
                  overwrite=overwrite)
 
 
-def _finetune_defaults() -> dict:
-    from vitdeep.config import FINETUNE_RECIPE
-
-    return FINETUNE_RECIPE
-
-
 @app.command("train", context_settings={"max_content_width": 120})
 @with_config_options()
 def train_command(
@@ -142,7 +137,7 @@ def train_command(
 
 
 @app.command("finetune", context_settings={"max_content_width": 120})
-@with_config_options(overrides=_finetune_defaults())
+@with_config_options(overrides=FINETUNE_RECIPE)
 def finetune_command(
     options: dict,
     source: str = typer.Option(..., "--from", help="Weights to start from: a vitdeep checkpoint or export, or a timm / DeiT / CaiT state dict (then name --model)."),
@@ -154,7 +149,6 @@ def finetune_command(
     Takes train's options, with DeiT's finetuning recipe and the source's architecture as
     defaults; position embeddings are resampled to the new grid.
     """
-    from vitdeep.config import FINETUNE_RECIPE
     from vitdeep.models.checkpoints import source_model_options
 
     recipe = {**FINETUNE_RECIPE, **source_model_options(source)}

@@ -69,20 +69,17 @@ class PartitionedEma:
     @contextmanager
     @torch.no_grad()
     def applied(self) -> Iterator[None]:
-        """The model computes with the EMA weights inside this block (all ranks must enter)."""
-        if self.kind == PLAIN:
-            backup = [p.detach().clone() for p in self._masters()]
-            self._write_working_copy(self.shadow)
-            try:
-                yield
-            finally:
-                self._write_working_copy(backup)
-        else:
-            self._write_working_copy(self.shadow)
-            try:
-                yield
-            finally:
-                self._write_working_copy(self._masters())
+        """The model computes with the EMA weights inside this block (all ranks must enter).
+
+        Under ZeRO the fp32 masters stay untouched and are written back afterwards; without ZeRO
+        the parameters are the masters, so they are copied aside first.
+        """
+        backup = [p.detach().clone() for p in self._masters()] if self.kind == PLAIN else None
+        self._write_working_copy(self.shadow)
+        try:
+            yield
+        finally:
+            self._write_working_copy(backup if backup is not None else self._masters())
 
     def _write_working_copy(self, source: list[torch.Tensor]) -> None:
         optimizer = self.engine.optimizer

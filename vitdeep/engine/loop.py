@@ -357,10 +357,7 @@ class Trainer:
     def _log_window(self) -> None:
         """Mean of each loss term over the window and all ranks, lr, images/s."""
         names = sorted(self._window_terms)
-        values = torch.stack([self._window_terms[n] for n in names]) / max(self._window_micro, 1)
-        if self.dist.world_size > 1:
-            dist.all_reduce(values)
-            values = values / self.dist.world_size
+        values = self._mean_over_ranks(torch.stack([self._window_terms[n] for n in names]) / max(self._window_micro, 1))
         seconds = time.perf_counter() - self._window_start
         scalars = dict(zip(names, values.tolist()))
         scalars.update(lr=self.lr, images_per_s=self._window_images * self.dist.world_size / max(seconds, 1e-9), epoch=self.epoch)
@@ -376,11 +373,14 @@ class Trainer:
         images = self.preprocess(self._probe_images.to(self.device), train=False)
         metrics = oversmoothing_metrics(self.engine.module, images)
         names = sorted(metrics)
-        values = torch.tensor([metrics[n] for n in names], dtype=torch.float64, device=self.device)
+        values = self._mean_over_ranks(torch.tensor([metrics[n] for n in names], dtype=torch.float64, device=self.device))
+        self.logger.scalars(self.step, dict(zip(names, values.tolist())), kind="oversmoothing")
+
+    def _mean_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
         if self.dist.world_size > 1:
             dist.all_reduce(values)
             values = values / self.dist.world_size
-        self.logger.scalars(self.step, dict(zip(names, values.cpu().tolist())), kind="oversmoothing")
+        return values
 
     def save(self) -> None:
         meta = {
