@@ -16,7 +16,7 @@ before it (CUDA: `max_memory_allocated`; CPU: the profiler's allocation events, 
 from __future__ import annotations
 
 import torch
-from common import Row, Shapes, mb, peak_memory, ratio_band, standalone, sync, time_interleaved
+from common import Row, Shapes, mb, peak_memory, ratio_band, standalone, time_interleaved
 
 from vitdeep.models.layers import Attention
 
@@ -24,7 +24,7 @@ GROUP = "3 AttnScale fused"
 
 
 def run(s: Shapes) -> list[Row]:
-    dtype = torch.float32 if s.device == "cpu" else s.dtype
+    dtype = s.dtype  # fp32 on CPU (the shapes' own), bf16 on CUDA
     rows = []
     for tokens, batch in s.attn_batch.items():
         torch.manual_seed(0)
@@ -44,7 +44,6 @@ def run(s: Shapes) -> list[Row]:
 
         cases = {"explicit": lambda: step(True), "fused": lambda: step(False)}
         t = time_interleaved(cases, s.warmup, s.reps * 2)
-        sync()
         memory = {name: peak_memory(fn) for name, fn in cases.items()}
         matrix = batch * s.attn_heads * tokens * tokens * x.element_size()
         shape = f"width {s.attn_dim}, {s.attn_heads} heads, batch {batch}, {str(dtype).removeprefix('torch.')}"

@@ -21,7 +21,7 @@ import re
 import statistics
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -139,7 +139,7 @@ def shapes(quick: bool = False) -> Shapes:
             zero_model="deit_small_12", warmup=2, reps=9,
         )
     if quick:
-        s = Shapes(**{**asdict_shallow(s), "warmup": 1, "reps": 3})
+        s = replace(s, warmup=1, reps=3)
     return s
 
 
@@ -150,19 +150,6 @@ def asdict_shallow(obj) -> dict:
 def describe(s: Shapes, img_size: int | None = None, batch: int | None = None) -> str:
     dtype = {torch.float32: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}[s.dtype]
     return f"{img_size or s.img_size} px, batch {batch or s.batch}, {dtype}"
-
-
-#: ZeRO stage → the bundled bf16 config it runs with (stage 0: the ZeRO-1 config with ZeRO off).
-ZERO_CONFIGS = {0: "zero1_bf16", 1: "zero1_bf16", 2: "zero2_bf16", 3: "zero3_bf16"}
-
-
-def free_port() -> int:
-    """A free TCP port on this machine (for MASTER_PORT / --master_port)."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # -- timing ---------------------------------------------------------------------------------------
@@ -244,18 +231,20 @@ def peak_memory(fn: Callable[[], object]) -> int:
     return peak
 
 
-def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
-    """Bytes of the distinct storages behind `tensors`."""
-    seen, total = set(), 0
+def storages(tensors: Iterable[torch.Tensor | None]) -> dict[tuple[int, str], int]:
+    """The distinct storages behind `tensors` (None and meta tensors skipped): (address, device) → bytes."""
+    out = {}
     for t in tensors:
-        if t is None or t.device.type == "meta":
-            continue
-        storage = t.untyped_storage()
-        key = (storage.data_ptr(), t.device.type)
-        if storage.nbytes() and key not in seen:
-            seen.add(key)
-            total += storage.nbytes()
-    return total
+        if torch.is_tensor(t) and t.device.type != "meta":
+            storage = t.untyped_storage()
+            if storage.nbytes():
+                out[(storage.data_ptr(), t.device.type)] = storage.nbytes()
+    return out
+
+
+def tensor_bytes(tensors: Iterable[torch.Tensor | None]) -> int:
+    """Bytes of the distinct storages behind `tensors`."""
+    return sum(storages(tensors).values())
 
 
 def state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int:
@@ -315,7 +304,7 @@ GOAL_TEXT = {">=": "≥", "<=": "≤"}
 class Row:
     """One comparison: the baseline's and vitdeep's numbers and `ratio = ours / baseline`.
 
-`name` says what is compared ("ours vs baseline"); the tables print the two numbers under it.
+    `name` says what is compared ("ours vs baseline"); the tables print the two numbers under it.
 
     `goal` is (">=" or "<=", threshold) on the ratio, or None where the row only reports. `band`
     is the inter-quartile range of the ratio over the timed rounds (each round times both sides
@@ -367,15 +356,19 @@ class Row:
         return d
 
 
-def ratio_band(baseline: Timing, ours: Timing, higher_is_better: bool) -> tuple[float, float]:
-    """IQR of the per-round ratio ours/baseline of a rate (higher_is_better: baseline_t / ours_t)
-    or of a time (ours_t / baseline_t)."""
-    pairs = zip(baseline.samples, ours.samples)
-    ratios = [b / o if higher_is_better else o / b for b, o in pairs]
+def quartile_band(ratios: list[float]) -> tuple[float, float]:
+    """First and third quartile of per-round ratios (min and max when there are fewer than 4)."""
     if len(ratios) < 4:
         return min(ratios), max(ratios)
     q = statistics.quantiles(ratios, n=4)
     return q[0], q[2]
+
+
+def ratio_band(baseline: Timing, ours: Timing, higher_is_better: bool) -> tuple[float, float]:
+    """IQR of the per-round ratio ours/baseline of a rate (higher_is_better: baseline_t / ours_t)
+    or of a time (ours_t / baseline_t)."""
+    pairs = zip(baseline.samples, ours.samples)
+    return quartile_band([b / o if higher_is_better else o / b for b, o in pairs])
 
 
 def fmt(value: float, unit: str) -> str:

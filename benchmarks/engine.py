@@ -18,38 +18,29 @@ MASTER_PORT unless the environment sets one).
 
 from __future__ import annotations
 
-import copy
-import os
-
 import torch
 import torch.nn.functional as F
-from common import Row, Shapes, batch_for, free_port, ratio_band, standalone, time_interleaved
+from common import Row, Shapes, batch_for, ratio_band, standalone, time_interleaved
 
 from vitdeep.engine.deepspeed import build_optimizer, engine_dtype, fill_ds_config, init_distributed, initialize, load_ds_config
-from vitdeep.models import create_model
+from vitdeep.models import count_parameters, create_model
 
 GROUP = "4 engine overhead"
 
 
 def start_process_group() -> None:
-    """Rank 0 of 1 in this process. DeepSpeed's CPU accelerator resets torch's thread count when
-    it starts; the benchmark's own setting is put back."""
+    """Rank 0 of 1 in this process (`init_distributed` sets the environment for a lone process).
+    Starting it resets torch's thread count on CPU; the benchmark's own setting is put back."""
     threads = torch.get_num_threads()
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
     init_distributed(timeout_minutes=10)
     torch.set_num_threads(threads)
 
 
-def engine_step(s: Shapes, config_name: str, x: torch.Tensor, y: torch.Tensor, bucket: int | None = None):
-    config = copy.deepcopy(load_ds_config(config_name))
-    if bucket:
-        config["zero_optimization"].update(reduce_bucket_size=bucket, allgather_bucket_size=bucket)
+def engine_step(s: Shapes, config_name: str, x: torch.Tensor, y: torch.Tensor):
     torch.manual_seed(0)
     model = create_model(s.model, img_size=s.img_size, num_classes=s.num_classes).train()
     options = {"global_batch": s.batch, "micro_batch": s.batch, "clip_grad": 0.0}
-    config, _, _ = fill_ds_config(config, options, frozenset(), 1, sum(p.numel() for p in model.parameters()))
+    config, _, _ = fill_ds_config(load_ds_config(config_name), options, frozenset(), 1, count_parameters(model))
     engine = initialize(model, build_optimizer(model, 0.05, None, 1e-4), config)
     xe = x.to(engine.device, engine_dtype(config))
     ye = y.to(engine.device)
@@ -76,12 +67,12 @@ def plain_step(s: Shapes, dtype: torch.dtype, x: torch.Tensor, y: torch.Tensor):
     return step
 
 
-def run(s: Shapes, bucket: int | None = None) -> list[Row]:
+def run(s: Shapes) -> list[Row]:
     start_process_group()
     x, y = batch_for(s)
     cases = {
         "plain bf16": plain_step(s, torch.bfloat16, x, y),
-        "zero2_bf16": engine_step(s, "zero2_bf16", x, y, bucket),
+        "zero2_bf16": engine_step(s, "zero2_bf16", x, y),
         "plain fp32": plain_step(s, torch.float32, x, y),
         "cpu_fp32": engine_step(s, "cpu_fp32", x, y),
     }

@@ -12,11 +12,9 @@ that the machine's load weighs on both alike.
 
 from __future__ import annotations
 
-import statistics
-
 import torch
 import torch.nn.functional as F
-from common import Row, Shapes, batch_for, datasheet_peak, describe, standalone, time_interleaved, train_step
+from common import Row, Shapes, batch_for, datasheet_peak, describe, quartile_band, standalone, time_interleaved, train_step
 
 from vitdeep.models import create_model, model_stats
 
@@ -36,9 +34,7 @@ def gemm(s: Shapes):
 def run(s: Shapes) -> list[Row]:
     x, y = batch_for(s, s.depth_img_size, s.depth_batch)
     cases, flops = {}, {}
-    peak_fn, peak_flops = gemm(s)
-    cases["peak"] = peak_fn
-    flops["peak"] = peak_flops
+    cases["peak"], flops["peak"] = gemm(s)
     for depth in s.depths:
         torch.manual_seed(0)
         model = create_model(s.depth_model, img_size=s.depth_img_size, num_classes=s.num_classes, depth=depth)
@@ -70,9 +66,8 @@ def run(s: Shapes) -> list[Row]:
 
 
 def _band(ours: list[float], baseline: list[float]) -> tuple[float, float]:
-    ratios = [o / b for o, b in zip(ours, baseline)]
-    q = statistics.quantiles(ratios, n=4) if len(ratios) >= 4 else (min(ratios), 0, max(ratios))
-    return q[0], q[2]
+    """IQR of the per-round ratio of two FLOP rates."""
+    return quartile_band([o / b for o, b in zip(ours, baseline)])
 
 
 if __name__ == "__main__":

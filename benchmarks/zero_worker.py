@@ -20,26 +20,26 @@ BUCKET_SIZE replaces the configs' reduce / allgather bucket sizes (elements), to
 
 from __future__ import annotations
 
-import copy
 import json
 import resource
 import sys
 
-import deepspeed
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from common import ZERO_CONFIGS, peak_memory
+from common import peak_memory, storages
 from torch import nn
 
-from vitdeep.engine.deepspeed import fill_ds_config, init_distributed, load_ds_config, param_groups
+from vitdeep.engine.deepspeed import build_optimizer, fill_ds_config, init_distributed, initialize, load_ds_config
 from vitdeep.models import count_parameters, create_model
 
 IMG_SIZE, MICRO_BATCH, CLASSES = 32, 2, 100
+#: ZeRO stage → the bundled bf16 config it runs with (stage 0: the ZeRO-1 config with ZeRO off).
+ZERO_CONFIGS = {0: "zero1_bf16", 1: "zero1_bf16", 2: "zero2_bf16", 3: "zero3_bf16"}
 
 
 def config_for(stage: int, world_size: int, num_parameters: int, bucket: int | None = None) -> dict:
-    config = copy.deepcopy(load_ds_config(ZERO_CONFIGS[stage]))
+    config = load_ds_config(ZERO_CONFIGS[stage])  # a fresh dict from the file
     if stage == 0:
         config["zero_optimization"] = {"stage": 0}
     elif bucket:
@@ -47,16 +47,6 @@ def config_for(stage: int, world_size: int, num_parameters: int, bucket: int | N
         zero.update({k: bucket for k in ("reduce_bucket_size", "allgather_bucket_size") if k in zero})
     options = {"global_batch": MICRO_BATCH * world_size, "micro_batch": MICRO_BATCH, "clip_grad": 1.0}
     return fill_ds_config(config, options, frozenset(), world_size, num_parameters)[0]
-
-
-def storages(tensors) -> dict[tuple[int, str], int]:
-    out = {}
-    for t in tensors:
-        if torch.is_tensor(t) and t.device.type != "meta":
-            storage = t.untyped_storage()
-            if storage.nbytes():
-                out[(storage.data_ptr(), t.device.type)] = storage.nbytes()
-    return out
 
 
 def walk(obj, seen: set[int], depth: int = 0):
@@ -86,8 +76,8 @@ def measure(stage: int, model_name: str, world_size: int, bucket: int | None = N
     torch.manual_seed(0)
     model = create_model(model_name, img_size=IMG_SIZE, num_classes=CLASSES)
     n_params = count_parameters(model)
-    optimizer = torch.optim.AdamW(param_groups(model, 0.05, None), lr=1e-4, fused=False)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config_for(stage, world_size, count_parameters(model), bucket))
+    # vitdeep's AdamW (weight-decay groups; not fused: the ranks run on the CPU)
+    engine = initialize(model, build_optimizer(model, 0.05, None, 1e-4), config_for(stage, world_size, n_params, bucket))
     x = torch.randn(MICRO_BATCH, 3, IMG_SIZE, IMG_SIZE, dtype=torch.bfloat16)
     y = torch.randint(0, CLASSES, (MICRO_BATCH,))
 
