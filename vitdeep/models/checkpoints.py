@@ -158,12 +158,11 @@ def _ema_state(path: Path) -> dict[str, Any]:
 
 def _read_safetensors(path: Path, ema: bool) -> Weights:
     from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_file
 
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
-        state_dict = load_file(str(path))
+            state_dict = {key: handle.get_tensor(key) for key in handle.keys()}
     except (SafetensorError, OSError) as error:
         raise UserError(f"{path} is not a readable safetensors file: {error}") from error
     if metadata.get("format_vitdeep") == EXPORT_FORMAT:
@@ -248,8 +247,6 @@ def _is_classifier(key: str) -> bool:
 
 def adapt_state_dict(state_dict: dict[str, torch.Tensor], model: nn.Module, source: str = "", kind: str = "") -> tuple[dict[str, torch.Tensor], LoadReport]:
     """Fit `state_dict` to `model` (see the module docstring); raises `UserError` on a mismatch."""
-    from timm.layers import resample_abs_pos_embed
-
     from vitdeep.models.registry import family_of
 
     report = LoadReport(source, kind)
@@ -267,7 +264,7 @@ def adapt_state_dict(state_dict: dict[str, torch.Tensor], model: nn.Module, sour
         raise UserError(f"{source} has parameters this model lacks: {_summarise(unexpected)} ({_architecture_hint(state, model)})")
 
     if "pos_embed" in state and state["pos_embed"].shape != target["pos_embed"].shape:
-        state["pos_embed"], report.resampled = _resample_pos_embed(state["pos_embed"], model, source, resample_abs_pos_embed)
+        state["pos_embed"], report.resampled = _resample_pos_embed(state["pos_embed"], model, source)
 
     new_head = [k for k in state if _is_classifier(k) and state[k].shape != target[k].shape]
     for key in new_head:
@@ -301,7 +298,9 @@ def _architecture_hint(state: dict[str, torch.Tensor], model: nn.Module) -> str:
     return f"source: depth {depth}, width {width}; model: depth {len(model.blocks)}, width {model.embed_dim}"
 
 
-def _resample_pos_embed(pos_embed: torch.Tensor, model: nn.Module, source: str, resample) -> tuple[torch.Tensor, str]:
+def _resample_pos_embed(pos_embed: torch.Tensor, model: nn.Module, source: str) -> tuple[torch.Tensor, str]:
+    from timm.layers import resample_abs_pos_embed
+
     prefix = model.pos_embed_prefix_tokens
     old_tokens = pos_embed.shape[1] - prefix
     old_side = int(round(old_tokens**0.5))
@@ -312,7 +311,7 @@ def _resample_pos_embed(pos_embed: torch.Tensor, model: nn.Module, source: str, 
             f"{prefix} prefix token(s) and width {model.embed_dim}"
         )
     # plain bicubic when enlarging (as DeiT's finetuning code), antialiased when shrinking
-    resampled = resample(
+    resampled = resample_abs_pos_embed(
         pos_embed, new_size=[new_side, new_side], old_size=[old_side, old_side], num_prefix_tokens=prefix,
         antialias=new_side < old_side,
     )
@@ -326,14 +325,20 @@ def load_weights_into(model: nn.Module, weights: Weights) -> LoadReport:
 
 
 def build_model(weights: Weights, model_name: str | None = None, **overrides: Any) -> tuple[nn.Module, LoadReport]:
-    """The model a source describes (vitdeep checkpoints and exports know their model; plain
-    state dicts need `model_name`), with `overrides` (e.g. a new `img_size` or `num_classes`)."""
-    from vitdeep.models.registry import create_model
+    """The model a source describes, with `overrides` (e.g. a new `img_size` or `num_classes`).
 
-    name = model_name or weights.model
-    if name is None:
+    A vitdeep checkpoint or export builds the model it records, with its saved options;
+    `model_name` (`vitdeep_` prefix or not) names the architecture of a plain state dict only.
+    """
+    from vitdeep.models.registry import create_model, get_spec
+
+    if weights.model is not None:
+        name, saved = weights.model, weights.model_kwargs
+    elif model_name is not None:
+        name, saved = get_spec(model_name).name, {}
+    else:
         raise UserError(f"{weights.source} is a plain state dict: name its model with --model NAME")
-    kwargs = {**weights.model_kwargs, **{k: v for k, v in overrides.items() if v is not None}} if name == weights.model else dict(overrides)
+    kwargs = {**saved, **{k: v for k, v in overrides.items() if v is not None}}
     if "num_classes" not in kwargs and "head.weight" in weights.state_dict:
         kwargs["num_classes"] = weights.state_dict["head.weight"].shape[0]
     model = create_model(name, **{k: v for k, v in kwargs.items() if v is not None})
@@ -372,8 +377,8 @@ def export_weights(weights: Weights, out: str | Path, dtype: torch.dtype = torch
     return out
 
 
-def export_options(path: str | Path) -> dict[str, Any] | None:
-    """Model options stored in a vitdeep export (None for any other file)."""
+def _export_metadata(path: str | Path) -> dict[str, str] | None:
+    """The safetensors metadata of a vitdeep export (None for any other file)."""
     try:
         from safetensors import safe_open
 
@@ -381,9 +386,13 @@ def export_options(path: str | Path) -> dict[str, Any] | None:
             metadata = handle.metadata() or {}
     except Exception:
         return None
-    if metadata.get("format_vitdeep") != EXPORT_FORMAT:
-        return None
-    return json.loads(metadata["model_kwargs"])
+    return metadata if metadata.get("format_vitdeep") == EXPORT_FORMAT else None
+
+
+def export_options(path: str | Path) -> dict[str, Any] | None:
+    """Model options stored in a vitdeep export (None for any other file)."""
+    metadata = _export_metadata(path)
+    return json.loads(metadata["model_kwargs"]) if metadata is not None else None
 
 
 #: Model options that define the architecture a source was trained with (config names).
@@ -402,11 +411,8 @@ def source_model_options(src: str | Path) -> dict[str, Any]:
         marker = read_marker(_checkpoint_dir(path))
         name, kwargs = marker["model"], marker.get("model_kwargs", {})
     else:
-        kwargs = export_options(path)
-        if kwargs is None:
+        metadata = _export_metadata(path)
+        if metadata is None:
             return {}
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as handle:
-            name = handle.metadata()["model"]
+        name, kwargs = metadata["model"], json.loads(metadata["model_kwargs"])
     return {"model": name, **{k: kwargs[k] for k in ARCHITECTURE_OPTIONS if kwargs.get(k) is not None}}
