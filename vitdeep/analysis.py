@@ -14,19 +14,21 @@ import random
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn, TimeRemainingColumn
 from rich.table import Table
-from rich.text import Text
 from torch import nn
 
 from vitdeep.data.transforms import AugmentConfig
 from vitdeep.errors import UserError
 from vitdeep.losses import patch_cosine_similarity
 from vitdeep.models import MODELS, AuxOutput, create_model
+from vitdeep.monitor import image_progress
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 METRIC_NAMES = ("cossim", "attn_std", "hf_ratio")
 METRIC_DEFINITIONS = {
@@ -34,6 +36,8 @@ METRIC_DEFINITIONS = {
     "attn_std": "population std of each post-softmax attention row, mean over heads and queries; index i = block i+1",
     "hf_ratio": "||h - mean_tokens(h)||^2 / ||h||^2 over patch tokens; index 0 = embeddings, l = after block l",
 }
+#: Layer index of each metric's first value (attention starts at block 1, tokens at the embeddings).
+FIRST_LAYER = {"cossim": 0, "attn_std": 1, "hf_ratio": 0}
 #: DeiT's evaluation centre crop (the augmentation config's default).
 EVAL_CROP_RATIO = AugmentConfig().crop_ratio
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -87,14 +91,17 @@ class OversmoothingMetrics:
     def depth(self) -> int:
         return len(self.attn_std)
 
+    def layers(self, name: str) -> range:
+        """The layer index of each value of metric `name`."""
+        return range(FIRST_LAYER[name], FIRST_LAYER[name] + len(getattr(self, name)))
+
     def flat(self) -> dict[str, float]:
         """Scalars for TensorBoard: `cossim/layer_00` …, plus `cossim/last` and so on."""
         width = max(2, len(str(self.depth)))
         scalars = {}
         for name in METRIC_NAMES:
             values = getattr(self, name)
-            first = 1 if name == "attn_std" else 0
-            scalars |= {f"{name}/layer_{first + i:0{width}d}": v for i, v in enumerate(values)}
+            scalars |= {f"{name}/layer_{layer:0{width}d}": v for layer, v in zip(self.layers(name), values)}
             scalars[f"{name}/last"] = values[-1]
         return scalars
 
@@ -207,15 +214,16 @@ class ModelSource:
         return {"model": self.model, "options": self.options, "checkpoint": str(self.checkpoint) if self.checkpoint else None}
 
 
-def load_model_for_analysis(source: ModelSource) -> nn.Module:
-    """Build the source's model in eval mode: seeded random init, or its checkpoint's weights."""
+def load_model_for_analysis(source: ModelSource) -> tuple[nn.Module, list[str]]:
+    """The source's model in eval mode (seeded random init, or its checkpoint's weights) and the
+    lines that say what loading changed (resampled position embeddings, new heads …)."""
     from vitdeep.models.checkpoints import build_model, read_weights
 
     torch.manual_seed(source.seed)
     if source.checkpoint is None:
-        return create_model(source.model, **source.options).eval()
-    model, _ = build_model(read_weights(source.checkpoint, ema=source.ema), source.model, **source.options)
-    return model.eval()
+        return create_model(source.model, **source.options).eval(), []
+    model, report = build_model(read_weights(source.checkpoint, ema=source.ema), source.model, **source.options)
+    return model.eval(), report.lines()
 
 
 def resolve_model_sources(
@@ -280,13 +288,18 @@ def list_images(folder: Path, num_images: int, seed: int = 0) -> list[Path]:
     return paths
 
 
-def iter_image_batches(paths: Sequence[Path], img_size: int, batch_size: int) -> Iterator[torch.Tensor]:
-    """Float batches `[B, 3, S, S]` through timm's eval transform (resize, DeiT's centre crop,
-    ImageNet normalisation), as at evaluation time."""
+def iter_image_batches(
+    paths: Sequence[Path], img_size: int, batch_size: int, crop_ratio: float = EVAL_CROP_RATIO
+) -> Iterator[torch.Tensor]:
+    """Float batches `[B, 3, S, S]` through the evaluation pipeline's transform and normalisation
+    (resize, centre crop, ImageNet mean / std), as the shards' eval loader gives them."""
     from PIL import Image
-    from timm.data import create_transform
 
-    transform = create_transform(img_size, is_training=False, crop_pct=EVAL_CROP_RATIO, interpolation="bicubic")
+    from vitdeep.data.pipeline import BatchPreprocessor
+    from vitdeep.data.transforms import eval_transform
+
+    transform = eval_transform(img_size, crop_ratio)
+    normalise = BatchPreprocessor(None, "cpu")
     for start in range(0, len(paths), batch_size):
         images = []
         for path in paths[start : start + batch_size]:
@@ -295,7 +308,7 @@ def iter_image_batches(paths: Sequence[Path], img_size: int, batch_size: int) ->
                     images.append(transform(image.convert("RGB")))
             except OSError as error:
                 raise UserError(f"cannot read image {path}: {error}") from error
-        yield torch.stack(images)
+        yield normalise(torch.stack(images))
 
 
 @dataclass
@@ -306,6 +319,7 @@ class ImageFolderSource:
     requested: int
     batch_size: int = 32
     seed: int = 0
+    crop_ratio: float = EVAL_CROP_RATIO
 
     def __post_init__(self) -> None:
         if self.batch_size <= 0:
@@ -314,7 +328,7 @@ class ImageFolderSource:
         self.num_images = len(self.paths)
 
     def batches(self, img_size: int) -> Iterator[torch.Tensor]:
-        return iter_image_batches(self.paths, img_size, self.batch_size)
+        return iter_image_batches(self.paths, img_size, self.batch_size, self.crop_ratio)
 
     def describe(self) -> str:
         return str(self.folder)
@@ -330,6 +344,7 @@ class ShardSource:
     batch_size: int = 32
     split: str = "val"
     workers: int = 2
+    crop_ratio: float = EVAL_CROP_RATIO
 
     def __post_init__(self) -> None:
         from vitdeep.data.pipeline import read_dataset_info
@@ -344,29 +359,35 @@ class ShardSource:
     def batches(self, img_size: int) -> Iterator[torch.Tensor]:
         from vitdeep.data.pipeline import BatchPreprocessor, eval_loader
 
-        loader = eval_loader(self.info, micro_batch=self.batch_size, img_size=img_size, crop_ratio=EVAL_CROP_RATIO, rank=0,
+        loader = eval_loader(self.info, micro_batch=self.batch_size, img_size=img_size, crop_ratio=self.crop_ratio, rank=0,
                              world_size=1, num_workers=self.workers)
-        preprocess = BatchPreprocessor(None, torch.device("cpu"), torch.float32)
+        preprocess = BatchPreprocessor(None, "cpu")
         left = self.num_images
         for images, _ in loader:
+            yield preprocess(images[:left])
+            left -= len(images)
             if left <= 0:
                 break
-            yield preprocess(images[:left], train=False)
-            left -= len(images)
 
     def describe(self) -> str:
         return str(self.data)
 
 
 def resolve_image_source(
-    images: Path | None, num_images: int, batch_size: int = 32, seed: int = 0, data: str | None = None
+    images: Path | None,
+    num_images: int,
+    batch_size: int = 32,
+    seed: int = 0,
+    data: str | None = None,
+    crop_ratio: float = EVAL_CROP_RATIO,
 ) -> ImageSource:
-    """The images of one `analyze` run: `--images DIR` or `--data SHARDS`."""
+    """The images of one `analyze` run: `--images DIR` or `--data SHARDS`, centre-cropped by
+    `crop_ratio` as the models were evaluated."""
     if (images is None) == (data is None):
         raise UserError("give the images to analyse with either --images DIR or --data SHARDS")
     if data is not None:
-        return ShardSource(data, num_images, batch_size)
-    return ImageFolderSource(Path(images), num_images, batch_size, seed)
+        return ShardSource(data, num_images, batch_size, crop_ratio=crop_ratio)
+    return ImageFolderSource(Path(images), num_images, batch_size, seed, crop_ratio)
 
 
 # ---- vitdeep analyze ---------------------------------------------------------------------------
@@ -399,27 +420,18 @@ def measure_model(
     return accumulator.compute()
 
 
-class _RateColumn(ProgressColumn):
-    """Images per second (rich's own speed column counts bytes)."""
-
-    def render(self, task: Task) -> Text:
-        return Text(f"{task.speed:.1f} img/s" if task.speed else "– img/s", style="progress.data.speed")
-
-
-def _progress(console: Console | None) -> Progress:
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _RateColumn(), TimeRemainingColumn())
-    return Progress(*columns, console=console)
-
-
 def analyze_sources(
     sources: Sequence[ModelSource], images: ImageSource, device: torch.device, console: Console | None = None
 ) -> dict[str, OversmoothingMetrics]:
     """Metrics of every source over the same images, one at a time (one model in memory)."""
     results = {}
-    with _progress(console) as progress:
+    with image_progress(console) as progress:
         for source in sources:
+            model, load_report = load_model_for_analysis(source)
+            for line in load_report:
+                progress.console.print(f"{source.label}: {line}")
             task = progress.add_task(source.label, total=images.num_images)
-            model = load_model_for_analysis(source).to(device)
+            model = model.to(device)
             batches = images.batches(model.img_size)
             results[source.label] = measure_model(model, batches, lambda n, task=task: progress.advance(task, n))
             del model
@@ -430,26 +442,23 @@ def _tag(label: str) -> str:
     return "".join(c if c.isalnum() or c in "._- " else "_" for c in label)
 
 
-def write_tensorboard(log_dir: Path, results: dict[str, OversmoothingMetrics]) -> None:
+def write_tensorboard(log_dir: Path, results: dict[str, OversmoothingMetrics], figure: Figure) -> None:
     """Each curve as scalars with the layer index as step (`cossim/<label>` …), plus the figure."""
     from torch.utils.tensorboard import SummaryWriter
-
-    from vitdeep.plots import oversmoothing_figure
 
     with SummaryWriter(str(log_dir)) as writer:
         for label, metrics in results.items():
             for name in METRIC_NAMES:
-                first = 1 if name == "attn_std" else 0
-                for i, value in enumerate(getattr(metrics, name)):
-                    writer.add_scalar(f"{name}/{_tag(label)}", value, global_step=first + i)
-        writer.add_figure("oversmoothing", oversmoothing_figure(results), close=False)
+                for layer, value in zip(metrics.layers(name), getattr(metrics, name)):
+                    writer.add_scalar(f"{name}/{_tag(label)}", value, global_step=layer)
+        writer.add_figure("oversmoothing", figure, close=False)
 
 
 def write_analysis(
     out: Path, results: dict[str, OversmoothingMetrics], sources: Sequence[ModelSource], images: ImageSource
 ) -> dict[str, Path]:
     """`metrics.json`, `oversmoothing.png` and TensorBoard events `tb/` under `out`."""
-    from vitdeep.plots import save_oversmoothing_plot
+    from vitdeep.plots import oversmoothing_figure
 
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "metrics.json", "png": out / "oversmoothing.png", "tensorboard": out / "tb"}
@@ -460,8 +469,9 @@ def write_analysis(
         "sources": {label: described[label] | asdict(metrics) for label, metrics in results.items()},
     }
     paths["json"].write_text(json.dumps(report, indent=2) + "\n")
-    save_oversmoothing_plot(results, paths["png"])
-    write_tensorboard(paths["tensorboard"], results)
+    figure = oversmoothing_figure(results)
+    figure.savefig(paths["png"], dpi=120)
+    write_tensorboard(paths["tensorboard"], results, figure)
     return paths
 
 
@@ -490,6 +500,7 @@ def run_analyze(
     options: dict | None = None,
     seed: int = 0,
     device: str | None = None,
+    crop_ratio: float = EVAL_CROP_RATIO,
 ) -> dict[str, OversmoothingMetrics]:
     """`vitdeep analyze`: check every input, measure every source, then write the outputs
     (nothing is written when an input is bad or a model fails to load)."""
@@ -499,7 +510,7 @@ def run_analyze(
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a folder")
     sources = resolve_model_sources(model, checkpoint, compare, options or {}, seed, ema)
-    image_source = resolve_image_source(images, num_images, batch_size, seed, data)
+    image_source = resolve_image_source(images, num_images, batch_size, seed, data, crop_ratio)
     console = make_console()
     results = analyze_sources(sources, image_source, resolve_device(device), console)
     print_summary(console, results, write_analysis(out, results, sources, image_source))

@@ -70,6 +70,7 @@ def analyze_command(
     num_images: int = typer.Option(1000, "--num-images", help="Images to average over."),
     batch_size: int = typer.Option(32, "--batch-size", help="Images per forward pass (attention maps are kept for one batch)."),
     img_size: Optional[int] = typer.Option(None, "--img-size", help="Input resolution (default: the checkpoint's, or the model's)."),
+    crop_ratio: float = typer.Option(AugmentConfig().crop_ratio, "--crop-ratio", help="Centre-crop ratio of the resize (as the models were evaluated)."),
     patch_size: Optional[int] = typer.Option(None, "--patch-size", help="Patch size of a random-init / plain state-dict model."),
     num_classes: Optional[int] = typer.Option(None, "--num-classes", help="Classes of a random-init / plain state-dict model."),
     attnscale: bool = typer.Option(False, "--attnscale", help="Model has AttnScale."),
@@ -90,7 +91,7 @@ def analyze_command(
     options = collect_model_options(img_size, patch_size, num_classes, switches, model_option or ())
     run_analyze(
         model=model, checkpoint=checkpoint, images=images, data=data, out=out, ema=ema, compare=compare or (),
-        num_images=num_images, batch_size=batch_size, options=options, seed=seed, device=device,
+        num_images=num_images, batch_size=batch_size, options=options, seed=seed, device=device, crop_ratio=crop_ratio,
     )
 
 

@@ -8,7 +8,6 @@ on the held-out digits, compares their layer-wise over-smoothing, and summarises
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -39,9 +38,8 @@ def _launch(out: Path, name: str, shards: Path, ranks: int, extra: list[str]) ->
     env = dict(os.environ)
     if not on_gpu:
         env.setdefault("DS_ACCELERATOR", "cpu")
-    launcher = Path(sys.executable).with_name("deepspeed")
     cmd = [
-        str(launcher), "--num_gpus", str(ranks), "--master_port", str(free_port()), "--module", "vitdeep", "train",
+        sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port", str(free_port()), "--module", "vitdeep", "train",
         "--config", str(RECIPE), "--data", str(shards), "--val", str(shards), "--out", str(out / name),
         "--ds-config", "zero2_bf16" if on_gpu else "cpu_fp32", *_flags(VARIANTS[name]), *extra,
     ]
@@ -75,7 +73,7 @@ def run_demo(out: str | Path = "runs/demo", ranks: int = 2, extra: list[str] | N
         results[name] = {"top1": evaluation.top1}
     metrics = run_analyze(
         model=None, checkpoint=None, images=None, data=str(shards), out=out,
-        compare=[f"{name}={out / name}" for name in VARIANTS], num_images=1000,
+        compare=[f"{name}={out / name}" for name in VARIANTS], num_images=1000, crop_ratio=recipe.augment.crop_ratio,
     )
     for name in VARIANTS:
         results[name]["last_layer_cossim"] = metrics[name].cossim[-1]
@@ -98,4 +96,4 @@ def _print_summary(console, summary: dict, out: Path) -> None:
         table.add_row(name, losses, f"{row['top1']:.1f}", f"{row['last_layer_cossim']:.3f}", f"{row['last_layer_attn_std']:.4f}")
     console.print(table)
     console.print(f"{summary['seconds']:.0f} s; wrote {out / 'summary.json'}, {out / 'oversmoothing.png'}, {out / 'metrics.json'}")
-    console.print_json(json.dumps({k: v for k, v in summary.items()}))
+    console.print_json(data=summary)

@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn, TimeRemainingColumn
+from rich.text import Text
 
 #: Width when output goes to a file or pipe (rich would assume 80 columns and cut tables and the
 #: progress line's loss terms); on a terminal its own width is used.
@@ -35,7 +37,7 @@ def make_console(stderr: bool = False) -> Console:
 
 def progress_bar(console: Console | None = None, transient: bool = False):
     """A rich progress bar with count, rate and ETA (quiet on ranks other than 0)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import TaskProgressColumn, TimeElapsedColumn
 
     return Progress(
         TextColumn("[bold]{task.description}"),
@@ -52,8 +54,23 @@ def progress_bar(console: Console | None = None, transient: bool = False):
     )
 
 
+class ImageRateColumn(ProgressColumn):
+    """Images per second (rich's own speed column counts bytes)."""
+
+    def render(self, task: Task) -> Text:
+        return Text(f"{task.speed:,.1f} img/s" if task.speed else "– img/s", style="progress.data.speed")
+
+
+def image_progress(console: Console | None = None, show: bool = True) -> Progress:
+    """Count, images/s and ETA, for jobs that stream images (writing shards, `analyze`)."""
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), ImageRateColumn(), TimeRemainingColumn(),
+        console=console or make_console(stderr=True), disable=not show,
+    )
+
+
 class RunLogger:
-    """TensorBoard scalars / figures and a JSON-lines metrics file, written by global rank 0 only."""
+    """TensorBoard scalars and a JSON-lines metrics file, written by global rank 0 only."""
 
     def __init__(self, out: str | Path, enabled: bool | None = None) -> None:
         self.enabled = is_main_process() if enabled is None else enabled
@@ -73,10 +90,6 @@ class RunLogger:
         for name, value in values.items():
             self._writer.add_scalar(f"{kind}/{name}", value, step)
         self._jsonl.write(json.dumps({"kind": kind, "step": step, "time": time.time(), **values}) + "\n")
-
-    def figure(self, tag: str, figure, step: int) -> None:
-        if self.enabled:
-            self._writer.add_figure(tag, figure, step)
 
     def close(self) -> None:
         if self.enabled:

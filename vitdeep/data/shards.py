@@ -23,14 +23,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
+from rich.progress import Progress
 from rich.table import Table
-from rich.text import Text
 from webdataset.writer import ShardWriter
 
 from vitdeep.data.info import INFO_NAMES
 from vitdeep.errors import UserError
-from vitdeep.monitor import make_console
+from vitdeep.monitor import image_progress, make_console
 
 IMAGE_SUFFIXES = {".jpg": "jpg", ".jpeg": "jpeg", ".png": "png", ".webp": "webp"}
 #: Sub-folders of SRC taken as splits when no split is named (the ImageNet layout).
@@ -126,18 +125,6 @@ def _read_ahead(paths: list[Path], workers: int) -> Iterator[bytes]:
             yield data
 
 
-class _RateColumn(ProgressColumn):
-    def render(self, task) -> Text:
-        return Text(f"{task.speed:,.0f} img/s" if task.speed else "", style="progress.data.speed")
-
-
-def _progress(show: bool) -> Progress:
-    return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _RateColumn(), TimeRemainingColumn(),
-        console=make_console(stderr=True), disable=not show,
-    )
-
-
 def _shard_pattern(split: str) -> re.Pattern:
     return re.compile(rf"{re.escape(split)}-\d{{6}}\.tar")
 
@@ -208,7 +195,7 @@ def write_shards(
     info = {"name": info.get("name", src.resolve().name), "num_classes": len(classes), "class_names": classes,
             "splits": dict(info.get("splits", {}))}
     summary = []
-    with _progress(show) as progress:
+    with image_progress(show=show) as progress:
         for split, (images, skipped) in planned.items():
             start = time.perf_counter()
             entry = _write_split(split, images, out, shard_size, workers, progress)
