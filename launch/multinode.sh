@@ -32,7 +32,7 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 
-ENV_FILE=.deepspeed_env
+ENV_FILE=${DS_ENV_FILE:-.deepspeed_env}  # where DeepSpeed looks for it
 ENV_MARKER="VITDEEP_ENV_FILE=written-by-launch/multinode.sh"
 
 # --- the hostfile: DeepSpeed's format, checked here so a mistake is one line, not a traceback
@@ -63,7 +63,7 @@ vitdeep_args
 DEEPSPEED_BIN=$(find_tool deepspeed DEEPSPEED)
 
 LAUNCHER=("$DEEPSPEED_BIN" --hostfile "$(absolute "$HOSTFILE")" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT")
-[[ -z "${NNODES:-}" || "$NNODES" == "${#HOSTS[@]}" ]] || LAUNCHER+=(--num_nodes "$NNODES")
+(( NNODES == ${#HOSTS[@]} )) || LAUNCHER+=(--num_nodes "$NNODES")
 [[ -z "${GPUS_PER_NODE:-}" ]] || LAUNCHER+=(--num_gpus "$GPUS_PER_NODE")
 
 if [[ -n "${NODE_RANK:-}" ]]; then

@@ -187,6 +187,13 @@ class Trainer:
     # -- the loop -----------------------------------------------------------------------------
 
     def fit(self) -> dict[str, Any]:
+        """Train to the planned step count; the logs are flushed however the run ends."""
+        try:
+            return self._fit()
+        finally:
+            self.logger.close()
+
+    def _fit(self) -> dict[str, Any]:
         plan = self.plan
         start = time.perf_counter()
         with progress_bar() as progress:
@@ -201,7 +208,6 @@ class Trainer:
         result = {"steps": self.step, "skipped_steps": self.skipped_steps, "seconds": time.perf_counter() - start, **self.last_val}
         if self.dist.is_main:
             write_json_atomic(self.out / "summary.json", result)
-        self.logger.close()
         return result
 
     def _train_epoch(self) -> None:
