@@ -11,8 +11,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from tests.launch import deepspeed_cmd, run, single_cmd
-from tests.test_train import SMALL, metrics
+from tests.launch import SMALL, deepspeed_cmd, metrics, refuses, run, single_cmd
 from vitdeep.cli import main
 from vitdeep.engine.checkpoint import complete_checkpoints, read_marker
 from vitdeep.models import create_model
@@ -88,6 +87,19 @@ def test_finetune_at_64px_from_a_zero3_checkpoint(zero3_run, digit_shards, tmp_p
     assert after[frozen].dtype == torch.float32 and torch.equal(before[frozen].bfloat16().float(), after[frozen])
     assert not torch.equal(before["blocks.3.mlp.fc1.weight"], after["blocks.3.mlp.fc1.weight"])
 
+    def as_run(tensor: torch.Tensor) -> torch.Tensor:
+        """The value the bf16 run started from (its fp32 master is the bf16 weight, widened)."""
+        return tensor.bfloat16().float()
+
+    depth = len({k.split(".")[1] for k in before if k.startswith("blocks.")})
+    assert depth == 6 and set(after) == set(before)
+    frozen_keys = [k for k in before if k.startswith(("patch_embed.", "blocks.0.", "blocks.1.")) or k == "cls_token"]
+    trained_keys = [k for k in before if k.startswith(tuple(f"blocks.{i}." for i in range(2, depth))) or k.startswith("head.")]
+    assert len(frozen_keys) > 20 and len(trained_keys) > 40
+    changed = {k for k in frozen_keys + trained_keys if not torch.equal(as_run(before[k]), after[k])}
+    assert not changed & set(frozen_keys), sorted(changed & set(frozen_keys))  # the embedding and blocks 0-1 kept
+    assert set(trained_keys) <= changed, sorted(set(trained_keys) - changed)  # every tensor of blocks 2-5 and the head trained
+
 
 def test_export_loads_in_timm_with_the_checkpoints_logits(zero3_run, tmp_path):
     import vitdeep.models  # noqa: F401  (registers vitdeep_* with timm)
@@ -102,6 +114,11 @@ def test_export_loads_in_timm_with_the_checkpoints_logits(zero3_run, tmp_path):
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(from_timm(x), ours.eval()(x))
+    # an export builds the model it records whatever --model says (e.g. analyze --model X --compare it)
+    for other_name in (f"vitdeep_{name}", "deit_small_12"):
+        again, _ = build_model(read_weights(path), other_name)
+        with torch.no_grad():
+            assert torch.equal(again.eval()(x), ours(x)), other_name
 
 
 def _timm_checkpoint(tmp_path: Path, twin: str, seed: int = 0) -> tuple[torch.nn.Module, Path]:
@@ -184,8 +201,5 @@ def test_bad_sources_exit_2(zero3_run, digit_shards, tmp_path, capsys, source, e
     if source == "timm_small":
         paths[source] = _timm_checkpoint(tmp_path, "deit_small_patch16_224")[1]
     out = tmp_path / "out"
-    with pytest.raises(SystemExit) as exit_info:
-        main(["finetune", "--from", str(paths[source]), "--data", str(digit_shards), "--out", str(out), *SMALL_32, *extra])
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and needle in err and len(err.strip().splitlines()) == 1
-    assert not out.exists()
+    refuses(["finetune", "--from", str(paths[source]), "--data", str(digit_shards), "--out", str(out), *SMALL_32, *extra],
+            capsys, needle, out)

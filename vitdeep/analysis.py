@@ -265,6 +265,7 @@ class ImageSource(Protocol):
     `batches` can be called once per model (each model sees the same images)."""
 
     num_images: int
+    crop_ratio: float
 
     def batches(self, img_size: int) -> Iterator[torch.Tensor]: ...
 
@@ -465,6 +466,7 @@ def write_analysis(
     described = {source.label: source.describe() for source in sources}
     report = {
         "images": images.describe(),
+        "crop_ratio": images.crop_ratio,
         "definitions": METRIC_DEFINITIONS,
         "sources": {label: described[label] | asdict(metrics) for label, metrics in results.items()},
     }
