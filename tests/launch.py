@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -10,6 +11,49 @@ from pathlib import Path
 from vitdeep.engine.deepspeed import free_port
 
 BIN = Path(sys.executable).parent
+
+#: A small deep ViT and light augmentation, so a few dozen steps show learning on 2 CPU cores.
+SMALL = [
+    "--model", "deit_tiny_12", "--depth", "6", "--embed-dim", "64", "--num-heads", "4",
+    "--img-size", "16", "--patch-size", "4", "--global-batch", "64", "--micro-batch", "16",
+    "--workers", "1", "--lr", "2e-3", "--warmup-steps", "3", "--log-every", "1",
+    "--rand-augment", "", "--reprob", "0", "--hflip", "0", "--scale-min", "0.6", "--color-jitter", "0",
+]
+
+
+def train_args(shards: Path, out: Path, *extra: str) -> list[str]:
+    return ["train", "--data", str(shards), "--out", str(out), *SMALL, *extra]
+
+
+def metrics(out: Path, kind: str = "train") -> dict[int, dict]:
+    """Logged rows by step (a resumed run's rows replace the ones it re-did)."""
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {row["step"]: row for row in rows if row["kind"] == kind}
+
+
+def mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values)
+
+
+def refuses(argv: list[str], capsys, needle: str, out: Path | None = None) -> str:
+    """`vitdeep ARGV` in this process refuses: exit code 2, one stderr line naming `needle`, no
+    traceback, and `out` (when given) not created. Returns stderr."""
+    import pytest
+
+    from vitdeep.cli import main
+
+    capsys.readouterr()  # drop what earlier calls printed
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, f"exit code {exit_info.value.code}; stderr:\n{err}"
+    assert needle in err, f"{needle!r} not in stderr:\n{err}"
+    assert "Traceback" not in err, err
+    assert len([line for line in err.splitlines() if line.strip()]) == 1, f"not one stderr line:\n{err}"
+    if out is not None:
+        assert not Path(out).exists(), f"{out} was created"
+    return err
 
 
 def cpu_env(**extra: str) -> dict[str, str]:

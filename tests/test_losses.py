@@ -234,6 +234,15 @@ def test_objective_with_soft_targets_and_no_patch_labels():
     total, terms = Objective()(out, targets)
     assert set(terms) == {"ce", "contrastive", "patch_mix"}
     assert terms["patch_mix"].item() == pytest.approx(patch_mixing_loss(out.patch_logits, targets).item(), abs=1e-6)
+    # soft targets (Mixup/CutMix) carry their own smoothing: the CE is not label-smoothed a second time
+    log_p = out.logits.float().log_softmax(-1)
+    assert terms["ce"].item() == pytest.approx(-(targets * log_p).sum(-1).mean().item(), abs=1e-6)
+    sharp = F.one_hot(torch.tensor([4, 0, 2, 1]), 5).float() * 0.9 + 0.02  # Mixup's own smoothing
+    _, sharp_terms = Objective()(out, sharp)
+    soft_ce = -(sharp * log_p).sum(-1).mean()
+    smoothed_again = -((0.9 * sharp + 0.1 / 5) * log_p).sum(-1).mean()
+    assert abs(soft_ce.item() - smoothed_again.item()) > 1e-3  # the check below tells the two apart
+    assert sharp_terms["ce"].item() == pytest.approx(soft_ce.item(), abs=1e-6)
     labels = torch.tensor([0, 1, 2, 3])
     _, terms = Objective()(out, labels)
     assert terms["patch_mix"].item() == pytest.approx(patch_mixing_loss(out.patch_logits, labels[:, None].expand(4, 16), 0.1).item(), abs=1e-6)

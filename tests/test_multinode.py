@@ -22,8 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.launch import BIN, cpu_env, free_port
-from tests.test_train import SMALL
+from tests.launch import BIN, SMALL, cpu_env, free_port
 from vitdeep.engine.checkpoint import MARKER, complete_checkpoints, read_marker
 
 ROOT = Path(__file__).resolve().parent.parent

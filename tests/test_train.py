@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import signal
 import subprocess
 import time
@@ -12,34 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.launch import cpu_env, deepspeed_cmd, run, shm_files, single_cmd
+from tests.launch import cpu_env, deepspeed_cmd, mean, metrics, refuses, run, shm_files, single_cmd, train_args
 from vitdeep.cli import main
 from vitdeep.engine.checkpoint import MARKER, complete_checkpoints, read_marker
 from vitdeep.engine.deepspeed import free_port
-
-#: A small deep ViT and light augmentation, so a few dozen steps show learning on 2 CPU cores.
-SMALL = [
-    "--model", "deit_tiny_12", "--depth", "6", "--embed-dim", "64", "--num-heads", "4",
-    "--img-size", "16", "--patch-size", "4", "--global-batch", "64", "--micro-batch", "16",
-    "--workers", "1", "--lr", "2e-3", "--warmup-steps", "3", "--log-every", "1",
-    "--rand-augment", "", "--reprob", "0", "--hflip", "0", "--scale-min", "0.6", "--color-jitter", "0",
-]
-
-
-def train_args(shards: Path, out: Path, *extra: str) -> list[str]:
-    return ["train", "--data", str(shards), "--out", str(out), *SMALL, *extra]
-
-
-def metrics(out: Path, kind: str = "train") -> dict[int, dict]:
-    """Logged rows by step (a resumed run's rows replace the ones it re-did)."""
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return {row["step"]: row for row in rows if row["kind"] == kind}
-
-
-def mean(values) -> float:
-    values = list(values)
-    return sum(values) / len(values)
-
 
 @pytest.fixture(scope="module")
 def zero2_run(digit_shards, tmp_path_factory):
@@ -58,13 +36,29 @@ def test_zero2_bf16_two_ranks_learns_and_checkpoints(zero2_run):
     print(f"ZeRO-2 bf16 CE: first 5 steps {first:.3f}, last 5 {last:.3f}")
     assert last < first - 0.05
     assert {"contrastive", "patch_mix", "lr", "images_per_s"} <= set(rows[40])
+    lrs = [rows[s]["lr"] for s in range(1, 41)]
+    peak = lrs.index(max(lrs)) + 1
+    assert 2 <= peak <= 5 and lrs[:peak] == sorted(lrs[:peak]) and lrs[0] < lrs[peak - 1]  # warm-up (3 steps)
+    assert lrs[peak - 1:] == sorted(lrs[peak - 1:], reverse=True) and lrs[-1] < 0.5 * max(lrs)  # then cosine decay
+    assert max(lrs) <= 2e-3 * (1 + 1e-9)
+    for step, row in rows.items():
+        for key in ("ce", "contrastive", "patch_mix", "images_per_s"):
+            assert math.isfinite(row[key]) and row[key] > 0, (step, key, row[key])
+    plan = json.loads((out / "config.json").read_text())["plan"]
+    assert (plan["world size"], plan["total steps"], plan["ZeRO stage"], plan["precision"]) == (2, 40, 2, "bf16")
     checkpoints = complete_checkpoints(out)
     assert [read_marker(p)["step"] for p in checkpoints] == [20, 23, 40]  # every 20 steps, each epoch's end, the end
     assert read_marker(checkpoints[-1])["world_size"] == 2
     assert (out / "config.json").is_file() and list((out / "tb").iterdir())
     assert metrics(out, "oversmoothing")[10]["cossim/last"] > 0
+    oversmoothing = metrics(out, "oversmoothing")
+    assert sorted(oversmoothing) == [10, 20, 30, 40]
+    for row in oversmoothing.values():
+        cossims = [v for k, v in row.items() if k.startswith("cossim/")]
+        assert cossims and all(-1 - 1e-6 <= v <= 1 + 1e-6 for v in cossims), row
     val = metrics(out, "val")
     assert set(val) == {23} and {"top1", "ema_top1", "top5"} <= set(val[23])
+    assert 0 <= val[23]["top1"] <= val[23]["top5"] <= 100 and 0 <= val[23]["ema_top1"] <= 100
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 40 and summary["skipped_steps"] == 0
 
@@ -78,6 +72,9 @@ def test_zero3_bf16_two_ranks(digit_shards, tmp_path):
     assert last < first - 0.03
     assert [read_marker(p)["step"] for p in complete_checkpoints(tmp_path)] == [15, 23, 30]
     assert metrics(tmp_path, "val")[23]["ema_top1"] >= 0
+    assert all(read_marker(p)["zero_stage"] == 3 for p in complete_checkpoints(tmp_path))
+    val = metrics(tmp_path, "val")[23]
+    assert 0 <= val["ema_top1"] <= 100 and 0 <= val["top1"] <= val["top5"] <= 100
 
 
 def test_zero1_bf16_and_torchrun_launch(digit_shards, tmp_path):
@@ -86,6 +83,8 @@ def test_zero1_bf16_and_torchrun_launch(digit_shards, tmp_path):
     run(torchrun_cmd(train_args(digit_shards, tmp_path, "--steps", "6", "--ds-config", "zero1_bf16", "--save-every", "6")))
     assert sorted(metrics(tmp_path)) == list(range(1, 7))
     assert read_marker(complete_checkpoints(tmp_path)[-1])["zero_stage"] == 1
+    marker = read_marker(complete_checkpoints(tmp_path)[-1])
+    assert marker["world_size"] == 2 and marker["precision"] == "bf16" and marker["step"] == 6
 
 
 def test_single_process_fp32(digit_shards, tmp_path):
@@ -170,10 +169,14 @@ def _nan_cmd(args: list[str], bad_micro_batches: str) -> list[str]:
 
 
 def test_a_non_finite_loss_on_one_rank_is_skipped_by_all(digit_shards, tmp_path):
-    result = run(_nan_cmd(train_args(digit_shards, tmp_path, "--steps", "8", "--ds-config", "zero2_bf16"), "3"))
+    result = run(_nan_cmd(train_args(digit_shards, tmp_path, "--steps", "8", "--ds-config", "zero2_bf16",
+                                     "--dist-timeout", "1"), "3"), timeout=600)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary == {**summary, "steps": 8, "skipped_steps": 1}
     assert "non-finite loss" in result.stdout + result.stderr
+    rows = metrics(tmp_path)
+    assert sorted(rows) == list(range(1, 9))  # every step logged, the one with the skipped micro-batch included
+    assert all(math.isfinite(row["loss"]) and math.isfinite(row["ce"]) for row in rows.values()), rows
 
 
 def test_non_finite_losses_in_a_row_stop_the_run_and_keep_the_checkpoint(digit_shards, tmp_path):
@@ -183,9 +186,13 @@ def test_non_finite_losses_in_a_row_stop_the_run_and_keep_the_checkpoint(digit_s
     assert "3 non-finite losses in a row" in result.stderr + result.stdout
     complete = complete_checkpoints(tmp_path)
     assert [read_marker(p)["step"] for p in complete][-1] == 4  # micro-batches 0-8 make 4 steps
-    marker_before = (complete[-1] / MARKER).read_text()
     assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith("step_") and read_marker(p) is None]
-    assert (complete[-1] / MARKER).read_text() == marker_before
+    assert re.search(r"checkpoint\s+\(step\s+4\)\s+is\s+untouched", result.stderr + result.stdout), "the message names the kept step"
+    assert not (tmp_path / "summary.json").exists()
+    from vitdeep.models.checkpoints import read_weights
+
+    weights = read_weights(tmp_path).state_dict
+    assert weights and all(torch.isfinite(t).all() for t in weights.values() if t.is_floating_point())
 
 
 @pytest.mark.parametrize(
@@ -200,11 +207,7 @@ def test_non_finite_losses_in_a_row_stop_the_run_and_keep_the_checkpoint(digit_s
 )
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(digit_shards, tmp_path, capsys, extra, needle):
     out = tmp_path / "out"
-    with pytest.raises(SystemExit) as exit_info:
-        main([*train_args(digit_shards, out), *extra])
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and needle in err and len(err.strip().splitlines()) == 1
-    assert not out.exists()
+    refuses([*train_args(digit_shards, out), *extra], capsys, needle, out)
 
 
 def test_missing_shards_and_broken_ds_config(tmp_path, capsys):
@@ -214,19 +217,15 @@ def test_missing_shards_and_broken_ds_config(tmp_path, capsys):
         (train_args(tmp_path / "nowhere", tmp_path / "out"), "nowhere"),
         (train_args(tmp_path, tmp_path / "out", "--ds-config", str(broken)), "not valid JSON"),
     ):
-        with pytest.raises(SystemExit) as exit_info:
-            main(args)
-        assert exit_info.value.code == 2 and needle in capsys.readouterr().err
+        refuses(args, capsys, needle, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
 def test_resume_of_another_models_checkpoint_is_refused(zero2_run, digit_shards, capsys):
     out, _ = zero2_run
     checkpoint = complete_checkpoints(out)[-1]
-    with pytest.raises(SystemExit) as exit_info:
-        main(train_args(digit_shards, out.parent / "other", "--depth", "4", "--resume", str(checkpoint)))
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and "has depth=6; this run has depth=4" in err
+    refuses(train_args(digit_shards, out.parent / "other", "--depth", "4", "--resume", str(checkpoint)), capsys,
+            "has depth=6; this run has depth=4", out.parent / "other")
 
 
 def test_dry_run_prints_the_plan_and_writes_nothing(digit_shards, tmp_path, capsys):
@@ -245,11 +244,17 @@ def test_config_file_and_cli_precedence(digit_shards, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "deit_tiny_12" in out  # the flag wins over the file
     assert '"train_batch_size": 64' in out
+    assert re.search(r"\bmodel\W+deit_tiny_12\b", out) and "deit_tiny_24" not in out
+    assert re.search(r"global batch\W+64\b", out) and re.search(r"epochs\W+7\b", out)  # epochs from the file
+    assert re.search(r"steps per epoch\W+23\b", out) and re.search(r"total steps\W+161\b", out)  # 7 × ⌊1500/64⌋
     config.write_text("global_batch: 128\nepochs: 7\n")
     with pytest.raises(SystemExit):
         main(["train", "--data", str(digit_shards), "--out", str(tmp_path / "o"), "--config", str(config), "--dry-run"])
     out = capsys.readouterr().out
     assert '"train_batch_size": 128' in out and "77" in out  # 7 epochs × 11 steps
+    assert re.search(r"global batch\W+128\b", out) and re.search(r"epochs\W+7\b", out)
+    assert re.search(r"steps per epoch\W+11\b", out) and re.search(r"total steps\W+77\b", out)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "o").exists()
 
 
 def test_hard_distillation_from_a_vitdeep_teacher(zero2_run, digit_shards, tmp_path):
