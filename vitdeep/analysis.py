@@ -26,6 +26,7 @@ from vitdeep.errors import UserError
 from vitdeep.losses import patch_cosine_similarity
 from vitdeep.models import MODELS, AuxOutput, create_model
 from vitdeep.monitor import image_progress
+from vitdeep.outputs import check_output_dir
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -509,8 +510,7 @@ def run_analyze(
     from vitdeep.monitor import make_console
 
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a folder")
+    check_output_dir(out, "--out")
     sources = resolve_model_sources(model, checkpoint, compare, options or {}, seed, ema)
     image_source = resolve_image_source(images, num_images, batch_size, seed, data, crop_ratio)
     console = make_console()

@@ -15,8 +15,9 @@ import typer
 
 from vitdeep.cli_options import with_config_options
 from vitdeep.config import FINETUNE_RECIPE
+from vitdeep.data.pipeline import MAX_BAD_FRACTION
 from vitdeep.data.transforms import AugmentConfig
-from vitdeep.errors import TrainingStopped, UserError
+from vitdeep.errors import StoppedBySignal, TrainingStopped, UserError
 
 app = typer.Typer(
     name="vitdeep",
@@ -179,14 +180,17 @@ def eval_command(
     workers: int = typer.Option(4, "--workers", help="Data-loader workers per rank."),
     split: str = typer.Option("val", "--split", help="Split to read when --data names a folder with several."),
     num_samples: Optional[int] = typer.Option(None, "--num-samples", help="Sample count when the shards carry no _info.json."),
-    out: Path = typer.Option(Path("eval.json"), "--out", help="JSON file for the results (with per-class accuracy)."),
+    max_bad_fraction: float = typer.Option(
+        MAX_BAD_FRACTION, "--max-bad-fraction", help="Fail when more than this fraction of the samples listed is bad or missing (over all ranks)."
+    ),
+    out: Path = typer.Option(Path("eval.json"), "--out", help="JSON file for the results (with per-class accuracy and the sample accounting)."),
 ) -> None:
     """Exact top-1 / top-5 / loss over a sharded set, on one process or many ranks."""
     from vitdeep.engine.evaluate import run_eval
 
     run_eval(
         checkpoint, data, out=out, model_name=model, img_size=img_size, crop_ratio=crop_ratio, ema=ema,
-        batch_size=batch_size, workers=workers, split=split, num_samples=num_samples,
+        batch_size=batch_size, workers=workers, split=split, num_samples=num_samples, max_bad_fraction=max_bad_fraction,
     )
 
 
@@ -207,9 +211,12 @@ def export_command(
     from vitdeep.models.checkpoints import export_weights, read_weights
     from vitdeep.monitor import make_console
 
+    from vitdeep.outputs import check_output_file
+
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     if dtype not in dtypes:
         raise UserError(f"--dtype {dtype}: choose fp32 or bf16")
+    check_output_file(out, "OUT", "model.safetensors")
     weights = read_weights(source, ema=ema)
     path = export_weights(weights, out, dtype=dtypes[dtype], ema=ema)
     make_console().print(f"exported {weights.model} ({weights.kind}) to {path} and {path.with_suffix('.json')}")
@@ -245,29 +252,51 @@ def _strip_launcher_args(args: list[str]) -> list[str]:
     return kept
 
 
-def _report_user_error(error: UserError) -> None:
-    """One line on stderr; ranks other than 0 stay quiet while they only repeat rank 0's checks."""
+def _report(message: str, error: BaseException | None = None) -> None:
+    """One line on stderr. With several ranks, rank 0 reports an error they all share; any other
+    error is reported by the rank that met it, which also leaves it for the others to report
+    instead of "lost contact" (`announce_failure`)."""
     import torch.distributed as dist
 
     from vitdeep.monitor import global_rank
 
     rank = global_rank()
-    if rank == 0:
-        print(f"error: {error}", file=sys.stderr)
-    elif dist.is_available() and dist.is_initialized():
-        print(f"error (rank {rank}): {error}", file=sys.stderr)
+    grouped = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if getattr(error, "shared", False) and rank != 0:
+        return
+    print(f"error{f' (rank {rank})' if grouped and rank else ''}: {message}", file=sys.stderr)
+    if grouped and not getattr(error, "shared", False):
+        from vitdeep.engine.deepspeed import announce_failure
+
+        announce_failure(message)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point (also `python -m vitdeep`)."""
     args = _strip_launcher_args(sys.argv[1:] if argv is None else argv)
     try:
-        app(args=args, prog_name="vitdeep")
+        code = app(args=args, prog_name="vitdeep", standalone_mode=False)
+    except typer.TyperException as usage:  # click's usage errors: one line, not click's box
+        message = usage.format_message()
+        print(message if "\n" in message else f"error: {message} (see --help)", file=sys.stderr)  # multi-line: the help
+        sys.exit(usage.exit_code)
+    except typer.Abort:
+        sys.exit(130)
     except UserError as error:
-        _report_user_error(error)
+        _report(str(error), error)
         sys.exit(2)
+    except StoppedBySignal as stopped:
+        from vitdeep.engine.signals import EXIT_STOPPED
+        from vitdeep.monitor import global_rank
+
+        if global_rank() == 0:
+            print(str(stopped), file=sys.stderr)
+        sys.exit(EXIT_STOPPED)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
     except TrainingStopped as error:
-        print(f"error: {error}", file=sys.stderr)
+        _report(str(error), error)
         sys.exit(1)
     except Exception as error:
         # A lost node / collective timeout (gloo, NCCL, the rendezvous): one line, exit 1.
@@ -275,6 +304,10 @@ def main(argv: list[str] | None = None) -> None:
 
         reason = lost_peer_reason(error)
         if reason is None:
+            from vitdeep.engine.deepspeed import announce_failure
+
+            announce_failure(f"{type(error).__name__}: {error}".splitlines()[0])
             raise
         print(f"error: {lost_peer_message(reason)}", file=sys.stderr)
         sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)  # as click's standalone mode does

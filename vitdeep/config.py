@@ -29,6 +29,26 @@ def option(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 
+def check_range(section: Any, limits: dict[str, tuple[float | None, float | None, bool]]) -> None:
+    """Check fields against `name: (low, high, high_inclusive)` limits (None = unbounded; the low
+    end is inclusive); an unset optional field is not checked. Raises a `UserError` naming the flag."""
+    for name, (low, high, high_inclusive) in limits.items():
+        value = getattr(section, name)
+        if value is None:
+            continue
+        above = high is not None and (value > high if high_inclusive else value >= high)
+        if (low is not None and value < low) or above:
+            flag = "--" + name.replace("_", "-")
+            if high is None:
+                raise UserError(f"{flag} must be >= {low:g}, got {value:g}")
+            bracket = "]" if high_inclusive else ")"
+            raise UserError(f"{flag} must be in [{low:g}, {high:g}{bracket}, got {value:g}")
+
+
+#: `check_range` limits: at least one, at least zero, a probability, a fraction below one.
+AT_LEAST_1, AT_LEAST_0, PROBABILITY, BELOW_1 = (1, None, True), (0, None, True), (0, 1, True), (0, 1, False)
+
+
 @dataclass
 class ModelConfig:
     model: str = option("deit_small_24", "Model name (see `vitdeep models`).")
@@ -48,6 +68,13 @@ class ModelConfig:
     init_values: Optional[float] = option(None, "LayerScale init (DeiT: off unless set; CaiT: by depth).")
     grad_checkpointing: bool = option(False, "Activation checkpointing (recompute blocks in backward).")
 
+    def __post_init__(self) -> None:
+        check_range(self, {"depth": AT_LEAST_1, "embed_dim": AT_LEAST_1, "num_heads": AT_LEAST_1, "img_size": AT_LEAST_1,
+                           "patch_size": AT_LEAST_1, "num_classes": AT_LEAST_1, "drop_path": PROBABILITY,
+                           "drop": BELOW_1, "attn_drop": BELOW_1, "proj_drop": BELOW_1})
+        if self.init_values is not None and self.init_values <= 0:
+            raise UserError(f"--init-values must be > 0, got {self.init_values:g}")
+
 
 @dataclass
 class DataConfig:
@@ -57,6 +84,10 @@ class DataConfig:
     val_num_samples: Optional[int] = option(None, "Validation samples when the shards carry no _info.json.")
     workers: int = option(4, "Data-loader worker processes per rank.")
     max_bad_fraction: float = option(MAX_BAD_FRACTION, "Stop when more than this fraction of samples is unreadable.")
+
+    def __post_init__(self) -> None:
+        check_range(self, {"num_samples": AT_LEAST_1, "val_num_samples": AT_LEAST_1, "workers": AT_LEAST_0,
+                           "max_bad_fraction": PROBABILITY})
 
 
 @dataclass
@@ -79,6 +110,17 @@ class OptimConfig:
     ema_warmup: bool = option(True, "Ramp the EMA decay up over the first steps (decay ≤ (1+t)/(10+t)).")
     freeze_blocks: int = option(0, "Freeze the patch embedding and the first N blocks (finetuning).")
 
+    def __post_init__(self) -> None:
+        check_range(self, {"epochs": AT_LEAST_1, "steps": AT_LEAST_1, "global_batch": AT_LEAST_1, "micro_batch": AT_LEAST_1,
+                           "min_lr": AT_LEAST_0, "warmup_lr": AT_LEAST_0, "warmup_epochs": AT_LEAST_0,
+                           "warmup_steps": AT_LEAST_0, "weight_decay": AT_LEAST_0,
+                           "clip_grad": AT_LEAST_0, "ema_decay": BELOW_1, "freeze_blocks": AT_LEAST_0})
+        for name in ("lr", "base_lr"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise UserError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name):g}")
+        if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
+            raise UserError(f"--layer-decay must be in (0, 1], got {self.layer_decay:g}")
+
 
 @dataclass
 class RunConfig:
@@ -95,6 +137,15 @@ class RunConfig:
     teacher: Optional[str] = option(None, "Distillation teacher: a vitdeep checkpoint / export, TIMM_NAME=FILE, or a timm name (its pretrained weights).")
     init_from: Optional[str] = option(None, "Start from these weights (any source `vitdeep eval` reads); `finetune --from` sets it.")
     init_from_ema: bool = option(False, "Take the EMA weights of --init-from.")
+    overwrite: bool = option(False, "Replace the run already in --out (its checkpoints, logs and config) instead of refusing.")
+
+    def __post_init__(self) -> None:
+        check_range(self, {"save_every": AT_LEAST_1, "keep_last": AT_LEAST_1, "log_every": AT_LEAST_1,
+                           "oversmoothing_every": AT_LEAST_0, "max_bad_steps": AT_LEAST_1})
+        if self.dist_timeout <= 0:
+            raise UserError(f"--dist-timeout must be > 0 minutes, got {self.dist_timeout:g}")
+        if self.resume is not None and self.overwrite:
+            raise UserError("--resume continues the run in --out and --overwrite replaces it: choose one")
 
 
 @dataclass
@@ -169,16 +220,18 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
+    import yaml
+
     text = path.read_text()
     try:
         if path.suffix == ".json":
             raw = json.loads(text)
         else:
-            import yaml
-
             raw = yaml.safe_load(text)
-    except (json.JSONDecodeError, ValueError) as error:
-        raise UserError(f"config file {path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {error}".splitlines()[0]) from error
+    except (json.JSONDecodeError, ValueError, yaml.YAMLError) as error:
+        where = getattr(error, "problem_mark", None)
+        detail = f"{getattr(error, 'problem', None) or error} at line {where.line + 1}" if where else str(error)
+        raise UserError(f"config file {path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {detail}".splitlines()[0]) from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):
@@ -210,6 +263,11 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
         return tuple(_coerce(name, v, a) for v, a in zip(value, args))
     if annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if annotation is float and isinstance(value, str):
+        try:  # YAML 1.1 reads 1e-3 (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
     if annotation is bool and isinstance(value, bool) or annotation is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     if annotation is str and isinstance(value, str):

@@ -1,4 +1,4 @@
-"""Errors a user can cause.
+"""Errors a user can cause, and the ways a run stops.
 
 Anything raised as `UserError` is a problem with the user's input (a bad path, an unknown model,
 inconsistent sizes). The CLI prints its message as one line on stderr and exits with code 2;
@@ -6,10 +6,25 @@ anything else is a bug and keeps its traceback.
 """
 
 
-class UserError(ValueError):
-    """A problem with the user's input, explained in one line."""
+class _Reported(Exception):
+    """An error the CLI reports as one line. `shared=True` marks one that every rank raised
+    together after agreeing on it (bad data counted over all ranks, a failed save): only rank 0
+    reports it."""
+
+    def __init__(self, message: str, *, shared: bool = False) -> None:
+        super().__init__(message)
+        self.shared = shared
 
 
-class TrainingStopped(RuntimeError):
+class UserError(_Reported, ValueError):
+    """A problem with the user's input, explained in one line (exit code 2)."""
+
+
+class TrainingStopped(_Reported, RuntimeError):
     """A run that cannot go on (e.g. non-finite losses in a row); the message says why and what
     was kept. The CLI prints it as one line and exits with code 1."""
+
+
+class StoppedBySignal(Exception):
+    """Every rank stopped together after a stop signal, with a checkpoint where there was work to
+    keep; the message says where and how to resume. The CLI exits with `EXIT_STOPPED`."""

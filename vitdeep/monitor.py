@@ -70,9 +70,13 @@ def image_progress(console: Console | None = None, show: bool = True) -> Progres
 
 
 class RunLogger:
-    """TensorBoard scalars and a JSON-lines metrics file, written by global rank 0 only."""
+    """TensorBoard scalars and a JSON-lines metrics file, written by global rank 0 only.
 
-    def __init__(self, out: str | Path, enabled: bool | None = None) -> None:
+    `purge_step` (a resumed run: its checkpoint's step + 1) makes TensorBoard drop the events the
+    interrupted run wrote from that step on, as they are logged again.
+    """
+
+    def __init__(self, out: str | Path, enabled: bool | None = None, purge_step: int | None = None) -> None:
         self.enabled = is_main_process() if enabled is None else enabled
         self.out = Path(out)
         self._writer = None
@@ -81,7 +85,7 @@ class RunLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self.out.mkdir(parents=True, exist_ok=True)
-            self._writer = SummaryWriter(str(self.out / "tb"))
+            self._writer = SummaryWriter(str(self.out / "tb"), purge_step=purge_step)
             self._jsonl = open(self.out / "metrics.jsonl", "a", buffering=1)
 
     def scalars(self, step: int, values: dict[str, float], kind: str = "train") -> None:

@@ -12,13 +12,16 @@ A data argument is one string or a list of them; a string may join several with 
   directory, so a file can never smuggle in a command.
 
 Sample counts come, in order, from `--num-samples`, `_info.json`, open_clip's `sizes.json` or a
-scan of local tar headers (no decoding); for remote shards without either file they stay unknown.
+scan of local tar headers (no decoding). For remote shards the two files are read from the
+shards' own location (as timm's WebDataset reader does); without either the counts stay unknown,
+which is said once.
 """
 
 from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 import re
 import sys
@@ -33,6 +36,8 @@ from webdataset.shardlists import expand_urls
 from vitdeep.data.samples import count_samples, is_local
 from vitdeep.errors import UserError
 from vitdeep.monitor import is_main_process
+
+logger = logging.getLogger(__name__)
 
 INFO_NAMES = ("_info.json", "info.json")
 SIZES_NAME = "sizes.json"
@@ -106,16 +111,20 @@ def read_dataset_info(
     beside: dict[str, _Beside] = {}
     sizes: dict[str, int] = {}
     class_names, num_classes, counted_from = None, None, ""
-    for url in filter(is_local, resolved):
-        directory = os.path.dirname(url)
+    for url in resolved:
+        if url.startswith("pipe:"):
+            continue
+        local = is_local(url)
+        directory = os.path.dirname(url) if local else url.rsplit("/", 1)[0]
         if directory not in beside:
-            beside[directory] = _read_beside(directory)
+            beside[directory] = _read_beside(directory) if local else _read_remote_beside(directory, num_samples is None)
         known = beside[directory]
         class_names, num_classes = class_names or known.class_names, num_classes or known.num_classes
-        if os.path.basename(url) in known.sizes:
-            sizes[url] = known.sizes[os.path.basename(url)]
+        name = os.path.basename(url) if local else url.rsplit("/", 1)[1]
+        if name in known.sizes:
+            sizes[url] = known.sizes[name]
             counted_from = counted_from or known.source
-        else:
+        elif local:
             sizes[url] = count_samples(url)
             counted_from = counted_from or "tar headers"
     shard_sizes = tuple(sizes[url] for url in resolved) if len(sizes) == len(resolved) else None
@@ -246,5 +255,42 @@ def _read_beside(directory: str) -> _Beside:
         except (OSError, ValueError, AttributeError) as error:
             raise UserError(f"cannot read {sizes_path}: {error}") from None
         source = SIZES_NAME
+    return _beside(info, sizes, source)
+
+
+def _beside(info: dict, sizes: dict[str, int], source: str) -> _Beside:
     names = tuple(info["class_names"]) if info.get("class_names") else None
     return _Beside(sizes, source, names, info.get("num_classes"))
+
+
+def _fetch_json(url: str) -> dict | None:
+    """A JSON object read through webdataset's `gopen` (curl, gsutil, …), or None."""
+    from webdataset.gopen import gopen
+
+    try:
+        with gopen(url) as stream:
+            data = json.loads(stream.read())
+    except Exception:  # not there, unreachable, or not JSON: the caller says so
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _read_remote_beside(base: str, wanted: bool) -> _Beside:
+    """`_info.json` (or `info.json`, `sizes.json`) at a remote shard location such as
+    `https://host/imagenet/` or `gs://bucket/imagenet/`."""
+    for name in INFO_NAMES:
+        info = _fetch_json(f"{base}/{name}")
+        if info is not None:
+            sizes = {}
+            for entry in info.get("splits", {}).values():
+                sizes.update(zip(entry.get("filenames", []), entry.get("shard_lengths", [])))
+            return _beside(info, sizes, name)
+    counts = _fetch_json(f"{base}/{SIZES_NAME}")
+    if counts is not None:
+        try:
+            return _Beside({k: int(v) for k, v in counts.items()}, SIZES_NAME, None, None)
+        except (TypeError, ValueError):
+            pass
+    if wanted and is_main_process():
+        logger.warning("no _info.json or sizes.json at %s: sample counts unknown (pass --num-samples, --num-classes)", base)
+    return _Beside({}, "", None, None)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 import os
+import signal
+from collections import Counter
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -33,6 +35,7 @@ __all__ = [
     "epoch_batches",
     "eval_loader",
     "read_dataset_info",
+    "too_many_bad",
     "train_loader",
 ]
 
@@ -41,21 +44,48 @@ MAX_BAD_FRACTION = 0.01
 #: Until this many samples have been read, the limit is judged against this many.
 MIN_JUDGED = 1000
 SHUFFLE_BUFFER = 1000
+#: Signals a training run acts on (`vitdeep.engine.signals`); loader workers leave them to it.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
+def too_many_bad(bad: int, read: int, max_bad_fraction: float) -> bool:
+    """The one bad-data rule (training, validation, `eval`): more bad samples than the fraction of
+    those read, judged against at least `MIN_JUDGED` samples, so a few bad files early in a run
+    or in a small set do not stop it."""
+    return bad > max_bad_fraction * max(read, MIN_JUDGED)
+
+
+def bad_data_error(bad: Counter, read: int, max_bad_fraction: float, flag: str = "--max-bad-fraction") -> UserError:
+    reasons = ", ".join(f"{count} {reason}" for reason, count in bad.most_common())
+    return UserError(
+        f"{sum(bad.values())} of {read} samples read were bad ({reasons}), more than {flag} "
+        f"{max_bad_fraction:g} allows; see the warnings above for where"
+    )
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """A worker killed by SIGTERM would fail the batch the run still needs to reach its checkpoint."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 class _Loader:
     """A DataLoader over one of our streams: tallies the workers' `ReadStats`, turns a reader's
-    fatal error or too much bad data into one `UserError` in the main process."""
+    fatal error or too much bad data into one `UserError` in the main process.
 
-    def __init__(self, dataset: IterableDataset, num_workers: int, max_bad_fraction: float, pin_memory: bool):
-        if not 0.0 <= max_bad_fraction <= 1.0:
+    `max_bad_fraction=None` leaves the bad-data decision to the caller, which makes it over all
+    ranks (`too_many_bad` on all-reduced counts), so that every rank stops at the same point.
+    """
+
+    def __init__(self, dataset: IterableDataset, num_workers: int, max_bad_fraction: float | None, pin_memory: bool):
+        if max_bad_fraction is not None and not 0.0 <= max_bad_fraction <= 1.0:
             raise UserError(f"--max-bad-fraction must be in [0, 1], got {max_bad_fraction}")
         self.max_bad_fraction = max_bad_fraction
         self.stats = ReadStats()
         # A private generator: the DataLoader draws its workers' base seed from it, not from the
         # caller's global stream (our streams seed themselves per batch).
         self._loader = DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                                  generator=torch.Generator())
+                                  generator=torch.Generator(), worker_init_fn=_ignore_stop_signals)
 
     @property
     def bad_samples(self) -> int:
@@ -69,19 +99,14 @@ class _Loader:
             self.stats = sum(latest.values(), ReadStats())
             if stats.fatal:
                 raise UserError(stats.fatal)
-            self._check_bad(final=False)
+            self._check_bad()
             if images is not None:
                 yield images, labels, keys
-        self._check_bad(final=True)
+        self._check_bad()
 
-    def _check_bad(self, final: bool) -> None:
-        bad, read = self.stats.bad_samples, self.stats.read
-        if bad > self.max_bad_fraction * (read if final else max(read, MIN_JUDGED)):
-            reasons = ", ".join(f"{count} {reason}" for reason, count in self.stats.bad.most_common())
-            raise UserError(
-                f"{bad} of {read} samples read were bad ({reasons}), more than --max-bad-fraction "
-                f"{self.max_bad_fraction:g} allows; see the warnings above for where"
-            )
+    def _check_bad(self) -> None:
+        if self.max_bad_fraction is not None and too_many_bad(self.stats.bad_samples, self.stats.read, self.max_bad_fraction):
+            raise bad_data_error(self.stats.bad, self.stats.read, self.max_bad_fraction)
 
 
 class TrainLoader(_Loader):
@@ -168,7 +193,7 @@ def train_loader(
     aug: AugmentConfig,
     num_samples: int | None = None,
     start_batch: int = 0,
-    max_bad_fraction: float = MAX_BAD_FRACTION,
+    max_bad_fraction: float | None = MAX_BAD_FRACTION,
     shuffle_buffer: int = SHUFFLE_BUFFER,
     split: str = "train",
     num_classes: int | None = None,
@@ -218,10 +243,11 @@ def eval_loader(
     split: str = "val",
     sharding: str = "auto",
     interpolation: str = "bicubic",
-    max_bad_fraction: float = MAX_BAD_FRACTION,
+    max_bad_fraction: float | None = MAX_BAD_FRACTION,
     num_classes: int | None = None,
     with_keys: bool = False,
     pin_memory: bool = False,
+    log_bad: bool = True,
 ) -> EvalLoader:
     """Rank `rank`'s share of an evaluation set, every sample exactly once over all ranks.
 
@@ -229,7 +255,8 @@ def eval_loader(
     shards; `"modulo"` has every reader read all shards and keep every (ranks × workers)-th
     sample; `"auto"` picks whole shards when there are enough. Batches are
     `(images uint8, labels int64)` (plus the sample keys with `with_keys`); the last of each
-    worker may be short.
+    worker may be short. `log_bad=False` counts bad samples without logging them (a second pass
+    over the same set).
     """
     _check_ranks(rank, world_size, num_workers, micro_batch)
     if sharding not in ("auto", "shards", "modulo"):
@@ -250,6 +277,7 @@ def eval_loader(
         batch=micro_batch,
         by_shards=sharding == "shards" or (sharding == "auto" and enough),
         num_classes=num_classes or info.num_classes,
+        log_bad=log_bad,
     )
     transform = eval_transform(img_size, crop_ratio, interpolation)
     return EvalLoader(plan, info, transform, num_workers, max_bad_fraction, pin_memory, with_keys)

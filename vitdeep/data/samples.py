@@ -64,7 +64,9 @@ class BadSample(Exception):
 class BadDataLog:
     """Counts bad data into `stats` and logs the first few cases with their shard."""
 
-    def __init__(self, stats: ReadStats, log_limit: int = 10):
+    LOG_LIMIT = 10
+
+    def __init__(self, stats: ReadStats, log_limit: int = LOG_LIMIT):
         self.stats = stats
         self.log_limit = log_limit
 

@@ -233,6 +233,7 @@ class EvalPlan:
     batch: int
     by_shards: bool
     num_classes: int | None
+    log_bad: bool = True
 
     @property
     def consumers(self) -> int:
@@ -257,7 +258,8 @@ class EvalStream(IterableDataset):
         me = plan.consumer(worker)
         stats = ReadStats(worker=worker)
         # Reading every shard, all readers meet the same tar errors: only one counts them.
-        bad = BadDataLog(stats) if plan.by_shards or me == 0 else _SampleErrorsOnly(stats)
+        log_limit = BadDataLog.LOG_LIMIT if plan.log_bad else 0
+        bad = BadDataLog(stats, log_limit) if plan.by_shards or me == 0 else _SampleErrorsOnly(stats, log_limit)
         batch: list[tuple] = []
         for sample in self._samples(me, bad):
             try:

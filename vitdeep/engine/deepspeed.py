@@ -154,24 +154,89 @@ def _short_reason(text: str) -> str:
     return line[:240]
 
 
-def lost_peer_message(reason: str, out: str | Path | None = None) -> str:
-    """One line for a run that lost a rank: what happened and how to go on."""
+#: Store keys under which a rank that stops with an error leaves its message for the others.
+_FAILURE_KEY = "vitdeep/failed/{rank}"
+#: How long a failing rank that hosts the rendezvous store keeps it up for the others to read.
+_STORE_LINGER_S = 3.0
+
+
+def _default_store():
     import torch.distributed as dist
 
-    from vitdeep.engine.checkpoint import CHECKPOINTS, complete_checkpoints, read_marker
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return None
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.set_timeout(timedelta(seconds=5))
+        return store
+    except Exception:  # the store's host is gone: nothing to read or leave
+        return None
+
+
+def announce_failure(message: str) -> None:
+    """Leave this rank's error for the others before it exits, so that they report "rank R
+    stopped with an error" instead of a lost node (best effort: `lost_peer_message` reads it).
+
+    The process group is closed at once (gloo peers notice a closed connection immediately);
+    rank 0 of a deepspeed-launched run hosts the store and keeps it up a moment longer.
+    """
+    import time
+
+    import torch.distributed as dist
+
+    store = _default_store()
+    if store is None:
+        return
+    rank = dist.get_rank()
+    try:
+        store.set(_FAILURE_KEY.format(rank=rank), message[:1000])
+    except Exception:
+        return
+    hosts_store = rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+    if dist.get_backend() == "gloo":
+        dist.destroy_process_group()
+        if hosts_store:
+            time.sleep(_STORE_LINGER_S)
+
+
+def _peer_failures(store) -> list[str]:
+    import torch.distributed as dist
+
+    me, failures = dist.get_rank(), []
+    for rank in range(dist.get_world_size()):
+        key = _FAILURE_KEY.format(rank=rank)
+        try:
+            if rank != me and store.check([key]):
+                failures.append(f"rank {rank} stopped with an error: {store.get(key).decode()}")
+        except Exception:
+            break
+    return failures
+
+
+def lost_peer_message(reason: str, out: str | Path | None = None) -> str:
+    """One line for a run that lost a rank: what happened (another rank's error when it left one,
+    else a lost node) and how to go on."""
+    import torch.distributed as dist
+
+    from vitdeep.engine.checkpoint import CHECKPOINTS, newest_intact, read_marker
 
     rank, world_size, _ = world_from_env()
     if not (dist.is_available() and dist.is_initialized()):
         where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
         return (f"the ranks could not form a process group at {where} (rank {rank} of {world_size}: {reason}); check "
                 f"MASTER_ADDR / MASTER_PORT, the firewall, and that every node starts within --dist-timeout")
-    text = f"lost contact with another rank (rank {rank} of {world_size}: {reason}); a node died, hung or was cut off"
+    store = _default_store()
+    failures = _peer_failures(store) if store is not None else []
+    if failures:
+        text = f"{failures[0]} (this is rank {rank} of {world_size}, which stopped with it)"
+    else:
+        text = f"lost contact with another rank (rank {rank} of {world_size}: {reason}); a node died, hung or was cut off"
     if out is None:
         return text
-    found = complete_checkpoints(Path(out))
-    if not found:
+    found = newest_intact(Path(out))
+    if found is None:
         return f"{text}; no checkpoint was complete yet in {Path(out) / CHECKPOINTS}, start the run again"
-    return (f"{text}; the last complete checkpoint {found[-1]} (step {read_marker(found[-1])['step']}) is intact, "
+    return (f"{text}; the last complete checkpoint {found} (step {read_marker(found)['step']}) is intact, "
             f"resume with --resume auto")
 
 
@@ -329,9 +394,13 @@ def build_optimizer(model: nn.Module, weight_decay: float, layer_decay: float | 
 
 
 def initialize(model: nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict[str, Any]):
+    """`deepspeed.initialize`, with checkpoints read (on resume) without unpickling."""
     import deepspeed
 
+    from vitdeep.engine.checkpoint import use_safe_checkpoint_engine
+
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    use_safe_checkpoint_engine(engine)
     return engine
 
 

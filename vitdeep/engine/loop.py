@@ -24,14 +24,13 @@ import torch.distributed as dist
 
 from vitdeep.analysis import oversmoothing_metrics
 from vitdeep.data.mixing import build_mixer
-from vitdeep.data.pipeline import BatchPreprocessor, eval_loader, train_loader
+from vitdeep.data.pipeline import STOP_SIGNALS, BatchPreprocessor, bad_data_error, eval_loader, too_many_bad, train_loader
 from vitdeep.engine.checkpoint import (
     load_checkpoint,
     prune_checkpoints,
-    read_marker,
-    resolve_resume,
     save_checkpoint,
     set_rng_state,
+    update_marker,
     write_json_atomic,
 )
 from vitdeep.engine.deepspeed import (
@@ -45,32 +44,15 @@ from vitdeep.engine.deepspeed import (
     world_from_env,
 )
 from vitdeep.engine.ema import PartitionedEma
-from vitdeep.engine.evaluate import EvalResult, evaluate
+from vitdeep.engine.evaluate import EvalResult, counter_over_ranks, evaluate
 from vitdeep.engine.plan import RunPlan, make_plan
-from vitdeep.errors import TrainingStopped, UserError
+from vitdeep.engine.rundir import RunLock, clear_run, trim_metrics
+from vitdeep.engine.signals import StopFlag, StopRequested, WaitInterrupted, signal_name, stop_flag
+from vitdeep.errors import StoppedBySignal, TrainingStopped, UserError
 from vitdeep.losses import Objective
 from vitdeep.models import create_model
 from vitdeep.models.checkpoints import build_model, load_weights_into, read_weights
-from vitdeep.monitor import RunLogger, make_console, progress_bar
-
-#: Model options that change the architecture (a checkpoint must match them to be resumed).
-ARCHITECTURE_KEYS = ("depth", "embed_dim", "num_heads", "img_size", "patch_size", "num_classes", "talking_heads", "attnscale", "featscale", "init_values", "patch_head", "distilled")
-
-
-def check_resume_compatible(marker: dict[str, Any], plan: RunPlan, path: Path) -> None:
-    """A checkpoint resumes only into the same architecture, world size and ZeRO stage."""
-    cfg = plan.cfg
-    if marker["model"] != cfg.model.model:
-        raise UserError(f"checkpoint {path} was made for model {marker['model']}; this run builds {cfg.model.model}")
-    theirs, ours = marker.get("model_kwargs", {}), plan.model_kwargs
-    for key in ARCHITECTURE_KEYS:
-        if theirs.get(key) != ours.get(key):
-            raise UserError(f"checkpoint {path} has {key}={theirs.get(key)}; this run has {key}={ours.get(key)}")
-    if marker["world_size"] != plan.world_size or marker["zero_stage"] != plan.zero_stage:
-        raise UserError(
-            f"checkpoint {path} was written by {marker['world_size']} ranks with ZeRO-{marker['zero_stage']}; this run has "
-            f"{plan.world_size} ranks with ZeRO-{plan.zero_stage} (to change either, start a new run from it with `vitdeep finetune --from`)"
-        )
+from vitdeep.monitor import RunLogger, is_main_process, make_console, progress_bar
 
 
 def freeze_blocks(model: torch.nn.Module, count: int) -> None:
@@ -85,21 +67,15 @@ def freeze_blocks(model: torch.nn.Module, count: int) -> None:
             getattr(model, name).requires_grad_(False)
 
 
-def load_teacher(spec: str | None, plan: RunPlan, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+def load_teacher(spec: str, plan: RunPlan, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     """The distillation teacher in eval mode: a vitdeep checkpoint / export, `TIMM_NAME=FILE`, or a
-    timm name (timm fetches its pretrained weights)."""
+    timm name (timm fetches its pretrained weights); `make_plan` has checked the spec."""
     import timm
 
-    if not spec:
-        raise UserError("--distill needs a --teacher")
     if Path(spec).exists():
         teacher, _ = build_model(read_weights(spec), img_size=plan.cfg.model.img_size)
     else:
         name, _, file = spec.partition("=")
-        if name not in timm.list_models(pretrained=False):
-            raise UserError(f"teacher '{spec}' is neither a file nor a timm model name")
-        if file and not Path(file).is_file():
-            raise UserError(f"teacher weights not found: {file}")
         overlay = {"file": file, "num_classes": plan.num_classes} if file else None
         teacher = timm.create_model(name, pretrained=True, num_classes=plan.num_classes, pretrained_cfg_overlay=overlay)
     if getattr(teacher, "num_classes", plan.num_classes) != plan.num_classes:
@@ -124,8 +100,8 @@ def stream_changes(marker: dict[str, Any], plan: RunPlan) -> list[str]:
 class Trainer:
     """Owns the engine, the EMA, the objective and the data position of one run."""
 
-    def __init__(self, plan: RunPlan, dist_info: DistInfo) -> None:
-        self.plan, self.cfg, self.dist = plan, plan.cfg, dist_info
+    def __init__(self, plan: RunPlan, dist_info: DistInfo, stop: StopFlag, resume_step: int | None = None) -> None:
+        self.plan, self.cfg, self.dist, self.stop = plan, plan.cfg, dist_info, stop
         cfg = self.cfg
         self.out = Path(cfg.run.out)
         self.device = dist_info.device
@@ -150,13 +126,16 @@ class Trainer:
         mix = dataclasses.replace(cfg.mix, patch_aligned=cfg.mix.patch_aligned or self.objective.needs_patch_head)
         self.mixer = build_mixer(mix, plan.num_classes, cfg.model.img_size, cfg.model.patch_size, cfg.loss.label_smoothing)
         self.preprocess = BatchPreprocessor(cfg.augment, self.device, self.dtype)
-        self.logger = RunLogger(self.out)
+        self.logger = RunLogger(self.out, purge_step=None if resume_step is None else resume_step + 1)
 
         self.step = self.epoch = self.batch_in_epoch = 0
         self.bad_in_a_row = self.skipped_steps = 0
         self.lr = plan.schedule.lr_at(0)
         self.last_val: dict[str, float] = {}
-        self._saved_step = -1
+        self._saved_step = self._validated_step = -1
+        self._saved_path: Path | None = None
+        self._micro_in_step = 0
+        self._loader = None
         self._probe_images: torch.Tensor | None = None
         self._reset_window()
 
@@ -173,8 +152,9 @@ class Trainer:
         marker, extra = load_checkpoint(self.engine, path, self.dist.rank)
         self.step, self.epoch, self.batch_in_epoch = marker["step"], marker["epoch"], marker["batch_in_epoch"]
         self.last_val = marker.get("val", {})
-        if self.batch_in_epoch >= self.plan.micro_per_epoch:
-            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+        self._saved_step, self._saved_path = self.step, path
+        if marker.get("validated"):
+            self._validated_step = self.step
         if self.ema is not None and extra.get("ema") is not None:
             self.ema.load_state_dict(extra["ema"])
         set_rng_state(extra["rng"])
@@ -187,9 +167,12 @@ class Trainer:
     # -- the loop -----------------------------------------------------------------------------
 
     def fit(self) -> dict[str, Any]:
-        """Train to the planned step count; the logs are flushed however the run ends."""
+        """Train to the planned step count; the logs are flushed however the run ends. A stop
+        signal ends it at a step boundary with a checkpoint (`StoppedBySignal`)."""
         try:
             return self._fit()
+        except StopRequested as request:
+            raise StoppedBySignal(self._stop_here(request.number)) from None
         finally:
             self.logger.close()
 
@@ -199,10 +182,12 @@ class Trainer:
         with progress_bar() as progress:
             task = progress.add_task("train", total=plan.total_steps, completed=self.step, info="")
             self._progress = (progress, task)
-            while self.step < plan.total_steps:
-                self._train_epoch()
+            while True:
                 if self.batch_in_epoch >= plan.micro_per_epoch:
                     self._end_epoch()
+                if self.step >= plan.total_steps:
+                    break
+                self._train_epoch()
         if self._saved_step != self.step:
             self.save()
         result = {"steps": self.step, "skipped_steps": self.skipped_steps, "seconds": time.perf_counter() - start, **self.last_val}
@@ -210,9 +195,16 @@ class Trainer:
             write_json_atomic(self.out / "summary.json", result)
         return result
 
+    def _stop_here(self, number: int) -> str:
+        """Save at this step boundary (unless saved already, or nothing was trained) and say how to go on."""
+        if self._saved_step != self.step and self.step > 0:
+            self.save()
+        where = f"checkpoint {self._saved_path}" if self._saved_path else "no checkpoint (nothing trained yet)"
+        return f"stopped by {signal_name(number)} at step {self.step}; {where}; resume with --resume auto"
+
     def _train_epoch(self) -> None:
         cfg, plan = self.cfg, self.plan
-        loader = train_loader(
+        self._loader = train_loader(
             plan.train_info,
             micro_batch=plan.batch.micro_batch,
             img_size=cfg.model.img_size,
@@ -223,19 +215,47 @@ class Trainer:
             num_workers=cfg.data.workers,
             aug=cfg.augment,
             start_batch=self.batch_in_epoch,
-            max_bad_fraction=cfg.data.max_bad_fraction,
+            max_bad_fraction=None,  # judged over all ranks in `_at_step_start`
             num_classes=plan.num_classes,
             pin_memory=self.device.type == "cuda",
         )
-        for images, labels in loader:
-            if self.batch_in_epoch >= plan.micro_per_epoch or self.step >= plan.total_steps:
-                break
+        batches = iter(self._loader)
+        while self.batch_in_epoch < plan.micro_per_epoch and self.step < plan.total_steps:
+            at_step_start = self._micro_in_step == 0
+            batch = self._next_batch(batches, interruptible=at_step_start)
+            if at_step_start:
+                self._at_step_start()
+            images, labels = batch
             if self._probe_images is None:
                 self._probe_images = images[:16].clone()
             stepped = self._train_micro_batch(images, labels)
             self.batch_in_epoch += 1
             if stepped:
                 self._after_step()
+
+    def _next_batch(self, batches, interruptible: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The next micro-batch; at a step boundary a stop signal cuts a wait for data short."""
+        if not interruptible:
+            return next(batches)
+        try:
+            with self.stop.interruptible():
+                return next(batches)
+        except WaitInterrupted:
+            return None
+
+    def _at_step_start(self) -> None:
+        """The ranks agree, once per optimizer step, on stopping (a signal anywhere) and on the
+        bad data read so far this epoch (judged over all of them, so all stop alike)."""
+        stats = self._loader.stats
+        local = [float(self.stop.number == s) for s in STOP_SIGNALS] + [float(stats.bad_samples), float(stats.read)]
+        values = self._sum_over_ranks(torch.tensor(local, dtype=torch.float64, device=self.device)).tolist()
+        signalled = [s for s, count in zip(STOP_SIGNALS, values) if count]
+        if signalled:
+            raise StopRequested(signalled[0])
+        bad, read = values[-2:]
+        if too_many_bad(bad, read, self.cfg.data.max_bad_fraction):
+            counts = counter_over_ranks(stats.bad)
+            raise UserError(str(bad_data_error(counts, int(read), self.cfg.data.max_bad_fraction)), shared=True)
 
     def _train_micro_batch(self, images: torch.Tensor, labels: torch.Tensor) -> bool:
         """Forward, loss, guard, backward, step; True when an optimizer step was taken."""
@@ -255,7 +275,8 @@ class Trainer:
             if self.bad_in_a_row >= self.cfg.run.max_bad_steps:
                 raise TrainingStopped(
                     f"{self.bad_in_a_row} non-finite losses in a row at step {self.step}; stopped. The last good checkpoint "
-                    f"(step {self._saved_step}) is untouched; lower --lr or enable --clip-grad and resume from it"
+                    f"(step {self._saved_step}) is untouched; lower --lr or enable --clip-grad and resume from it",
+                    shared=True,
                 )
             return False
         self.bad_in_a_row = 0
@@ -264,6 +285,7 @@ class Trainer:
         if boundary:
             self.lr = self.plan.schedule.apply(self.engine.optimizer, self.step)
         self.engine.step()
+        self._micro_in_step = 0 if boundary else self._micro_in_step + 1
         self._accumulate(loss, terms, images.shape[0])
         return boundary
 
@@ -272,11 +294,9 @@ class Trainer:
         return self.teacher(x).float() if self.teacher is not None else None
 
     def _finite_on_all_ranks(self, loss: torch.Tensor) -> bool:
-        """The step's one host sync: every rank learns whether any rank's loss is non-finite."""
+        """The micro-step's one host sync: every rank learns whether any rank's loss is non-finite."""
         bad = (~torch.isfinite(loss.detach())).float().reshape(1)
-        if self.dist.world_size > 1:
-            dist.all_reduce(bad)
-        return bad.item() == 0
+        return self._sum_over_ranks(bad).item() == 0
 
     def _after_step(self) -> None:
         self.step += 1
@@ -293,26 +313,36 @@ class Trainer:
         progress.update(task, completed=self.step)
 
     def _end_epoch(self) -> None:
-        if self.plan.val_info is not None:
+        """Save, then validate: a validation that fails (bad data) or is stopped loses no training."""
+        if self.plan.val_info is not None and self._validated_step != self.step:
+            if self._saved_step != self.step:
+                self.save()
             self.last_val = self.validate()
+            self._validated_step = self.step
             self.logger.scalars(self.step, self.last_val, kind="val")
             self.console.print(f"epoch {self.epoch}: " + ", ".join(f"{k} {v:.2f}" for k, v in self.last_val.items()))
-            self.save()
+            if self.dist.is_main:
+                update_marker(self._saved_path, val=self.last_val, val_top1=self.last_val.get("top1"), validated=True)
+                prune_checkpoints(self.out, self.cfg.run.keep_last)
         self.epoch += 1
         self.batch_in_epoch = 0
 
     # -- evaluation, logging, checkpoints ----------------------------------------------------
 
     def validate(self) -> dict[str, float]:
-        """Top-1 / top-5 of the model (and of its EMA) on the validation shards."""
+        """Top-1 / top-5 of the model (and of its EMA) on the validation shards. Too much bad
+        validation data is reported, not fatal: the results cover what could be read."""
         results = {}
         variants = [("", None)] + ([("ema_", self.ema)] if self.ema is not None else [])
         for prefix, ema in variants:
-            result = self._evaluate_once(ema)
+            result = self._evaluate_once(ema, log_bad=not prefix)
             results.update({f"{prefix}{k}": v for k, v in result.scalars().items() if k != "count"})
+            error = result.bad_data_error(self.cfg.data.max_bad_fraction)
+            if error is not None and not prefix:
+                self.console.print(f"[yellow]validation at step {self.step}: {error}; the results cover the samples read")
         return results
 
-    def _evaluate_once(self, ema: PartitionedEma | None) -> EvalResult:
+    def _evaluate_once(self, ema: PartitionedEma | None, log_bad: bool) -> EvalResult:
         cfg = self.cfg
         loader = eval_loader(
             self.plan.val_info,
@@ -322,9 +352,10 @@ class Trainer:
             rank=self.dist.rank,
             world_size=self.dist.world_size,
             num_workers=cfg.data.workers,
-            max_bad_fraction=cfg.data.max_bad_fraction,
+            max_bad_fraction=None,  # judged over all ranks by `validate`
             num_classes=self.plan.num_classes,
             pin_memory=self.device.type == "cuda",
+            log_bad=log_bad,
         )
         module = self.engine.module
         module.eval()
@@ -345,6 +376,7 @@ class Trainer:
             self.device,
             img_size=self.cfg.model.img_size,
             lockstep=self.plan.zero_stage == 3,
+            stop=self.stop,
         )
 
     def _reset_window(self) -> None:
@@ -363,7 +395,8 @@ class Trainer:
     def _log_window(self) -> None:
         """Mean of each loss term over the window and all ranks, lr, images/s."""
         names = sorted(self._window_terms)
-        values = self._mean_over_ranks(torch.stack([self._window_terms[n] for n in names]) / max(self._window_micro, 1))
+        values = self._sum_over_ranks(torch.stack([self._window_terms[n] for n in names]) / max(self._window_micro, 1))
+        values = values / self.dist.world_size
         seconds = time.perf_counter() - self._window_start
         scalars = dict(zip(names, values.tolist()))
         scalars.update(lr=self.lr, images_per_s=self._window_images * self.dist.world_size / max(seconds, 1e-9), epoch=self.epoch)
@@ -379,13 +412,12 @@ class Trainer:
         images = self.preprocess(self._probe_images.to(self.device), train=False)
         metrics = oversmoothing_metrics(self.engine.module, images)
         names = sorted(metrics)
-        values = self._mean_over_ranks(torch.tensor([metrics[n] for n in names], dtype=torch.float64, device=self.device))
-        self.logger.scalars(self.step, dict(zip(names, values.tolist())), kind="oversmoothing")
+        values = self._sum_over_ranks(torch.tensor([metrics[n] for n in names], dtype=torch.float64, device=self.device))
+        self.logger.scalars(self.step, dict(zip(names, (values / self.dist.world_size).tolist())), kind="oversmoothing")
 
-    def _mean_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
+    def _sum_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
         if self.dist.world_size > 1:
             dist.all_reduce(values)
-            values = values / self.dist.world_size
         return values
 
     def save(self) -> None:
@@ -399,8 +431,9 @@ class Trainer:
             "config": self.cfg.to_dict(),
             "val": self.last_val,
             "val_top1": self.last_val.get("top1"),
+            "validated": self._validated_step == self.step,
         }
-        save_checkpoint(
+        self._saved_path = save_checkpoint(
             self.engine, self.out, rank=self.dist.rank, step=self.step, meta=meta,
             ema_state=self.ema.state_dict() if self.ema is not None else None,
         )
@@ -410,26 +443,63 @@ class Trainer:
 
 
 def train(plan: RunPlan) -> dict[str, Any]:
-    """Run a planned training job in this process (one rank of many, or alone)."""
-    resume_path = resolve_resume(plan.cfg.run.resume, Path(plan.cfg.run.out))
-    if resume_path is not None:
-        check_resume_compatible(read_marker(resume_path), plan, resume_path)
-    dist_info = init_distributed(plan.cfg.run.dist_timeout)
+    """Run a planned training job in this process (one rank of many, or alone).
+
+    Before anything is written (`make_plan` has checked every option and found the checkpoint to
+    resume), the process group is formed and rank 0 takes `--out`'s lock; then `--overwrite`
+    clears the old run, or a resume trims the old run's logs past its checkpoint.
+    """
     out = Path(plan.cfg.run.out)
+    console = make_console()
+    for skipped in plan.resume_skipped:
+        console.print(f"[yellow]skipped checkpoint {skipped}")
+    resume_path, resume_step = plan.resume_path, plan.resume_step
+    with stop_flag(announce=is_main_process()) as stop:
+        dist_info = init_distributed(plan.cfg.run.dist_timeout)
+        lock = RunLock(out)
+        try:
+            _claim_output(plan, dist_info, lock, console, resume_step)
+            check_shared_output(out, dist_info)
+            trainer = Trainer(plan, dist_info, stop, resume_step)
+            if resume_path is not None:
+                trainer.resume(resume_path)
+            return trainer.fit()
+        except Exception as error:
+            reason = lost_peer_reason(error)
+            if reason is None:
+                raise
+            raise TrainingStopped(lost_peer_message(reason, out)) from None
+        finally:
+            lock.release()
+
+
+def _claim_output(plan: RunPlan, dist_info: DistInfo, lock: RunLock, console, resume_step: int | None) -> None:
+    """Rank 0 locks `--out` (all ranks learn whether it could) and prepares it: `--overwrite`
+    clears the old run, a resume drops log rows past its checkpoint; then `config.json`."""
+    cfg = plan.cfg
+    out = Path(cfg.run.out)
+    refused = None
     if dist_info.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(out / "config.json", {**plan.cfg.to_dict(), "plan": plan.summary()})
-    check_shared_output(out, dist_info)
-    try:
-        trainer = Trainer(plan, dist_info)
-        if resume_path is not None:
-            trainer.resume(resume_path)
-        return trainer.fit()
-    except Exception as error:
-        reason = lost_peer_reason(error)
-        if reason is None:
-            raise
-        raise TrainingStopped(lost_peer_message(reason, out)) from None
+        try:
+            note = lock.acquire()
+        except UserError as error:
+            refused = str(error)
+        else:
+            if note:
+                console.print(f"[yellow]{note}")
+    if dist_info.world_size > 1:
+        box = [refused]
+        dist.broadcast_object_list(box)
+        refused = box[0]
+    if refused:
+        raise UserError(refused, shared=True)
+    if dist_info.is_main:
+        if cfg.run.overwrite:
+            clear_run(out)
+        elif cfg.run.resume is not None:
+            trim_metrics(out, resume_step or 0)
+        write_json_atomic(out / "config.json", {**cfg.to_dict(), "plan": plan.summary()})
 
 
 def check_shared_output(out: Path, dist_info: DistInfo) -> None:

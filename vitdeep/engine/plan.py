@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,11 +24,15 @@ from vitdeep.engine.deepspeed import (
     precision,
     zero_stage,
 )
+from vitdeep.engine.checkpoint import read_marker, resolve_resume
+from vitdeep.engine.rundir import existing_run
 from vitdeep.engine.schedule import LrSchedule
 from vitdeep.errors import UserError
 from vitdeep.losses import Objective
 from vitdeep.models import count_parameters, create_model, get_spec, model_stats
-from vitdeep.models.checkpoints import Weights, adapt_state_dict, read_weights
+from vitdeep.models.registry import ARCHITECTURE_OPTIONS, resolved_architecture
+from vitdeep.models.checkpoints import Weights, adapt_state_dict, read_weights, source_model_options
+from vitdeep.outputs import check_output_dir
 
 #: DeiT's learning-rate scaling rule: lr = base_lr × global_batch / 512.
 LR_REFERENCE_BATCH = 512
@@ -49,6 +54,14 @@ class RunPlan:
     schedule: LrSchedule
     model_kwargs: dict[str, Any]
     init_weights: Weights | None = None
+    #: The checkpoint to resume from (the newest intact one for `--resume auto`), and the newer
+    #: ones passed over, with why.
+    resume_path: Path | None = None
+    resume_skipped: tuple[str, ...] = ()
+
+    @property
+    def resume_step(self) -> int | None:
+        return read_marker(self.resume_path)["step"] if self.resume_path is not None else None
 
     @property
     def precision(self) -> str:
@@ -112,6 +125,33 @@ def model_kwargs_for(cfg: TrainConfig, num_classes: int, objective: Objective) -
     return kwargs
 
 
+def check_teacher(spec: str | None) -> None:
+    """A distillation teacher `load_teacher` can build: a vitdeep checkpoint / export, a timm name,
+    or `TIMM_NAME=FILE` (checked without loading any weights)."""
+    import timm
+
+    if not spec:
+        raise UserError("--distill needs a --teacher")
+    if Path(spec).exists():
+        if not source_model_options(spec):
+            raise UserError(f"--teacher {spec} is a plain state dict: name its timm architecture as TIMM_NAME={spec}")
+        return
+    name, _, file = spec.partition("=")
+    if name not in timm.list_models(pretrained=False):
+        raise UserError(f"--teacher {spec} is neither a file nor a timm model name")
+    if file and not Path(file).is_file():
+        raise UserError(f"teacher weights not found: {file}")
+
+
+def check_output(cfg: TrainConfig) -> None:
+    """`--out` can be written, and holds no other run unless this one resumes or replaces it."""
+    out = Path(cfg.run.out)
+    check_output_dir(out, "--out")
+    found = existing_run(out) if cfg.run.resume is None and not cfg.run.overwrite else None
+    if found:
+        raise UserError(f"--out {out} holds {found}: --resume auto to continue it, another --out, or --overwrite to replace it")
+
+
 def make_plan(cfg: TrainConfig, world_size: int) -> RunPlan:
     """Resolve and check everything a run needs; raises `UserError` on bad input."""
     get_spec(cfg.model.model)
@@ -119,6 +159,7 @@ def make_plan(cfg: TrainConfig, world_size: int) -> RunPlan:
         raise UserError("no training data: pass --data SHARDS")
     if not cfg.run.out:
         raise UserError("no output directory: pass --out DIR")
+    check_output(cfg)
     raw = load_ds_config(cfg.run.ds_config)
     check_precision_supported(raw)
 
@@ -129,6 +170,8 @@ def make_plan(cfg: TrainConfig, world_size: int) -> RunPlan:
         raise UserError("the shards carry no class count (_info.json); pass --num-classes")
 
     objective = Objective(cfg.loss)
+    if objective.needs_teacher:
+        check_teacher(cfg.run.teacher)
     model_kwargs = model_kwargs_for(cfg, num_classes, objective)
     with torch.device("meta"):  # every option and shape checked now, at no cost
         meta_model = create_model(cfg.model.model, **model_kwargs)
@@ -158,7 +201,9 @@ def make_plan(cfg: TrainConfig, world_size: int) -> RunPlan:
     peak_lr = o.lr if o.lr is not None else o.base_lr * batch.global_batch / LR_REFERENCE_BATCH
     schedule = LrSchedule(peak_lr, total_steps, min(warmup, total_steps), o.warmup_lr, o.min_lr, o.schedule)
 
-    return RunPlan(
+    skipped: list[str] = []
+    resume_path = resolve_resume(cfg.run.resume, Path(cfg.run.out), on_skip=lambda path, why: skipped.append(f"{path.name}: {why}"))
+    plan = RunPlan(
         cfg=cfg,
         world_size=world_size,
         batch=batch,
@@ -173,4 +218,27 @@ def make_plan(cfg: TrainConfig, world_size: int) -> RunPlan:
         schedule=schedule,
         model_kwargs=model_kwargs,
         init_weights=init_weights,
+        resume_path=resume_path,
+        resume_skipped=tuple(skipped),
     )
+    if resume_path is not None:
+        check_resume_compatible(read_marker(resume_path), plan, resume_path)
+    return plan
+
+
+def check_resume_compatible(marker: dict[str, Any], plan: RunPlan, path: Path) -> None:
+    """A checkpoint resumes only into the same architecture (defaults spelled out or not), world
+    size and ZeRO stage."""
+    cfg = plan.cfg
+    if marker["model"] != cfg.model.model:
+        raise UserError(f"checkpoint {path} was made for model {marker['model']}; this run builds {cfg.model.model}")
+    theirs = resolved_architecture(marker["model"], marker.get("model_kwargs", {}))
+    ours = resolved_architecture(cfg.model.model, plan.model_kwargs)
+    for key in ARCHITECTURE_OPTIONS:
+        if theirs.get(key) != ours.get(key):
+            raise UserError(f"checkpoint {path} has {key}={theirs.get(key)}; this run has {key}={ours.get(key)}")
+    if marker["world_size"] != plan.world_size or marker["zero_stage"] != plan.zero_stage:
+        raise UserError(
+            f"checkpoint {path} was written by {marker['world_size']} ranks with ZeRO-{marker['zero_stage']}; this run has "
+            f"{plan.world_size} ranks with ZeRO-{plan.zero_stage} (to change either, start a new run from it with `vitdeep finetune --from`)"
+        )

@@ -39,7 +39,10 @@ class AuxOutput(NamedTuple):
 
 def check_patch_grid(img_size: int, patch_size: int) -> int:
     """Patches per side; the image must tile exactly into patches."""
-    if patch_size <= 0 or img_size <= 0 or img_size % patch_size:
+    for name, value in (("img_size", img_size), ("patch_size", patch_size)):
+        if value <= 0:
+            raise UserError(f"{name}={value} must be positive")
+    if img_size % patch_size:
         raise UserError(f"img_size={img_size} is not divisible by patch_size={patch_size}")
     return img_size // patch_size
 

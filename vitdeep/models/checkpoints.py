@@ -9,7 +9,8 @@ Adapting a source to a model: position embeddings are resampled to the model's g
 slots kept); parameters the source lacks start at their identity values (ω = 0, λ = 0, γ = 1,
 talking heads = identity) or, for a new classifier / patch head, at their initial values, and
 are listed in the report; anything else that does not fit is an error, never a silent skip.
-Files from outside vitdeep are read with `torch.load(weights_only=True)` or safetensors.
+Every file, vitdeep's and DeepSpeed's included, is read with `torch.load(weights_only=True)` or
+safetensors: a run directory can come from anyone.
 """
 
 from __future__ import annotations
@@ -90,70 +91,23 @@ def read_weights(src: str | Path, ema: bool = False) -> Weights:
     if not path.exists():
         raise UserError(f"checkpoint not found: {src}")
     if path.is_dir():
-        return _read_training_checkpoint(_checkpoint_dir(path), ema)
+        return _read_training_checkpoint(path, ema)
     if path.suffix == ".safetensors":
         return _read_safetensors(path, ema)
     return _read_torch_file(path, ema)
 
 
-def _checkpoint_dir(path: Path) -> Path:
-    """A checkpoint directory, or the newest complete one in a run or `checkpoints/` directory."""
-    from vitdeep.engine.checkpoint import CHECKPOINTS, complete_checkpoints, read_marker
+def _read_training_checkpoint(src: Path, ema: bool) -> Weights:
+    """The newest intact checkpoint of a run directory, or the named one, consolidated."""
+    from vitdeep.engine.checkpoint import consolidate, find_checkpoint, read_marker
 
-    if read_marker(path) is not None:
-        return path
-    for run_dir in (path, path.parent if path.name == CHECKPOINTS else None):
-        if run_dir is not None:
-            found = complete_checkpoints(run_dir)
-            if found:
-                return found[-1]
-    raise UserError(f"{path} is not a vitdeep checkpoint (no complete checkpoint found in it)")
-
-
-def _read_training_checkpoint(path: Path, ema: bool) -> Weights:
-    from vitdeep.engine.checkpoint import read_marker
-
+    skipped: list[str] = []
+    path = find_checkpoint(src, on_skip=lambda p, why: skipped.append(f"{p.name} skipped: {why}"))
     marker = read_marker(path)
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # DeepSpeed's chatter
         state_dict = consolidate(path, marker["zero_stage"], ema=ema)
-    kind = f"vitdeep checkpoint, step {marker['step']}" + (", EMA" if ema else "")
+    kind = f"vitdeep checkpoint, step {marker['step']}" + (", EMA" if ema else "") + "".join(f"; {s}" for s in skipped)
     return Weights(state_dict, str(path), kind, marker["model"], dict(marker.get("model_kwargs", {})))
-
-
-def consolidate(path: Path, zero_stage: int, ema: bool = False) -> dict[str, torch.Tensor]:
-    """One fp32 state dict from a DeepSpeed checkpoint directory (every ZeRO stage).
-
-    The EMA is kept as per-rank partitions with the same layout as the fp32 master weights, so
-    it goes through the same DeepSpeed consolidation with the partitions swapped in.
-    """
-    from vitdeep.engine.checkpoint import rank_file
-
-    if zero_stage == 0:
-        module = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
-        state = {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
-        if ema:
-            saved = _ema_state(rank_file(path, 0))
-            state.update({name: t.float() for name, t in zip(saved["names"], saved["partitions"])})
-        return state
-    from deepspeed.utils import zero_to_fp32 as z
-
-    model_states = z.parse_model_states(z.get_model_state_files(str(path)))
-    stage, world_size, flat_groups, paddings = z.parse_optim_states(z.get_optim_files(str(path)), str(path))
-    if ema:
-        flat_groups = [_ema_state(rank_file(path, rank))["partitions"] for rank in range(world_size)]
-    if stage <= 2:
-        state = z._get_fp32_state_dict_from_zero2_checkpoint(world_size, flat_groups, model_states, False, paddings)
-    else:
-        state = z._get_fp32_state_dict_from_zero3_checkpoint(world_size, flat_groups, model_states, False)
-    # frozen parameters have no fp32 master: they come back in the training precision
-    return {k: v.float() if v.is_floating_point() else v for k, v in z.to_torch_tensor(state).items()}
-
-
-def _ema_state(path: Path) -> dict[str, Any]:
-    extra = torch.load(path, map_location="cpu", weights_only=False)
-    if extra.get("ema") is None:
-        raise UserError(f"{path.parent} holds no EMA (trained with --ema-decay 0); drop --ema")
-    return extra["ema"]
 
 
 def _read_safetensors(path: Path, ema: bool) -> Weights:
@@ -395,24 +349,22 @@ def export_options(path: str | Path) -> dict[str, Any] | None:
     return json.loads(metadata["model_kwargs"]) if metadata is not None else None
 
 
-#: Model options that define the architecture a source was trained with (config names).
-ARCHITECTURE_OPTIONS = ("depth", "embed_dim", "num_heads", "patch_size", "talking_heads", "attnscale", "featscale", "init_values")
-
-
 def source_model_options(src: str | Path) -> dict[str, Any]:
     """`{"model": name, <architecture options>}` of a vitdeep checkpoint or export, read from its
     metadata only; `{}` for a plain state dict (the user names the model)."""
-    from vitdeep.engine.checkpoint import read_marker
+    from vitdeep.engine.checkpoint import find_checkpoint, read_marker
 
     path = Path(src)
     if not path.exists():
         raise UserError(f"checkpoint not found: {src}")
     if path.is_dir():
-        marker = read_marker(_checkpoint_dir(path))
+        marker = read_marker(find_checkpoint(path))
         name, kwargs = marker["model"], marker.get("model_kwargs", {})
     else:
         metadata = _export_metadata(path)
         if metadata is None:
             return {}
         name, kwargs = metadata["model"], json.loads(metadata["model_kwargs"])
-    return {"model": name, **{k: kwargs[k] for k in ARCHITECTURE_OPTIONS if kwargs.get(k) is not None}}
+    from vitdeep.models.registry import INHERITED_OPTIONS
+
+    return {"model": name, **{k: kwargs[k] for k in INHERITED_OPTIONS if kwargs.get(k) is not None}}

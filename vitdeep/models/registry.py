@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from vitdeep.errors import UserError
-from vitdeep.models.cait import Cait
+from vitdeep.models.cait import Cait, cait_layer_scale_init
 from vitdeep.models.vit import VisionTransformer
 
 DEIT_SIZES = {"tiny": (192, 3), "small": (384, 6), "base": (768, 12), "large": (1024, 16)}
@@ -98,6 +98,26 @@ def get_spec(name: str) -> ModelSpec:
 def family_of(model: nn.Module) -> str:
     """'cait' or 'deit': decides e.g. how official FeatScale weights convert."""
     return "cait" if isinstance(model, Cait) else "deit"
+
+
+#: Options that define a model's architecture: a checkpoint resumes only into the same values, and
+#: a finetune inherits those its source was trained with (`INHERITED_OPTIONS`).
+ARCHITECTURE_OPTIONS = ("depth", "embed_dim", "num_heads", "img_size", "patch_size", "num_classes", "talking_heads",
+                        "attnscale", "featscale", "init_values", "patch_head", "distilled")
+#: Architecture options a finetune takes from its source (size, classes and heads may change).
+INHERITED_OPTIONS = tuple(o for o in ARCHITECTURE_OPTIONS if o not in ("img_size", "num_classes", "patch_head", "distilled"))
+
+
+def resolved_architecture(name: str, kwargs: dict) -> dict:
+    """The architecture options `create_model(name, **kwargs)` builds with, defaults spelled out,
+    so that `--depth 12` and no `--depth` compare equal for a 12-block model."""
+    spec = get_spec(name)
+    params = inspect.signature(spec.model_cls.__init__).parameters
+    values = {k: p.default for k, p in params.items() if k in ARCHITECTURE_OPTIONS}
+    values.update({k: v for k, v in {**spec.kwargs(), **kwargs}.items() if k in values and v is not None})
+    if spec.family == "cait" and values.get("init_values") is None:
+        values["init_values"] = cait_layer_scale_init(values["depth"])
+    return values
 
 
 def model_options(name: str) -> list[str]:
