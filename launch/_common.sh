@@ -2,7 +2,8 @@
 #
 # Every script: refuses to start with one line on stderr (exit 2) when a required value is
 # missing or wrong, prints the full command before running it, and with DRY_RUN=1 prints it and
-# stops.
+# stops. SIGTERM / SIGUSR1 / SIGINT sent to a script reach the ranks (run_forwarding_signals), which
+# stop at the next step with a checkpoint and exit 75 (resume with --resume auto).
 
 LAUNCH_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 SCRIPT="launch/$(basename "$0")"  # what the messages name
@@ -62,13 +63,70 @@ vitdeep_args() {
     return 0
 }
 
-# show_and_run CMD...: print the command (shell-quoted, ready to copy), then run it in this process.
-show_and_run() {
+# show_command CMD...: print the command (shell-quoted, ready to copy); with DRY_RUN=1 stop there.
+show_command() {
     printf '+'
     printf ' %q' "$@"
     printf '\n'
     if [[ "${DRY_RUN:-0}" == 1 ]]; then
         exit 0
     fi
-    exec "$@"
+}
+
+# show_and_run CMD...: print the command, then run the launcher it names (run_forwarding_signals).
+show_and_run() {
+    show_command "$@"
+    run_forwarding_signals "$@"
+}
+
+# Exit code of a vitdeep run stopped by a signal after saving its checkpoint (resume it).
+EXIT_STOPPED=75
+
+# rank_pids PID: the vitdeep ranks under a launcher: the first processes down its tree that are not
+# launchers themselves (DeepSpeed's runner and launch.py, torchrun); their data-loader workers are left out.
+rank_pids() {
+    local child args
+    for child in $(ps -o pid= --ppid "$1" 2>/dev/null); do
+        args=$(ps -o args= -p "$child" 2>/dev/null) || continue
+        case "$args" in
+            *deepspeed.launcher* | */deepspeed\ * | *torchrun* | *torch.distributed.run*) rank_pids "$child" ;;
+            *) echo "$child" ;;
+        esac
+    done
+}
+
+# forward_signal SIG: pass a stop signal to the ranks (SIGINT as SIGTERM: a terminal's Ctrl-C reaches
+# them by itself, and a second SIGINT would stop them at once, without a checkpoint).
+forward_signal() {
+    local target=$1 pids
+    [[ "$target" != INT ]] || target=TERM
+    STOP_FORWARDED=1
+    pids=$(rank_pids "$LAUNCHER_PID" | tr '\n' ' ')
+    echo "$SCRIPT: SIG$1: asking the ranks (${pids% }) to stop at the next step with a checkpoint" >&2
+    [[ -z "$pids" ]] || kill -s "$target" $pids 2>/dev/null || true
+}
+
+# run_forwarding_signals CMD...: run a launcher, passing SIGTERM / SIGUSR1 / SIGINT sent to this script
+# to the vitdeep ranks under it, which save a checkpoint at the next step boundary and exit with
+# EXIT_STOPPED. Sent to a launcher the signals would not arrive intact: DeepSpeed's runner does not
+# forward them (its ranks train on as orphans), its launch.py and torchrun kill the ranks after 30 s,
+# and neither survives SIGUSR1. Exits with the launcher's code, EXIT_STOPPED after a forwarded signal.
+run_forwarding_signals() {
+    STOP_FORWARDED=0
+    "$@" &
+    LAUNCHER_PID=$!
+    trap 'forward_signal TERM' TERM
+    trap 'forward_signal USR1' USR1
+    trap 'forward_signal INT' INT
+    local status=0
+    while true; do
+        status=0
+        wait "$LAUNCHER_PID" || status=$?
+        kill -0 "$LAUNCHER_PID" 2>/dev/null || break  # it ended (else a signal interrupted the wait)
+    done
+    trap - TERM USR1 INT
+    if (( STOP_FORWARDED && status != 0 )); then
+        status=$EXIT_STOPPED  # torchrun reports its ranks' exit as its own failure (1)
+    fi
+    exit "$status"
 }
