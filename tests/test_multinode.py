@@ -296,6 +296,28 @@ def test_a_hung_node_ends_the_other_at_the_dist_timeout(network, digit_shards, t
     assert "Timed out" in error_lines(run.nodes[0].output("err"))[0]
 
 
+def test_sigterm_to_one_nodes_script_stops_both_nodes_at_one_step_with_a_checkpoint(network, digit_shards, tmp_path, started):
+    """SIGTERM to node 0's launch script alone (not its launcher, not its ranks, as Slurm's warning
+    signal or a scheduler would send it): the script passes it to its rank, the two nodes agree at
+    the next step, save there together and exit 75; `--resume auto` then finishes the run."""
+    args = [*SMALL, "--ds-config", "zero2_bf16", "--save-every", "100", "--dist-timeout", "1"]
+    run = started(network, digit_shards, tmp_path, [*args, "--steps", "500"])
+    run.wait_for(lambda: len(steps_logged(run.out)) >= 3)
+    run.nodes[0].process.send_signal(signal.SIGTERM)
+    codes = run.wait(timeout=240)
+    assert codes == [75, 75], run.logs()
+    (checkpoint,) = complete_checkpoints(run.out)
+    step = read_marker(checkpoint)["step"]
+    assert 3 <= step < 100 and step == max(steps_logged(run.out)), run.logs()
+    node0 = run.nodes[0].output("err")
+    assert f"stopped by SIGTERM at step {step}; checkpoint {checkpoint}; resume with --resume auto" in node0, run.logs()
+    assert "asking the ranks" in node0 and "Traceback" not in node0 + run.nodes[1].output("err")
+    resumed = started(network, digit_shards, tmp_path, [*args, "--steps", str(step + 2), "--resume", "auto"])
+    assert resumed.wait(timeout=300) == [0, 0], resumed.logs()
+    assert read_marker(complete_checkpoints(run.out)[-1])["step"] == step + 2
+    assert steps_logged(run.out) == list(range(1, step + 3))
+
+
 # -- the scripts: refusals, dry runs, the Slurm mapping ------------------------------------------
 
 
@@ -406,8 +428,31 @@ def test_slurm_sbatch_maps_the_allocation_to_one_torchrun_per_node(tmp_path):
     assert commands[0].startswith("+ srun --nodes=2 --ntasks=2 --ntasks-per-node=1 --kill-on-bad-exit=1 --cpus-per-task=32 bash -c")
     for node, command in enumerate(commands[1:]):
         assert command == (f"+ {BIN / 'torchrun'} --nnodes 2 --nproc_per_node 8 --node_rank {node} --master_addr gpu-a "
-                           f"--master_port 24242 -m vitdeep train --data /d --out /o --epochs 3")
+                           f"--master_port 24242 -m vitdeep train --data /d --out /o --epochs 3 --resume auto")
     assert len(commands) == 3
+    result = script("slurm.sbatch", "--overwrite", cwd=tmp_path, **_slurm_env(tmp_path, SLURM_GPUS_ON_NODE="8", DATA="/d", OUT="/o"))
+    assert all(line.endswith("--overwrite") for line in result.stdout.splitlines() if line.startswith(f"+ {BIN}"))
+
+
+def test_slurm_requeues_a_run_that_stopped_with_a_checkpoint(tmp_path):
+    """75 from the job step (the ranks saved after the warning signal) → scontrol requeue; the
+    sbatch header asks Slurm for the warning signal and for requeueing."""
+    env = _slurm_env(tmp_path, SLURM_GPUS_ON_NODE="8", DATA="/d", OUT="/o")
+    fake = tmp_path / "bin"
+    (fake / "srun").unlink()
+    (fake / "srun").write_text("#!/usr/bin/env bash\nexit 75\n")
+    calls = tmp_path / "scontrol.calls"
+    (fake / "scontrol").write_text(
+        "#!/usr/bin/env bash\n"
+        f'if [[ "$1" == show ]]; then tr , "\\n" <<< "$3"; else echo "$@" >> {calls}; fi\n'
+    )
+    for name in ("srun", "scontrol"):
+        (fake / name).chmod(0o755)
+    result = script("slurm.sbatch", cwd=tmp_path, **env)
+    assert result.returncode == 75, result
+    assert calls.read_text().split() == ["requeue", "4242"] and "requeueing job 4242" in result.stderr
+    header = (LAUNCH / "slurm.sbatch").read_text()
+    assert "\n#SBATCH --signal=USR1@" in header and "\n#SBATCH --requeue\n" in header
 
 
 def test_slurm_sbatch_with_the_deepspeed_launcher_writes_the_hostfile(tmp_path):
