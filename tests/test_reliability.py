@@ -363,29 +363,26 @@ def test_samples_lost_after_a_tar_error_are_counted_the_same_on_1_and_2_ranks(st
         {k: two[k] for k in ("count", "top1", "expected", "read", "missing", "bad")}
 
 
+def _spoil(suffix: str, count: int, replacement: bytes):
+    """A `_rewrite_members` change: the first `count` members ending in `suffix` become `replacement`."""
+    left = [count]
+
+    def change(name: str, data: bytes) -> bytes:
+        if name.endswith(suffix) and left[0]:
+            left[0] -= 1
+            return replacement
+        return data
+
+    return change
+
+
 @pytest.fixture(scope="module")
 def val_with_bad_samples(digit_shards, tmp_path_factory):
     """The held-out digits with 2 undecodable images and 3 labels out of range (one shard each)."""
     shards = _val_copy(digit_shards, tmp_path_factory.mktemp("badval") / "val")
     names = sorted(shards.glob("val-*.tar"))
-    broken = {"png": 0}
-
-    def undecodable(name: str, data: bytes) -> bytes:
-        if name.endswith(".png") and broken["png"] < 2:
-            broken["png"] += 1
-            return b"\x89PNG but not really"
-        return data
-
-    labels = {"cls": 0}
-
-    def out_of_range(name: str, data: bytes) -> bytes:
-        if name.endswith(".cls") and labels["cls"] < 3:
-            labels["cls"] += 1
-            return b"99"
-        return data
-
-    _rewrite_members(names[0], undecodable)
-    _rewrite_members(names[3], out_of_range)
+    _rewrite_members(names[0], _spoil(".png", 2, b"\x89PNG but not really"))
+    _rewrite_members(names[3], _spoil(".cls", 3, b"99"))
     return shards
 
 

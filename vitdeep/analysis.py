@@ -26,7 +26,7 @@ from vitdeep.errors import UserError
 from vitdeep.losses import patch_cosine_similarity
 from vitdeep.models import MODELS, AuxOutput, create_model
 from vitdeep.monitor import image_progress
-from vitdeep.outputs import check_output_dir
+from vitdeep.paths import check_output_dir
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

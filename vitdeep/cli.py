@@ -211,7 +211,7 @@ def export_command(
     from vitdeep.models.checkpoints import export_weights, read_weights
     from vitdeep.monitor import make_console
 
-    from vitdeep.outputs import check_output_file
+    from vitdeep.paths import check_output_file
 
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     if dtype not in dtypes:
@@ -253,17 +253,17 @@ def _strip_launcher_args(args: list[str]) -> list[str]:
 
 
 def _report(message: str, error: BaseException | None = None) -> None:
-    """One line on stderr. With several ranks, rank 0 reports an error they all share; any other
-    error is reported by the rank that met it, which also leaves it for the others to report
-    instead of "lost contact" (`announce_failure`)."""
+    """One line on stderr. With several ranks, rank 0 reports an error they all share (or met
+    before the process group formed); any other error is reported by the rank that met it, which
+    also leaves it for the others to report instead of "lost contact" (`announce_failure`)."""
     import torch.distributed as dist
 
     from vitdeep.monitor import global_rank
 
     rank = global_rank()
     grouped = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    if getattr(error, "shared", False) and rank != 0:
-        return
+    if rank != 0 and (not grouped or getattr(error, "shared", False)):
+        return  # before the group forms, every rank repeats rank 0's checks
     print(f"error{f' (rank {rank})' if grouped and rank else ''}: {message}", file=sys.stderr)
     if grouped and not getattr(error, "shared", False):
         from vitdeep.engine.deepspeed import announce_failure

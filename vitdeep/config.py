@@ -114,7 +114,7 @@ class OptimConfig:
         check_range(self, {"epochs": AT_LEAST_1, "steps": AT_LEAST_1, "global_batch": AT_LEAST_1, "micro_batch": AT_LEAST_1,
                            "min_lr": AT_LEAST_0, "warmup_lr": AT_LEAST_0, "warmup_epochs": AT_LEAST_0,
                            "warmup_steps": AT_LEAST_0, "weight_decay": AT_LEAST_0,
-                           "clip_grad": AT_LEAST_0, "ema_decay": BELOW_1, "freeze_blocks": AT_LEAST_0})
+                           "clip_grad": AT_LEAST_0, "ema_decay": PROBABILITY, "freeze_blocks": AT_LEAST_0})
         for name in ("lr", "base_lr"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise UserError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name):g}")

@@ -198,7 +198,7 @@ def run_eval(
     from vitdeep.engine.deepspeed import init_distributed
     from vitdeep.models.checkpoints import build_model, read_weights
     from vitdeep.monitor import make_console, progress_bar
-    from vitdeep.outputs import check_output_file
+    from vitdeep.paths import check_output_file
 
     check_output_file(out, "--out", "eval.json")
     if not 0.0 <= max_bad_fraction <= 1.0:

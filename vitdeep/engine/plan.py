@@ -32,7 +32,7 @@ from vitdeep.losses import Objective
 from vitdeep.models import count_parameters, create_model, get_spec, model_stats
 from vitdeep.models.registry import ARCHITECTURE_OPTIONS, resolved_architecture
 from vitdeep.models.checkpoints import Weights, adapt_state_dict, read_weights, source_model_options
-from vitdeep.outputs import check_output_dir
+from vitdeep.paths import check_output_dir
 
 #: DeiT's learning-rate scaling rule: lr = base_lr × global_batch / 512.
 LR_REFERENCE_BATCH = 512
