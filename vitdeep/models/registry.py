@@ -32,7 +32,7 @@ TIMM_TWINS = {
     "deit_tiny_12": "deit_tiny_patch16_224",
     "deit_small_12": "deit_small_patch16_224",
     "deit_base_12": "deit_base_patch16_224",
-    "deit_large_12": "vit_large_patch16_224",
+    "deit_large_24": "vit_large_patch16_224",
     "cait_xxs24": "cait_xxs24_224",
     "cait_xxs36": "cait_xxs36_224",
     "cait_xs24": "cait_xs24_384",
@@ -104,6 +104,15 @@ def model_options(name: str) -> list[str]:
     """Keyword options `create_model` accepts for this model."""
     params = inspect.signature(get_spec(name).model_cls.__init__).parameters
     return [p for p in params if p != "self"]
+
+
+def resolved_options(name: str, **kwargs) -> dict:
+    """Every option `create_model(name, **kwargs)` builds with: the given ones over the named size's
+    and the model class's defaults (e.g. `talking_heads` is on for CaiT unless turned off)."""
+    spec = get_spec(name)
+    params = inspect.signature(spec.model_cls.__init__).parameters
+    defaults = {p: params[p].default for p in model_options(name)}
+    return {**defaults, **spec.kwargs(), **kwargs}
 
 
 def create_model(name: str, **kwargs) -> nn.Module:
