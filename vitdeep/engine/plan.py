@@ -27,8 +27,8 @@ from vitdeep.engine.schedule import LrSchedule
 from vitdeep.errors import UserError
 from vitdeep.losses import Objective
 from vitdeep.models import count_parameters, create_model, get_spec, model_stats
-from vitdeep.models.registry import resolved_options
 from vitdeep.models.checkpoints import Weights, adapt_state_dict, read_weights
+from vitdeep.models.registry import resolved_options
 
 #: DeiT's learning-rate scaling rule: lr = base_lr × global_batch / 512.
 LR_REFERENCE_BATCH = 512
