@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from tests.launch import SMALL, deepspeed_cmd, metrics, refuses, run, single_cmd
 from vitdeep.cli import main
 from vitdeep.engine.checkpoint import complete_checkpoints, read_marker
+from vitdeep.errors import UserError
 from vitdeep.models import create_model
 from vitdeep.models.checkpoints import build_model, read_weights
 
@@ -189,10 +191,130 @@ def test_official_attnscale_featscale_checkpoint_converts(tmp_path):
     assert diff < 1e-5
 
 
+class GongAttention(torch.nn.Module):
+    """Gong et al.'s attention (PatchVisionTransformer, `deit/models.py`), transcribed: talking
+    heads as bias-free `proj_pre` / `proj_post`, the scale applied after q·kᵀ. (Their forward also
+    returns a constant 0 beside the output, which their block ignores; dropped here.)"""
+
+    def __init__(self, dim, num_heads=8, qkv_bias=False, qk_scale=None, attn_drop=0.0, proj_drop=0.0, use_talk=True):
+        super().__init__()
+        self.num_heads = num_heads
+        head_dim = dim // num_heads
+        self.scale = qk_scale or head_dim**-0.5
+        self.qkv = torch.nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = 0.0
+        self.proj = torch.nn.Linear(dim, dim)
+        self.proj_drop = torch.nn.Dropout(proj_drop)
+        self.use_talk = use_talk
+        if self.use_talk:
+            self.proj_pre = torch.nn.Linear(num_heads, num_heads, bias=False)
+            self.proj_post = torch.nn.Linear(num_heads, num_heads, bias=False)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        attn = (q @ k.transpose(-2, -1)) * self.scale
+        if self.use_talk:
+            attn = self.proj_pre(attn.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        attn = attn.softmax(dim=-1)
+        if self.use_talk:
+            attn = self.proj_post(attn.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        x = (attn @ v).transpose(1, 2).reshape(B, N, C)
+        x = self.proj(x)
+        x = self.proj_drop(x)
+        return x
+
+
+def _gong_block_forward(block):
+    """Their `Block.forward` (no LayerScale), on a timm block whose `attn` is `GongAttention`."""
+
+    def forward(x):
+        x = x + block.drop_path1(block.attn(block.norm1(x)))
+        return x + block.drop_path2(block.mlp(block.norm2(x)))
+
+    return forward
+
+
+def test_gong_checkpoint_with_their_talking_heads_loads(tmp_path):
+    """A checkpoint in Gong et al.'s exact key layout (their attention in timm's ViT, their patch
+    head, `model` / `model_ema` wrappers) gives their model's logits; the load report lists the
+    conversion and nothing at identity."""
+    torch.manual_seed(3)
+    reference = timm.create_model("deit_tiny_patch16_224", img_size=32, num_classes=10).eval()
+    for block in reference.blocks:
+        gong = GongAttention(192, num_heads=3, qkv_bias=True)
+        gong.qkv.load_state_dict(block.attn.qkv.state_dict())
+        gong.proj.load_state_dict(block.attn.proj.state_dict())
+        with torch.no_grad():
+            gong.proj_pre.weight.copy_(torch.eye(3) + 0.3 * torch.randn(3, 3))
+            gong.proj_post.weight.copy_(torch.eye(3) + 0.3 * torch.randn(3, 3))
+        block.attn = gong
+        block.forward = _gong_block_forward(block)
+    reference.patch_head = torch.nn.Linear(192, 10)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    state = reference.state_dict()
+    assert "blocks.0.attn.proj_pre.weight" in state and "blocks.0.attn.proj_pre.bias" not in state
+    assert "blocks.11.attn.proj_post.weight" in state and "patch_head.weight" in state
+    path = tmp_path / "vit_b12_gong.pth"
+    torch.save({"model": state, "model_ema": state, "epoch": 399}, path)
+
+    model, report = build_model(read_weights(path), "deit_tiny_12", img_size=32)  # switches read from the keys
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        diff = (model.eval()(x) - reference(x)).abs().max().item()
+    print(f"Gong-format checkpoint → deit_tiny_12: max |Δlogits| {diff:.1e}; {report.lines()}")
+    assert diff < 1e-5
+    assert model.blocks[0].attn.talking_heads and model.patch_head is not None
+    assert torch.equal(model.blocks[5].attn.proj_l.bias, torch.zeros(3))
+    assert len(report.converted) == 24 and not report.identity and not report.fresh
+    assert "converted: blocks.{0..11}.attn.proj_pre.weight → blocks.{0..11}.attn.proj_l.weight (bias 0), " \
+           "blocks.{0..11}.attn.proj_post.weight → blocks.{0..11}.attn.proj_w.weight (bias 0)" in "\n".join(report.lines())
+    ema, _ = build_model(read_weights(path, ema=True), "deit_tiny_12", img_size=32)
+    with torch.no_grad():
+        assert torch.equal(ema.eval()(x), model(x))
+
+
+def test_timm_vit_large_loads_as_deit_large_24_with_depth_and_width_checks(tmp_path):
+    """timm's ViT-L/16 (`vit_large_patch16_224`, the network Gong et al. finetune from ImageNet-22k)
+    has exactly deit_large_24's keys and shapes (compared at full size on the meta device); a
+    narrow copy with the real key names loads and gives timm's logits; at another depth or width
+    the load fails with one line naming both."""
+    with torch.device("meta"):
+        timm_large = timm.create_model("vit_large_patch16_224")
+        ours_large = create_model("deit_large_24")
+    theirs, ours = timm_large.state_dict(), ours_large.state_dict()
+    assert {k: v.shape for k, v in theirs.items()} == {k: v.shape for k, v in ours.items()}
+    assert len(ours_large.blocks) == 24 and ours_large.embed_dim == 1024
+
+    torch.manual_seed(4)
+    narrow = timm.create_model("vit_large_patch16_224", img_size=32, embed_dim=64, num_heads=4, num_classes=10).eval()
+    with torch.no_grad():
+        for p in narrow.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    path = tmp_path / "vit_large_patch16_224.pth"
+    torch.save(narrow.state_dict(), path)
+    model, report = build_model(read_weights(path), "deit_large_24", img_size=32, embed_dim=64, num_heads=4)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert (model.eval()(x) - narrow(x)).abs().max().item() < 1e-5
+    assert not report.identity and not report.converted
+    for name, options, needle in (
+        ("deit_large_12", {"embed_dim": 64, "num_heads": 4}, "source depth 24, width 64; model depth 12, width 64"),
+        ("deit_large_24", {}, "source depth 24, width 64; model depth 24, width 1024"),
+    ):
+        with pytest.raises(UserError, match=re.escape(needle)) as error:
+            build_model(read_weights(path), name, img_size=32, **options)
+        assert "\n" not in str(error.value)
+
+
 @pytest.mark.parametrize("source, extra, needle", [
     ("missing", [], "checkpoint not found"),
     ("garbage", [], "is not a checkpoint torch can read safely"),
     ("timm_small", ["--model", "deit_tiny_12"], "source depth 12, width 384; model depth 6, width 64"),
+    ("timm_large", ["--model", "deit_large_12", "--depth", "12"], "source depth 24, width 64; model depth 12, width 64"),
     ("run", ["--img-size", "30"], "img_size=30 is not divisible by patch_size=4"),
 ])
 def test_bad_sources_exit_2(zero3_run, digit_shards, tmp_path, capsys, source, extra, needle):
@@ -200,6 +322,10 @@ def test_bad_sources_exit_2(zero3_run, digit_shards, tmp_path, capsys, source, e
     (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint at all")
     if source == "timm_small":
         paths[source] = _timm_checkpoint(tmp_path, "deit_small_patch16_224")[1]
+    if source == "timm_large":
+        torch.save(timm.create_model("vit_large_patch16_224", img_size=32, embed_dim=64, num_heads=4, num_classes=10).state_dict(),
+                   tmp_path / "vit_large.pth")
+        paths[source] = tmp_path / "vit_large.pth"
     out = tmp_path / "out"
     refuses(["finetune", "--from", str(paths[source]), "--data", str(digit_shards), "--out", str(out), *SMALL_32, *extra],
             capsys, needle, out)

@@ -15,6 +15,7 @@ from vitdeep.losses import (
     patch_contrastive_loss,
     patch_cosine_similarity,
     patch_mixing_loss,
+    teacher_loss,
 )
 from vitdeep.models import AuxOutput, create_model
 
@@ -116,6 +117,33 @@ def test_contrastive_is_exact_in_fp32_for_bf16_inputs():
     assert value.item() == pytest.approx(patch_contrastive_loss(first.float(), last.float()).item(), rel=1e-6)
 
 
+@pytest.mark.parametrize("name, prefix", [("deit_tiny_12", 1), ("cait_xxs24", 0)])
+def test_objective_contrastive_takes_the_patch_embedding_before_position(name, prefix):
+    """ℓ_cons by hand from `patch_embed(x)` (detached, no position) and the last layer's normed
+    patch tokens equals the Objective's term; with a large random position embedding, the block-1
+    input (patch + position) would give a very different value."""
+    torch.manual_seed(0)
+    model = create_model(name, img_size=16, patch_size=4, embed_dim=32, num_heads=2, depth=3, num_classes=5).eval()
+    with torch.no_grad():
+        model.pos_embed.normal_(0.0, 3.0)
+    x = torch.randn(4, 3, 16, 16, generator=_gen(24))
+    objective = Objective(ObjectiveConfig(contrastive_weight=1.0, patch_mix_weight=0.0))
+    _, terms = objective(model(x, aux=True), torch.tensor([0, 1, 2, 3]))
+
+    e = model.patch_embed(x).detach().double()  # [B, n, D], before the position embedding
+    h = model.forward_features(x)[:, 1:].detach().double()  # last layer, after the final norm, patches only
+    positive = (e * h).sum(-1)
+    negative = (e * h.mean(1, keepdim=True)).sum(-1)
+    by_hand = -(positive - torch.logaddexp(positive, negative)).mean()
+    print(f"{name}: ℓ_cons by hand {by_hand.item():.6f}, Objective {terms['contrastive'].item():.6f}")
+    assert terms["contrastive"].item() == pytest.approx(by_hand.item(), abs=1e-6)
+
+    with_position = model(x, aux=True).patch_tokens(0).detach().double()
+    assert not torch.allclose(with_position, e, atol=1.0)
+    old = -((with_position * h).sum(-1) - torch.logaddexp((with_position * h).sum(-1), (with_position * h.mean(1, keepdim=True)).sum(-1))).mean()
+    assert abs(old.item() - by_hand.item()) > 0.05
+
+
 # ---- ℓ_token -----------------------------------------------------------------------------------
 
 
@@ -148,8 +176,8 @@ def _distilling_objective(kind: str, alpha: float, tau: float) -> Objective:
 
 
 def _logits_only(logits: torch.Tensor, dist_logits: torch.Tensor | None = None) -> AuxOutput:
-    return AuxOutput(logits=logits, tokens=[], attentions=None, patch_logits=None, dist_logits=dist_logits,
-                     num_prefix_tokens=1 if dist_logits is None else 2)
+    return AuxOutput(logits=logits, tokens=[], patch_embeddings=None, attentions=None, patch_logits=None,
+                     dist_logits=dist_logits, num_prefix_tokens=1 if dist_logits is None else 2)
 
 
 def test_hard_distillation_is_deit_formula():
@@ -160,14 +188,39 @@ def test_hard_distillation_is_deit_formula():
     assert value.item() == pytest.approx(expected.item(), abs=1e-6)
 
 
-def test_soft_distillation_is_temperature_scaled_kl_and_spares_the_teacher():
+def _deit_soft_distillation(outputs_kd: torch.Tensor, teacher_outputs: torch.Tensor, T: float) -> torch.Tensor:
+    """DeiT's `DistillationLoss` soft term, as its losses.py writes it."""
+    return F.kl_div(
+        F.log_softmax(outputs_kd / T, dim=1),
+        F.log_softmax(teacher_outputs / T, dim=1),
+        reduction="sum",
+        log_target=True,
+    ) * (T * T) / outputs_kd.numel()
+
+
+def test_soft_distillation_is_normalised_as_deits_code():
+    """On fixed logits: the teacher term equals DeiT's formula (KL summed, × τ², ÷ B·C) and the
+    written-out value; the per-image KL would be C = 3 times larger."""
+    student = torch.tensor([[2.0, 0.5, -1.0], [0.0, 1.0, 3.0]])
+    teacher = torch.tensor([[1.0, 1.0, 0.0], [-2.0, 0.5, 2.5]])
+    tau = 2.0
+    value = teacher_loss(student, teacher, "soft", tau)
+    deit = _deit_soft_distillation(student, teacher, tau)
+    p_t, p_s = (teacher / tau).softmax(-1), (student / tau).softmax(-1)
+    written_out = tau**2 * (p_t * (p_t.log() - p_s.log())).sum() / 6
+    assert value.item() == pytest.approx(deit.item(), abs=1e-7)
+    assert value.item() == pytest.approx(written_out.item(), abs=1e-7)
+    assert value.item() == pytest.approx(0.0757427, abs=1e-6)
+    per_image = tau**2 * (p_t * (p_t.log() - p_s.log())).sum(-1).mean()
+    assert per_image.item() == pytest.approx(3 * value.item(), rel=1e-6)
+
+
+def test_soft_distillation_blends_with_ce_and_spares_the_teacher():
     student = torch.randn(4, 5, generator=_gen(18)).requires_grad_()
     teacher = torch.randn(4, 5, generator=_gen(19)).requires_grad_()
     labels = torch.tensor([4, 3, 2, 1])
     alpha, tau = 0.3, 2.0
-    p_t, p_s = (teacher.detach() / tau).softmax(-1), (student.detach() / tau).softmax(-1)
-    kl = (p_t * (p_t.log() - p_s.log())).sum(-1).mean()
-    expected = (1 - alpha) * F.cross_entropy(student.detach(), labels) + alpha * tau**2 * kl
+    expected = (1 - alpha) * F.cross_entropy(student.detach(), labels) + alpha * _deit_soft_distillation(student.detach(), teacher.detach(), tau)
     value = _distilling_objective("soft", alpha, tau)(_logits_only(student), labels, teacher_logits=teacher)[0]
     assert value.item() == pytest.approx(expected.item(), abs=1e-6)
     value.backward()
@@ -216,7 +269,7 @@ def test_objective_total_is_weighted_sum_of_named_terms():
     expected = {
         "ce": F.cross_entropy(out.logits, labels, label_smoothing=0.1),
         "cos": patch_cosine_similarity(out.patch_tokens(-1)).mean(),
-        "contrastive": patch_contrastive_loss(out.patch_tokens(0), out.patch_tokens(-1)),
+        "contrastive": patch_contrastive_loss(out.patch_embeddings, out.patch_tokens(-1)),
         "patch_mix": patch_mixing_loss(out.patch_logits, patch_labels, 0.1),
         "distill": F.cross_entropy(out.dist_logits, teacher.argmax(-1)),
     }

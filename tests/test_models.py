@@ -5,11 +5,13 @@ import math
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from timm.optim import param_groups_layer_decay
 
 from vitdeep.cli import main
 from vitdeep.errors import UserError
 from vitdeep.models import MODELS, create_model, model_stats
+from vitdeep.models.checkpoints import adapt_state_dict
 from vitdeep.models.layers import Attention, AttnScale, FeatScale
 
 IMG = 32
@@ -58,23 +60,30 @@ def test_timm_registration_builds_vitdeep_models():
 
 
 def _pair(name: str, **options):
-    """A model with `options` and a plain twin holding the same shared weights."""
+    """A model with `options` loaded from a plain twin's checkpoint, which lacks the options'
+    parameters: the loader starts them at identity."""
     plain = create_model(name, img_size=IMG, num_classes=10).eval()
     _perturb(plain)
     model = create_model(name, img_size=IMG, num_classes=10, **options).eval()
-    missing, unexpected = model.load_state_dict(plain.state_dict(), strict=False)
-    assert not unexpected
-    return plain, model, missing
+    state, report = adapt_state_dict(plain.state_dict(), model)
+    model.load_state_dict(state)
+    return plain, model, report.identity
 
 
 @pytest.mark.parametrize("name", ["deit_tiny_12", "cait_xxs24"])
 def test_identity_options_equal_plain_model(name):
-    """AttnScale with ω = 0, FeatScale with λ = 0 and (for DeiT) identity talking heads change nothing."""
+    """A checkpoint without AttnScale, FeatScale and (for DeiT) talking heads loads with ω = 0,
+    λ = 0 and identity talking heads, which change nothing."""
     options = {"attnscale": True, "featscale": True}
     if name.startswith("deit"):
         options["talking_heads"] = True
-    plain, model, missing = _pair(name, **options)
-    assert missing and all(k.endswith(("omega", "lambda1", "lambda2", "proj_l.weight", "proj_l.bias", "proj_w.weight", "proj_w.bias")) for k in missing)
+    plain, model, identity = _pair(name, **options)
+    expected = ("omega", "lambda1", "lambda2") + (("proj_l.weight", "proj_l.bias", "proj_w.weight", "proj_w.bias") if name.startswith("deit") else ())
+    assert all(k.endswith(expected) for k in identity) and all(any(k.endswith(e) for k in identity) for e in expected)
+    if name.startswith("deit"):
+        heads = model.blocks[0].attn.num_heads
+        assert torch.equal(model.blocks[3].attn.proj_l.weight, torch.eye(heads))
+        assert torch.equal(model.blocks[3].attn.proj_w.bias, torch.zeros(heads))
     x = _images()
     with torch.no_grad():
         diff = (model(x) - plain(x)).abs().max().item()
@@ -88,10 +97,52 @@ def test_talking_heads_identity_equals_plain_attention():
     plain = Attention(64, 4).eval()
     talking = Attention(64, 4, talking_heads=True).eval()
     talking.load_state_dict(plain.state_dict(), strict=False)
-    talking.reset_talking_heads()
+    with torch.no_grad():
+        for linear in (talking.proj_l, talking.proj_w):
+            linear.weight.copy_(torch.eye(4))
+            linear.bias.zero_()
     x = torch.randn(2, 17, 64)
     diff = (talking(x)[0] - plain(x)[0]).abs().max().item()
     assert diff < 1e-6
+
+
+@pytest.mark.parametrize("name, options", [("cait_xxs24", {}), ("deit_tiny_24", {"talking_heads": True})])
+def test_talking_heads_from_scratch_start_like_timm_cait(name, options):
+    """Built from scratch, proj_l / proj_w are truncated normal with std 0.02 and zero bias (timm's
+    CaiT and the authors' code), not the identity."""
+    torch.manual_seed(0)
+    model = create_model(name, img_size=IMG, num_classes=10, **options)
+    weights = torch.cat([getattr(b.attn, p).weight.flatten() for b in model.blocks for p in ("proj_l", "proj_w")])
+    biases = torch.cat([getattr(b.attn, p).bias for b in model.blocks for p in ("proj_l", "proj_w")])
+    diagonal = torch.cat([getattr(b.attn, p).weight.diagonal() for b in model.blocks for p in ("proj_l", "proj_w")])
+    print(f"{name}: talking-heads weight std {weights.std():.4f} over {weights.numel()} values, diagonal mean {diagonal.mean():.4f}")
+    assert 0.017 < weights.std().item() < 0.023
+    assert abs(diagonal.mean().item()) < 0.01  # not the identity
+    assert torch.equal(biases, torch.zeros_like(biases))
+
+
+def test_featscale_comes_after_the_projection_dropout():
+    """The official order: y = FeatScale(dropout(proj(·))). In training with proj_drop > 0 the
+    dropout's zeros are refilled by λ₁·mean, so no output is exactly 0; the other order keeps them."""
+    torch.manual_seed(2)
+    attn = Attention(64, 4, proj_drop=0.5, featscale=True).train()
+    with torch.no_grad():
+        attn.feat_scale.lambda1.uniform_(0.5, 1.5)
+        attn.feat_scale.lambda2.uniform_(0.5, 1.5)
+    x = torch.randn(2, 17, 64)
+    torch.manual_seed(3)
+    out, _ = attn(x)
+    q, k, v = attn.qkv(x).reshape(2, 17, 3, 4, 16).permute(2, 0, 3, 1, 4).unbind(0)
+    projected = attn.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(2, 17, 64))
+    torch.manual_seed(3)
+    official = attn.feat_scale(attn.proj_drop(projected))
+    torch.manual_seed(3)
+    swapped = attn.proj_drop(attn.feat_scale(projected))
+    assert torch.allclose(out, official, atol=1e-6)
+    assert (swapped == 0).float().mean() > 0.4 and (out == 0).sum() == 0
+    assert (out - swapped).abs().max() > 0.1
+    attn.eval()
+    assert torch.allclose(attn(x)[0], attn.feat_scale(projected), atol=1e-6)  # no dropout: the orders agree
 
 
 def _random_attnscale_attention(attn_drop: float = 0.0) -> Attention:
@@ -165,6 +216,7 @@ def test_forward_aux_shapes(name, prefix):
     assert len(out.attentions) == depth and all(a.shape == (2, model.blocks[0].attn.num_heads, n + prefix, n + prefix) for a in out.attentions)
     assert out.patch_logits.shape == (2, n, 10)
     assert out.patch_tokens(-1).shape == (2, n, model.embed_dim)
+    assert torch.equal(out.patch_embeddings, model.patch_embed(_images()))  # before the position embedding
     assert torch.allclose(out.logits, model(_images()), atol=1e-5)
     assert model.forward_aux(_images()).attentions is None
 
@@ -186,7 +238,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(name):
         model = create_model(name, img_size=IMG, num_classes=10, drop_path_rate=0.0)
         model.set_grad_checkpointing(enable)
         out = model.forward_aux(x)
-        (out.logits.sum() + out.tokens[3].pow(2).mean()).backward()
+        (out.logits.sum() + out.tokens[3].pow(2).mean() + out.patch_embeddings.pow(2).mean()).backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
 

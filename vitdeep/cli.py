@@ -57,6 +57,14 @@ def models_command(
     print_model_table(names, img_size=img_size, patch_size=patch_size)
 
 
+@app.command("recipes")
+def recipes_command() -> None:
+    """List the bundled recipes: the published results they reproduce, with their top-1."""
+    from vitdeep.recipebook import print_recipe_table
+
+    print_recipe_table()
+
+
 @app.command("analyze")
 def analyze_command(
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="A vitdeep run / checkpoint / export, or a timm / DeiT / CaiT state dict (then name --model)."),
@@ -131,7 +139,7 @@ def shards_command(
 @with_config_options()
 def train_command(
     options: dict,
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML / JSON file of options (flags override it)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML / JSON file of options, or a bundled recipe's name (`vitdeep recipes`); flags override it."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved run (model, batch arithmetic, schedule, DeepSpeed config) and exit."),
 ) -> None:
     """Train a model with DeepSpeed: one process, or every rank under deepspeed / torchrun / SLURM."""
@@ -143,7 +151,7 @@ def train_command(
 def finetune_command(
     options: dict,
     source: str = typer.Option(..., "--from", help="Weights to start from: a vitdeep checkpoint or export, or a timm / DeiT / CaiT state dict (then name --model)."),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML / JSON file of options (flags override it)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML / JSON file of options, or a bundled recipe's name (`vitdeep recipes`); flags override it."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved run and exit."),
 ) -> None:
     """Finetune from a checkpoint, e.g. at 384 or 512 px.

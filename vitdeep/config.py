@@ -1,7 +1,8 @@
 """One typed run configuration, the single source of truth for every default.
 
 A run is resolved in layers: dataclass defaults ← recipe defaults (e.g. finetuning) ← a YAML /
-JSON file (`--config run.yaml`) ← command-line flags. Every option has one flat name (the
+JSON file or a bundled recipe's name (`--config run.yaml`, `--config deit_base_24_losses`) ←
+command-line flags. Every option has one flat name (the
 field name; `--kebab-case` on the command line), so a config file is a flat mapping such as
 `{model: deit_base_24, cos_weight: 0.0}`; the file may also group names under the section
 names (`model:`, `optim:` …) as `config.json` does. The CLI flags are generated from the fields
@@ -22,6 +23,7 @@ from vitdeep.data.pipeline import MAX_BAD_FRACTION
 from vitdeep.data.transforms import AugmentConfig
 from vitdeep.errors import UserError
 from vitdeep.losses import ObjectiveConfig
+from vitdeep.recipebook import METADATA_KEY, bundled_recipe, check_metadata, recipe_names
 
 
 def option(default: Any, help: str) -> Any:
@@ -62,6 +64,7 @@ class ModelConfig:
     drop: float = option(0.0, "Dropout before the classifier.")
     attn_drop: float = option(0.0, "Attention dropout.")
     proj_drop: float = option(0.0, "Dropout after attention / MLP projections.")
+    pos_drop: float = option(0.0, "Dropout on the embeddings once the position embedding is added.")
     talking_heads: Optional[bool] = option(None, "Talking-heads attention (default: on for CaiT, off for DeiT).")
     attnscale: bool = option(False, "AttnScale: learnable per-head high-pass gain on attention.")
     featscale: bool = option(False, "FeatScale: learnable DC / high-frequency gains on attention output.")
@@ -215,11 +218,18 @@ def field_types() -> dict[str, Any]:
     return types
 
 
-def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Flat option mapping from a YAML or JSON file (sections are flattened)."""
+def load_config_file(path: str | Path, _extended_by: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Flat option mapping from a YAML or JSON file (sections are flattened), or from a bundled
+    recipe given by name (`deit_base_24_losses`; `vitdeep recipes`). A recipe's `recipe:` block is
+    metadata, not options; its `extends: NAME` starts from that recipe's options."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"config file not found: {path}")
+        bundled = bundled_recipe(str(path))
+        if bundled is None:
+            raise UserError(f"config file not found: {path} (a YAML / JSON file, or a bundled recipe: {', '.join(recipe_names())})")
+        path = bundled
+    if path.resolve() in _extended_by:
+        raise UserError(f"config file {path} extends itself (through {', '.join(str(p) for p in _extended_by)})")
     import yaml
 
     text = path.read_text()
@@ -236,11 +246,14 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         return {}
     if not isinstance(raw, dict):
         raise UserError(f"config file {path} must hold a mapping of option names to values")
+    metadata = check_metadata(raw[METADATA_KEY], path) if METADATA_KEY in raw else {}
     flat: dict[str, Any] = {}
+    if metadata.get("extends"):
+        flat.update(load_config_file(metadata["extends"], (*_extended_by, path.resolve())))
     for key, value in raw.items():
         if key in SECTIONS and isinstance(value, dict):
             flat.update(value)
-        elif key != "explicit":
+        elif key not in ("explicit", METADATA_KEY):
             flat[key] = value
     return flat
 

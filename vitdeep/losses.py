@@ -41,9 +41,12 @@ def cosine_similarity_loss(tokens: torch.Tensor) -> torch.Tensor:
 def patch_contrastive_loss(first: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
     """ℓ_cons = −1/n Σ_i log(exp(e_iᵀh_i) / (exp(e_iᵀh_i) + exp(e_iᵀh̄))), averaged over images.
 
-    `first` = e, the block-1 input patch tokens (detached here: the loss pulls the last layer
-    towards the first, never the reverse); `last` = h, the last layer's patch tokens; h̄ is
-    their mean. Raw dot products, no temperature; −log(eᵖ/(eᵖ+e^q)) = softplus(q − p).
+    `first` = e `[B, n, D]`, the patch embedding before the position embedding is added, as in the
+    authors' code (`AuxOutput.patch_embeddings`; detached here: the loss pulls the last layer
+    towards the first, never the reverse); `last` = h, the last layer's patch tokens; h̄ is the
+    mean of all n of them, as in the paper's formula (the released code takes the mean over the
+    other n − 1 patches, 0.1 % apart at n = 196). Raw dot products, no temperature;
+    −log(eᵖ/(eᵖ+e^q)) = softplus(q − p).
     """
     if first.shape != last.shape:
         raise ValueError(f"first- and last-layer patch tokens differ in shape: {list(first.shape)} vs {list(last.shape)}")
@@ -86,11 +89,10 @@ def patch_mixing_loss(patch_logits: torch.Tensor, targets: torch.Tensor, label_s
 
 
 def teacher_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: str = "soft", tau: float = 1.0) -> torch.Tensor:
-    """The distillation term alone (DeiT): `soft` = τ²·KL(σ(t/τ) ‖ σ(z/τ)) per image; `hard` =
-    CE(z, argmax t). The teacher gets no gradient.
-
-    DeiT's code divides the soft KL by B·C rather than B, which shrinks it by the class count;
-    here it is the per-image KL of the formula.
+    """The distillation term alone (DeiT): `soft` = τ²·KL(σ(t/τ) ‖ σ(z/τ)) summed over the batch
+    and divided by the number of logits B·C, exactly as DeiT's code normalises it, so DeiT's α and τ
+    carry over (the per-image KL is C times larger); `hard` = CE(z, argmax t). The teacher gets no
+    gradient.
     """
     teacher = teacher_logits.detach().float()
     if kind == "hard":
@@ -98,7 +100,8 @@ def teacher_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kin
     if kind == "soft":
         student_log = (student_logits.float() / tau).log_softmax(dim=-1)
         teacher_log = (teacher / tau).log_softmax(dim=-1)
-        return F.kl_div(student_log, teacher_log, reduction="batchmean", log_target=True) * tau**2
+        kl_sum = F.kl_div(student_log, teacher_log, reduction="sum", log_target=True)
+        return kl_sum * tau**2 / student_logits.numel()
     raise UserError(f"unknown distillation kind '{kind}' (choose from soft, hard)")
 
 
@@ -116,7 +119,7 @@ class ObjectiveConfig:
 
     cos_weight: float = field(default=0.0, metadata={"help": "Weight of ℓ_cos, the last layer's patch cosine similarity."})
     contrastive_weight: float = field(
-        default=1.0, metadata={"help": "Weight of ℓ_cons, the contrast of last- against first-layer patch tokens."}
+        default=1.0, metadata={"help": "Weight of ℓ_cons, the contrast of last-layer patch tokens against the patch embeddings."}
     )
     patch_mix_weight: float = field(
         default=1.0, metadata={"help": "Weight of ℓ_token, the per-patch CE of a patch head after patch-aligned CutMix."}
@@ -181,7 +184,7 @@ class Objective:
         terms = {
             "ce": lambda: classification_loss(out.logits, targets, self.cfg.label_smoothing),
             "cos": lambda: cosine_similarity_loss(out.patch_tokens(-1)),
-            "contrastive": lambda: patch_contrastive_loss(out.patch_tokens(0), out.patch_tokens(-1)),
+            "contrastive": lambda: patch_contrastive_loss(out.patch_embeddings, out.patch_tokens(-1)),
             "patch_mix": lambda: self._patch_mix(out, targets, patch_labels),
             "distill": lambda: self._distill(out, teacher_logits),
         }

@@ -30,8 +30,8 @@ from vitdeep.engine.schedule import LrSchedule
 from vitdeep.errors import UserError
 from vitdeep.losses import Objective
 from vitdeep.models import count_parameters, create_model, get_spec, model_stats
-from vitdeep.models.registry import ARCHITECTURE_OPTIONS, resolved_architecture
 from vitdeep.models.checkpoints import Weights, adapt_state_dict, read_weights, source_model_options
+from vitdeep.models.registry import ARCHITECTURE_OPTIONS, resolved_architecture, resolved_options
 from vitdeep.paths import check_output_dir
 
 #: DeiT's learning-rate scaling rule: lr = base_lr × global_batch / 512.
@@ -74,10 +74,18 @@ class RunPlan:
     def summary(self) -> dict[str, Any]:
         """What `--dry-run` prints (and `config.json` records beside the options)."""
         params, flops = model_stats(self.cfg.model.model, self.cfg.model.img_size, **_stat_options(self.model_kwargs))
+        options = resolved_options(self.cfg.model.model, **self.model_kwargs)
+        switch = {True: "on", False: "off"}
+        weights = Objective(self.cfg.loss).weights
         return {
             "model": self.cfg.model.model,
             "parameters": params,
             "GFLOPs per image (forward)": round(flops / 1e9, 3),
+            "talking heads": switch[bool(options["talking_heads"])],
+            "AttnScale / FeatScale": f"{switch[options['attnscale']]} / {switch[options['featscale']]}",
+            "drop path": options["drop_path_rate"],
+            "objective": " + ".join(f"{weight:g}·{name}" for name, weight in weights.items()),
+            "start from": self.cfg.run.init_from or "random init",
             "num_classes": self.num_classes,
             "train samples": self.train_info.num_samples,
             "val samples": self.val_info.num_samples if self.val_info else None,
@@ -111,6 +119,7 @@ def model_kwargs_for(cfg: TrainConfig, num_classes: int, objective: Objective) -
         drop_rate=m.drop,
         attn_drop_rate=m.attn_drop,
         proj_drop_rate=m.proj_drop,
+        pos_drop_rate=m.pos_drop,
         attnscale=m.attnscale,
         featscale=m.featscale,
         patch_head=objective.needs_patch_head,

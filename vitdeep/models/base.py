@@ -10,7 +10,6 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from vitdeep.errors import UserError
-from vitdeep.models.layers import Attention
 
 
 class AuxOutput(NamedTuple):
@@ -21,12 +20,17 @@ class AuxOutput(NamedTuple):
     distillation) before the patches; CaiT's self-attention blocks see patches only, so its
     sequences have none. Use `patch_tokens(l)` rather than slicing by hand.
 
+    `patch_embeddings` `[B, n, D]` is the patch embedding's output before the position embedding
+    is added (patches only): the first-layer features of ℓ_cons, as in the authors' code. With the
+    position embedding in them, each patch's own position alone could meet the loss's positive term.
+
     A named tuple (not a dataclass) so that engines which hook module outputs (DeepSpeed ZeRO-3
     re-gathers parameters for the backward pass through them) see every tensor inside.
     """
 
     logits: torch.Tensor
     tokens: list[torch.Tensor]
+    patch_embeddings: torch.Tensor
     attentions: list[torch.Tensor] | None
     patch_logits: torch.Tensor | None
     dist_logits: torch.Tensor | None
@@ -98,13 +102,10 @@ class DeepTransformer(nn.Module):
         return x, attentions
 
     def init_weights(self) -> None:
-        """timm's ViT init: truncated normal (0.02) linears, zero biases; then the identity
-        starting points of the extra options (talking heads = plain attention)."""
+        """timm's ViT init: truncated normal (0.02) linears, talking-heads maps included (as timm's
+        CaiT and the authors' code), zero biases."""
         trunc_normal_(self.pos_embed, std=0.02)
         self.apply(_init_linear)
-        for module in self.modules():
-            if isinstance(module, Attention):
-                module.reset_talking_heads()
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:

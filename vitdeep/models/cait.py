@@ -157,9 +157,14 @@ class Cait(DeepTransformer):
             return int(name.split(".")[1]) + offset
         return super().layer_id(name)
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
+    def embed_patches(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch embedding `[B, n, D]`, before the position embedding."""
         check_image_input(x, self.img_size)
-        return self.pos_drop(self.patch_embed(x) + self.pos_embed)
+        return self.patch_embed(x)
+
+    def embed(self, patches: torch.Tensor) -> torch.Tensor:
+        """The sequence entering block 1: patches plus position embedding (no class token yet)."""
+        return self.pos_drop(patches + self.pos_embed)
 
     def _class_attention(self, x: torch.Tensor) -> torch.Tensor:
         """Class-attention blocks, then the final norm over [class; patches]."""
@@ -169,7 +174,7 @@ class Cait(DeepTransformer):
         return self.norm(torch.cat((x_cls, x), dim=1))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x, _ = self.run_blocks(self.embed(x))
+        x, _ = self.run_blocks(self.embed(self.embed_patches(x)))
         return self._class_attention(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -178,7 +183,8 @@ class Cait(DeepTransformer):
 
     def forward_aux(self, x: torch.Tensor, attention: bool = False) -> AuxOutput:
         """As `VisionTransformer.forward_aux`; token sequences are patches only (no prefix)."""
-        x = self.embed(x)
+        patches = self.embed_patches(x)
+        x = self.embed(patches)
         tokens = [x]
         x, attentions = self.run_blocks(x, attention, tokens)
         x = self._class_attention(x)
@@ -186,6 +192,7 @@ class Cait(DeepTransformer):
         return AuxOutput(
             logits=self.forward_head(x),
             tokens=tokens,
+            patch_embeddings=patches,
             attentions=attentions if attention else None,
             patch_logits=self.patch_logits(x[:, 1:]),
             dist_logits=None,

@@ -3,7 +3,8 @@
 Sources: a vitdeep training checkpoint (any ZeRO stage; consolidated on the CPU, optionally its
 EMA), a vitdeep export (`.safetensors` carrying the model name and options), and plain timm /
 DeiT / CaiT state dicts (`.pth`, `.bin`, `.safetensors`; wrapped in `model` / `state_dict` /
-`module.` or not), including the official AttnScale / FeatScale checkpoints of Wang et al.
+`module.` or not), including the official AttnScale / FeatScale checkpoints of Wang et al. and
+Gong et al.'s released models (talking heads as bias-free `proj_pre` / `proj_post`).
 
 Adapting a source to a model: position embeddings are resampled to the model's grid (prefix
 slots kept); parameters the source lacks start at their identity values (ω = 0, λ = 0, γ = 1,
@@ -70,15 +71,16 @@ class LoadReport:
 
 
 def _summarise(keys: list[str]) -> str:
-    """`blocks.{0..23}.attn.attn_scale.omega` style summary of many per-block keys."""
+    """`blocks.{0..23}.attn.attn_scale.omega` style summary of many per-block keys (also of
+    `old → new` conversion lines, whose block index appears on both sides)."""
     groups: dict[str, list[int]] = {}
     for key in keys:
-        match = re.match(r"^(blocks\.)(\d+)(\..*)$", key)
-        pattern = f"{match.group(1)}*{match.group(3)}" if match else key
-        groups.setdefault(pattern, []).append(int(match.group(2)) if match else -1)
+        indices = {int(i) for i in re.findall(r"\bblocks\.(\d+)\.", key)}
+        pattern = re.sub(r"\bblocks\.\d+\.", "blocks.*.", key) if len(indices) == 1 else key
+        groups.setdefault(pattern, []).extend(indices if len(indices) == 1 else [])
     parts = []
     for pattern, indices in groups.items():
-        parts.append(pattern.replace("*", f"{{{min(indices)}..{max(indices)}}}") if "*" in pattern else pattern)
+        parts.append(pattern.replace("*", f"{{{min(indices)}..{max(indices)}}}") if indices else pattern)
     return ", ".join(parts)
 
 
@@ -162,22 +164,35 @@ def _is_state_dict(mapping: dict) -> bool:
 # -- adapting ------------------------------------------------------------------------------------
 
 
+#: Gong et al.'s bias-free talking-heads maps (PatchVisionTransformer's `deit/models.py`) → timm's names.
+GONG_TALKING_HEADS = {"proj_pre": "proj_l", "proj_post": "proj_w"}
+
+
 def _convert_official(state_dict: dict[str, torch.Tensor], family: str, report: LoadReport) -> dict[str, torch.Tensor]:
-    """Wang et al.'s parameter names: `blocks.i.attn.lamb` (ω), `blocks.i.lamb1/2` (λ)."""
+    """The authors' parameter names. Wang et al.: `blocks.i.attn.lamb` (ω), `blocks.i.lamb1/2`
+    (λ). Gong et al.: `blocks.i.attn.proj_pre/proj_post.weight`, talking heads without bias,
+    which are timm's `proj_l` / `proj_w` with a zero bias."""
     converted = {}
     for key, value in state_dict.items():
-        match = re.match(r"^(blocks\.\d+\.)(attn\.lamb|lamb1|lamb2)$", key)
-        if match is None:
-            converted[key] = value
-            continue
-        prefix, name = match.groups()
-        if name == "attn.lamb":
-            new_key = f"{prefix}attn.attn_scale.omega"
+        wang = re.match(r"^(blocks\.\d+\.)(attn\.lamb|lamb1|lamb2)$", key)
+        gong = re.match(r"^(blocks\.\d+\.attn\.)(proj_pre|proj_post)\.weight$", key)
+        if wang is not None:
+            prefix, name = wang.groups()
+            if name == "attn.lamb":
+                new_key = f"{prefix}attn.attn_scale.omega"
+            else:
+                new_key = f"{prefix}attn.feat_scale.lambda{name[-1]}"
+                value = value * OFFICIAL_FEATSCALE_FACTOR[family]
+            converted[new_key] = value
+            report.converted.append(f"{key} → {new_key}")
+        elif gong is not None:
+            prefix, name = gong.groups()
+            new_name = f"{prefix}{GONG_TALKING_HEADS[name]}"
+            converted[f"{new_name}.weight"] = value
+            converted[f"{new_name}.bias"] = torch.zeros(value.shape[0], dtype=value.dtype)
+            report.converted.append(f"{key} → {new_name}.weight (bias 0)")
         else:
-            new_key = f"{prefix}attn.feat_scale.lambda{name[-1]}"
-            value = value * OFFICIAL_FEATSCALE_FACTOR[family]
-        converted[new_key] = value
-        report.converted.append(f"{key} → {new_key}")
+            converted[key] = value
     return converted
 
 
@@ -278,18 +293,35 @@ def load_weights_into(model: nn.Module, weights: Weights) -> LoadReport:
     return report
 
 
+#: Model switches a plain state dict shows by its keys (the authors' names included).
+SWITCH_KEYS = {
+    "talking_heads": r"^blocks\.\d+\.attn\.(proj_l|proj_pre)\.weight$",
+    "attnscale": r"^blocks\.\d+\.attn\.(attn_scale\.omega|lamb)$",
+    "featscale": r"^blocks\.\d+\.(attn\.feat_scale\.lambda1|lamb1)$",
+    "patch_head": r"^patch_head\.weight$",
+    "distilled": r"^dist_token$",
+}
+
+
+def options_in_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, bool]:
+    """The switches a plain state dict's keys show to be on (e.g. `{"talking_heads": True}`)."""
+    return {name: True for name, pattern in SWITCH_KEYS.items() if any(re.match(pattern, key) for key in state_dict)}
+
+
 def build_model(weights: Weights, model_name: str | None = None, **overrides: Any) -> tuple[nn.Module, LoadReport]:
     """The model a source describes, with `overrides` (e.g. a new `img_size` or `num_classes`).
 
     A vitdeep checkpoint or export builds the model it records, with its saved options;
-    `model_name` (`vitdeep_` prefix or not) names the architecture of a plain state dict only.
+    `model_name` (`vitdeep_` prefix or not) names the architecture of a plain state dict only,
+    whose switches (talking heads, AttnScale, FeatScale, patch head, distillation token) are read
+    from its keys.
     """
     from vitdeep.models.registry import create_model, get_spec
 
     if weights.model is not None:
         name, saved = weights.model, weights.model_kwargs
     elif model_name is not None:
-        name, saved = get_spec(model_name).name, {}
+        name, saved = get_spec(model_name).name, options_in_state_dict(weights.state_dict)
     else:
         raise UserError(f"{weights.source} is a plain state dict: name its model with --model NAME")
     kwargs = {**saved, **{k: v for k, v in overrides.items() if v is not None}}

@@ -44,7 +44,9 @@ class FeatScale(nn.Module):
     """FeatScale (Wang et al. 2022): re-weight the DC and high-frequency parts of a branch output.
 
     `y = x + λ₁·x_d + λ₂·x_h` with `x_d = mean_tokens(x)`, `x_h = x − x_d`; λ = 0 is the identity.
-    The terms are added once (the official ViT code adds them twice; convert with λ = 2·λ_official).
+    It acts on the attention branch after the projection and its dropout, as the official code
+    does. The terms are added once (the official ViT code adds them twice; convert with
+    λ = 2·λ_official).
     """
 
     def __init__(self, dim: int) -> None:
@@ -92,17 +94,12 @@ class Attention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
         self.talking_heads = talking_heads
         if talking_heads:
+            # initialised with every other linear layer (truncated normal, std 0.02, zero bias), as
+            # timm's CaiT and the authors' code; identity only when a checkpoint lacks them
             self.proj_l = nn.Linear(num_heads, num_heads)
             self.proj_w = nn.Linear(num_heads, num_heads)
         self.attn_scale = AttnScale(num_heads) if attnscale else None
         self.feat_scale = FeatScale(dim) if featscale else None
-
-    def reset_talking_heads(self) -> None:
-        """Identity mixing with zero bias: talking heads start as plain multi-head attention."""
-        if self.talking_heads:
-            for linear in (self.proj_l, self.proj_w):
-                nn.init.eye_(linear.weight)
-                nn.init.zeros_(linear.bias)
 
     def _uses_fused_kernel(self, need_weights: bool) -> bool:
         if self.talking_heads or need_weights:
@@ -132,10 +129,10 @@ class Attention(nn.Module):
         else:
             attn = self.attention_matrix(q, k)
             out = self.attn_drop(attn) @ v
-        out = self.proj(out.transpose(1, 2).reshape(B, N, C))
+        out = self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, C)))
         if self.feat_scale is not None:
             out = self.feat_scale(out)
-        return self.proj_drop(out), attn
+        return out, attn
 
 
 class Block(nn.Module):

@@ -32,7 +32,7 @@ TIMM_TWINS = {
     "deit_tiny_12": "deit_tiny_patch16_224",
     "deit_small_12": "deit_small_patch16_224",
     "deit_base_12": "deit_base_patch16_224",
-    "deit_large_12": "vit_large_patch16_224",
+    "deit_large_24": "vit_large_patch16_224",
     "cait_xxs24": "cait_xxs24_224",
     "cait_xxs36": "cait_xxs36_224",
     "cait_xs24": "cait_xs24_384",
@@ -108,22 +108,29 @@ ARCHITECTURE_OPTIONS = ("depth", "embed_dim", "num_heads", "img_size", "patch_si
 INHERITED_OPTIONS = tuple(o for o in ARCHITECTURE_OPTIONS if o not in ("img_size", "num_classes", "patch_head", "distilled"))
 
 
-def resolved_architecture(name: str, kwargs: dict) -> dict:
-    """The architecture options `create_model(name, **kwargs)` builds with, defaults spelled out,
-    so that `--depth 12` and no `--depth` compare equal for a 12-block model."""
-    spec = get_spec(name)
-    params = inspect.signature(spec.model_cls.__init__).parameters
-    values = {k: p.default for k, p in params.items() if k in ARCHITECTURE_OPTIONS}
-    values.update({k: v for k, v in {**spec.kwargs(), **kwargs}.items() if k in values and v is not None})
-    if spec.family == "cait" and values.get("init_values") is None:
-        values["init_values"] = cait_layer_scale_init(values["depth"])
-    return values
-
-
 def model_options(name: str) -> list[str]:
     """Keyword options `create_model` accepts for this model."""
     params = inspect.signature(get_spec(name).model_cls.__init__).parameters
     return [p for p in params if p != "self"]
+
+
+def resolved_options(name: str, **kwargs) -> dict:
+    """Every option `create_model(name, **kwargs)` builds with: the given ones over the named size's
+    and the model class's defaults (e.g. `talking_heads` is on for CaiT unless turned off)."""
+    spec = get_spec(name)
+    params = inspect.signature(spec.model_cls.__init__).parameters
+    defaults = {p: params[p].default for p in model_options(name)}
+    return {**defaults, **spec.kwargs(), **{k: v for k, v in kwargs.items() if v is not None}}
+
+
+def resolved_architecture(name: str, kwargs: dict) -> dict:
+    """The architecture options of `resolved_options`, with CaiT's LayerScale init by depth spelled
+    out too, so that `--depth 12` and no `--depth` compare equal for a 12-block model."""
+    options = resolved_options(name, **kwargs)
+    values = {k: options[k] for k in ARCHITECTURE_OPTIONS if k in options}
+    if get_spec(name).family == "cait" and values.get("init_values") is None:
+        values["init_values"] = cait_layer_scale_init(values["depth"])
+    return values
 
 
 def create_model(name: str, **kwargs) -> nn.Module:

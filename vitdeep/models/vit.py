@@ -90,16 +90,19 @@ class VisionTransformer(DeepTransformer):
         if self.dist_token is not None:
             trunc_normal_(self.dist_token, std=0.02)
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Patch embedding with the prefix tokens prepended and position embedding added."""
+    def embed_patches(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch embedding `[B, n, D]`, before the prefix tokens and the position embedding."""
         check_image_input(x, self.img_size)
-        x = self.patch_embed(x)
+        return self.patch_embed(x)
+
+    def embed(self, patches: torch.Tensor) -> torch.Tensor:
+        """The sequence entering block 1: prefix tokens prepended, position embedding added."""
         prefix = [self.cls_token] + ([self.dist_token] if self.dist_token is not None else [])
-        x = torch.cat([p.expand(x.shape[0], -1, -1) for p in prefix] + [x], dim=1)
+        x = torch.cat([p.expand(patches.shape[0], -1, -1) for p in prefix] + [patches], dim=1)
         return self.pos_drop(x + self.pos_embed)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x, _ = self.run_blocks(self.embed(x))
+        x, _ = self.run_blocks(self.embed(self.embed_patches(x)))
         return self.norm(x)
 
     def _heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -114,8 +117,10 @@ class VisionTransformer(DeepTransformer):
         return logits if dist_logits is None else (logits + dist_logits) / 2
 
     def forward_aux(self, x: torch.Tensor, attention: bool = False) -> AuxOutput:
-        """Logits plus per-layer tokens, attention maps (only when asked) and patch logits."""
-        x = self.embed(x)
+        """Logits plus per-layer tokens, the pre-position patch embeddings, attention maps (only
+        when asked) and patch logits."""
+        patches = self.embed_patches(x)
+        x = self.embed(patches)
         tokens = [x]
         x, attentions = self.run_blocks(x, attention, tokens)
         tokens[-1] = x = self.norm(x)
@@ -123,6 +128,7 @@ class VisionTransformer(DeepTransformer):
         return AuxOutput(
             logits=logits,
             tokens=tokens,
+            patch_embeddings=patches,
             attentions=attentions if attention else None,
             patch_logits=self.patch_logits(x[:, self.num_prefix_tokens :]),
             dist_logits=dist_logits,
