@@ -95,6 +95,7 @@ class RunConfig:
     teacher: Optional[str] = option(None, "Distillation teacher: a vitdeep checkpoint / export, TIMM_NAME=FILE, or a timm name (its pretrained weights).")
     init_from: Optional[str] = option(None, "Start from these weights (any source `vitdeep eval` reads); `finetune --from` sets it.")
     init_from_ema: bool = option(False, "Take the EMA weights of --init-from.")
+    plan_check: bool = option(True, "On a GPU, refuse to start a run the memory planner (`vitdeep plan`) says cannot fit.")
 
 
 @dataclass

@@ -58,9 +58,13 @@ class RunPlan:
     def zero_stage(self) -> int:
         return zero_stage(self.ds_config)
 
+    def model_stats(self) -> tuple[int, int]:
+        """(parameters, forward FLOPs per image) of the run's model, counted as `vitdeep models` does."""
+        return model_stats(self.cfg.model.model, self.cfg.model.img_size, **_stat_options(self.model_kwargs))
+
     def summary(self) -> dict[str, Any]:
         """What `--dry-run` prints (and `config.json` records beside the options)."""
-        params, flops = model_stats(self.cfg.model.model, self.cfg.model.img_size, **_stat_options(self.model_kwargs))
+        params, flops = self.model_stats()
         return {
             "model": self.cfg.model.model,
             "parameters": params,
@@ -112,17 +116,23 @@ def model_kwargs_for(cfg: TrainConfig, num_classes: int, objective: Objective) -
     return kwargs
 
 
-def make_plan(cfg: TrainConfig, world_size: int) -> RunPlan:
-    """Resolve and check everything a run needs; raises `UserError` on bad input."""
+def make_plan(cfg: TrainConfig, world_size: int, train_info: DatasetInfo | None = None, check_host: bool = True) -> RunPlan:
+    """Resolve and check everything a run needs; raises `UserError` on bad input.
+
+    The memory planner (`capacity.py`) passes `train_info` instead of --data, and
+    `check_host=False` to plan for other machines: no output folder, and fp16 / offload are not
+    refused for want of a GPU here.
+    """
     get_spec(cfg.model.model)
-    if not cfg.data.data:
+    if train_info is None and not cfg.data.data:
         raise UserError("no training data: pass --data SHARDS")
-    if not cfg.run.out:
+    if check_host and not cfg.run.out:
         raise UserError("no output directory: pass --out DIR")
     raw = load_ds_config(cfg.run.ds_config)
-    check_precision_supported(raw)
+    if check_host:
+        check_precision_supported(raw)
 
-    train_info = read_dataset_info(cfg.data.data, num_samples=cfg.data.num_samples, split="train")
+    train_info = train_info or read_dataset_info(cfg.data.data, num_samples=cfg.data.num_samples, split="train")
     val_info = read_dataset_info(cfg.data.val, num_samples=cfg.data.val_num_samples, split="val") if cfg.data.val else None
     num_classes = cfg.model.num_classes or train_info.num_classes
     if not num_classes:
