@@ -31,7 +31,7 @@ from vitdeep.engine.measure import peak_above_start
 from vitdeep.engine.memtrace import GradientPath, StepTracer
 from vitdeep.engine.plan import make_plan
 from vitdeep.errors import UserError
-from vitdeep.losses import Objective
+from vitdeep.losses import Objective, ObjectiveConfig
 from vitdeep.models import create_model
 
 IMAGENET = DatasetInfo(urls=(), num_samples=1_281_167, num_classes=1000)
@@ -63,17 +63,22 @@ def test_zero2_states_match_deepspeeds_estimator(name, capsys):
     """DeepSpeed's ZeRO-2 figure, 2Ψ + 18Ψ/N (bf16 parameters; 2 + 4 bytes of gradients, 4 of fp32
     masters, 8 of Adam moments per partitioned parameter), is vitdeep's held states plus what a
     step adds on a GPU: the bf16 gradient partition backward leaves and its fp32 copy."""
-    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs_all_cold
+    from deepspeed.runtime.zero.stage_1_and_2 import (
+        estimate_zero2_model_states_mem_needs,
+        estimate_zero2_model_states_mem_needs_all_cold,
+    )
 
     plan = plan_of(16, model=name, ds_config="zero2_bf16")
     zero, model = Zero.from_ds_config(plan.ds_config), meta_model(name, num_classes=1000)
     counts = ParamCounts.of(model, zero, 16)
     ours = sum(line.nbytes for line in model_state_lines(counts, zero, 16))
     ours += gradient_path(counts, zero, 16).partition_grads + optimizer_step_bytes(counts, zero, 16, "cuda")
-    theirs = deepspeed_gpu_estimate(estimate_zero2_model_states_mem_needs_all_cold, capsys, "offload_optimizer=none",
-                                    total_params=counts.total, num_gpus_per_node=8, num_nodes=2)
-    print(f"{name} ZeRO-2 per GPU: vitdeep {ours / 2**30:.3f} GiB, DeepSpeed {theirs / 2**30:.2f} GiB")
-    assert abs(ours - theirs) <= 0.006 * 2**30 + 1e-4 * theirs
+    printed = deepspeed_gpu_estimate(estimate_zero2_model_states_mem_needs_all_cold, capsys, "offload_optimizer=none",
+                                     total_params=counts.total, num_gpus_per_node=8, num_nodes=2)
+    _, exact = estimate_zero2_model_states_mem_needs(counts.total, num_gpus_per_node=8, num_nodes=2, cpu_offload=False)
+    print(f"{name} ZeRO-2 per GPU: vitdeep {ours / 2**30:.4f} GiB, DeepSpeed {exact / 2**30:.4f} GiB (printed {printed / 2**30:.2f})")
+    assert abs(printed - exact) <= 0.006 * 2**30
+    assert abs(ours - exact) <= 16 * 4  # partitions rounded up per rank
 
 
 @pytest.mark.parametrize("name", ["deit_base_24", "cait_m48"])
@@ -83,24 +88,25 @@ def test_zero3_states_match_deepspeeds_estimator_up_to_named_terms(name, capsys)
     leaves out. Instead of its largest-layer term vitdeep counts the persistent (small, never
     partitioned) parameters and the reduction bucket among the states, and the gathered
     parameters in the micro-step."""
-    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs_all_cold, model_to_params
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs, estimate_zero3_model_states_mem_needs_all_cold
 
     plan = plan_of(16, model=name, ds_config="zero3_bf16")
     zero, model = Zero.from_ds_config(plan.ds_config), meta_model(name, num_classes=1000)
     counts = ParamCounts.of(model, zero, 16)
-    held = sum(line.nbytes for line in model_state_lines(counts, zero, 16))
-    ours = held + optimizer_step_bytes(counts, zero, 16, "cuda")
-    named = 2 * counts.persistent + 2 * zero.reduce_bucket_size + 2 * (counts.partition - math.ceil(counts.trainable / 16))
-    total, largest_layer = model_to_params(model)
-    theirs = deepspeed_gpu_estimate(estimate_zero3_model_states_mem_needs_all_cold, capsys,
-                                    "offload_param=none, offload_optimizer=none, zero_init=1",
-                                    total_params=total, largest_layer_params=largest_layer, num_gpus_per_node=8, num_nodes=2)
-    theirs_partitioned = theirs - 4 * largest_layer
-    ours_partitioned = ours - named - 2 * math.ceil(counts.trainable / 16)
-    print(f"{name} ZeRO-3 per GPU: vitdeep {ours / 2**30:.3f} GiB (of which persistent + bucket + bf16 partition "
-          f"{named / 2**30 + 2 * counts.trainable / 16 / 2**30:.3f}), DeepSpeed {theirs / 2**30:.2f} GiB (of which largest layer "
-          f"{4 * largest_layer / 2**30:.3f})")
-    assert abs(ours_partitioned - theirs_partitioned) <= 0.006 * 2**30 + 1e-4 * theirs
+    ours = sum(line.nbytes for line in model_state_lines(counts, zero, 16)) + optimizer_step_bytes(counts, zero, 16, "cuda")
+    # DeepSpeed's model_to_params tells parameters apart by data_ptr, which a meta model lacks: count as it would
+    largest_layer = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+    printed = deepspeed_gpu_estimate(estimate_zero3_model_states_mem_needs_all_cold, capsys,
+                                     "offload_param=none, offload_optimizer=none, zero_init=1",
+                                     total_params=counts.total, largest_layer_params=largest_layer, num_gpus_per_node=8, num_nodes=2)
+    _, exact, largest_layer_memory = estimate_zero3_model_states_mem_needs(
+        counts.total, largest_layer, num_gpus_per_node=8, num_nodes=2, cpu_offload=False, cpu_offload_params=False)
+    bf16_partition = 2 * counts.partition
+    named = bf16_partition + 2 * counts.persistent + 2 * zero.reduce_bucket_size
+    print(f"{name} ZeRO-3 per GPU: vitdeep {ours / 2**30:.4f} GiB (bf16 partition + persistent + bucket {named / 2**30:.4f}), "
+          f"DeepSpeed {exact / 2**30:.4f} GiB (printed {printed / 2**30:.2f}; largest layer {largest_layer_memory / 2**30:.4f})")
+    assert abs(printed - exact) <= 0.006 * 2**30
+    assert abs((ours - named) - (exact - largest_layer_memory)) <= 16 * 4 + 2 * 16 * 400  # per-tensor rounding of partitions
 
 
 # -- the trace ------------------------------------------------------------------------------------
@@ -109,9 +115,11 @@ def test_zero3_states_match_deepspeeds_estimator_up_to_named_terms(name, capsys)
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_trace_matches_a_real_cpu_step(checkpointing):
     """The fake-tensor trace of forward + loss + backward against the same step run for real on the
-    CPU, measured from the profiler's allocation events (no DeepSpeed: gradients stay in .grad)."""
+    CPU, measured from the profiler's allocation events (no DeepSpeed: gradients stay in .grad).
+    The measurement also holds oneDNN's scratchpad (about 5 MB in the fp32 patch embedding's
+    backward), which the trace leaves out: a batch of 32 keeps it small beside the activations."""
     options = dict(img_size=64, num_classes=100, patch_head=True)
-    batch, patches = 8, 16
+    batch, patches = 32, 16
     torch.manual_seed(0)
     model = create_model("deit_tiny_24", **options).train()
     model.set_grad_checkpointing(checkpointing)
@@ -137,7 +145,7 @@ def test_trace_follows_the_attention_path_that_runs():
 
     def traced(img_size: int, talking_heads: bool) -> int:
         model = meta_model("deit_tiny_12", img_size=img_size, num_classes=10, talking_heads=talking_heads)
-        tracer = StepTracer(model, torch.bfloat16, Objective(), soft_targets=True, patch_labels=False)
+        tracer = StepTracer(model, torch.bfloat16, Objective(ObjectiveConfig(patch_mix_weight=0.0)), soft_targets=True, patch_labels=False)
         return tracer.trace(4, False, GradientPath()).peak
 
     extra_small = traced(64, True) - traced(64, False)
@@ -244,9 +252,11 @@ def test_plan_refuses_what_cannot_be_planned(tmp_path, capsys):
 def test_dry_run_prints_the_planners_memory_lines(digit_shards, tmp_path, capsys):
     from vitdeep.cli import main
 
-    main([*train_args(digit_shards, tmp_path / "out"), "--dry-run"])
+    with pytest.raises(SystemExit) as exit_info:
+        main([*train_args(digit_shards, tmp_path / "out"), "--dry-run"])
     printed = capsys.readouterr().out
-    for line in ("parameters (fp32)", "optimizer state", "EMA", "micro-step: forward + backward", "framework allowance"):
+    assert exit_info.value.code == 0
+    for line in ("parameters (bf16)", "optimizer state", "EMA", "micro-step: forward + backward", "framework allowance"):
         assert line in printed
     assert not (tmp_path / "out").exists()
 
@@ -254,8 +264,9 @@ def test_dry_run_prints_the_planners_memory_lines(digit_shards, tmp_path, capsys
 def test_no_plan_check_is_a_train_option(digit_shards, tmp_path, capsys):
     from vitdeep.cli import main
 
-    main([*train_args(digit_shards, tmp_path / "out"), "--no-plan-check", "--dry-run"])
-    assert "plan_check" not in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main([*train_args(digit_shards, tmp_path / "out"), "--no-plan-check", "--dry-run"])
+    assert exit_info.value.code == 0, capsys.readouterr().err
 
 
 # -- prediction against measurement on 2 DeepSpeed ranks -----------------------------------------

@@ -66,17 +66,18 @@ def run_plan(
         raise UserError(f"--json {json_path}: folder {json_path.parent} does not exist")
     on_gpu = torch.cuda.is_available()
     memory = parse_memory(gpu_memory) if gpu_memory else None
+    nodes = 1 if nodes is None else nodes
     if measure:
         _, launched, _ = world_from_env()
-        nodes = nodes or 1
-        gpus_per_node = gpus_per_node or launched // nodes
+        gpus_per_node = launched // max(nodes, 1) if gpus_per_node is None else gpus_per_node
         if nodes * gpus_per_node != launched:
             raise UserError(f"--measure runs on this launch's {launched} rank(s): plan --nodes {nodes} × --gpus-per-node "
                             f"{gpus_per_node} = {nodes * gpus_per_node} to match, or launch that many ranks")
         if memory is None and on_gpu:
             memory = torch.cuda.get_device_properties(world_from_env()[2]).total_memory
     cluster = Cluster(
-        nodes=nodes or 1, gpus_per_node=gpus_per_node or DEFAULT_GPUS_PER_NODE, gpu_memory=memory or Cluster().gpu_memory,
+        nodes=nodes, gpus_per_node=DEFAULT_GPUS_PER_NODE if gpus_per_node is None else gpus_per_node,
+        gpu_memory=Cluster().gpu_memory if memory is None else memory,
         gpu_tflops=gpu_tflops, mfu=mfu, device="cuda" if (on_gpu or not measure) else "cpu",
     )
     if measure:

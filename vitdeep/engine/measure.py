@@ -13,7 +13,8 @@ step lets DeepSpeed and AdamW create their lazily allocated state; the second is
 - **the forward + backward and optimizer-step peaks above them**: on CUDA from
   `torch.cuda.max_memory_allocated`; on the CPU, where torch keeps no allocator statistics, from
   the running sum of the profiler's allocation events (every allocation and free of torch's CPU
-  allocator: tensor storage only, not oneDNN scratch, the Python heap or gloo's buffers).
+  allocator: tensor storage, and oneDNN's scratchpad, about 5 MB for the fp32 patch embedding's
+  backward, which the planner does not model; not the Python heap or gloo's buffers).
 
 On CUDA the step's absolute `max_memory_allocated` / `max_memory_reserved` and the device memory
 torch does not manage (context, NCCL) are recorded as well, against the planner's total and its
