@@ -8,6 +8,7 @@ import json
 import math
 import re
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -278,7 +279,7 @@ MEASURED_CONFIGS = ("cpu_fp32", "zero2_bf16", "zero3_bf16")
 def test_measured_step_agrees_with_the_plan_on_two_ranks(model, tmp_path):
     """`--measure` (through `run_plan`) on 2 CPU ranks, ZeRO-0 (fp32) / 2 / 3 (bf16), 64 px,
     micro-batch 32: the model-state and micro-step lines within 15 % of the measurement."""
-    script = str(BIN.parent.parent / "tests" / "scripts" / "plan_measure.py")
+    script = str(Path(__file__).parent / "scripts" / "plan_measure.py")
     run([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), script, model, "64", "32", str(tmp_path),
          *MEASURED_CONFIGS], timeout=1800)
     for ds_config in MEASURED_CONFIGS:

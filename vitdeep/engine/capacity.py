@@ -86,12 +86,13 @@ class Zero:
     @classmethod
     def from_ds_config(cls, ds_config: dict[str, Any]) -> "Zero":
         from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+        from pydantic import ValidationError
 
         from vitdeep.engine.deepspeed import precision
 
         try:
             z = DeepSpeedZeroConfig(**ds_config.get("zero_optimization", {}))
-        except Exception as error:  # pydantic's ValidationError: a bad ds_config is the user's
+        except (ValidationError, TypeError) as error:
             raise UserError(f"ds-config zero_optimization cannot be planned: {str(error).splitlines()[0]}") from None
 
         def offloaded(section: Any) -> bool:
@@ -116,8 +117,8 @@ class Zero:
 
     @property
     def label(self) -> str:
-        offload = " + offload" + ("" if not self.offload_param else " (params too)") if self.offload_optimizer or self.offload_param else ""
-        return f"ZeRO-{self.stage} {self.precision}{offload}"
+        offloaded = [name for name, on in (("optimizer", self.offload_optimizer), ("parameters", self.offload_param)) if on]
+        return f"ZeRO-{self.stage} {self.precision}" + (f", {' and '.join(offloaded)} offloaded" if offloaded else "")
 
 
 @dataclass(frozen=True)
@@ -134,10 +135,13 @@ class ParamCounts:
     largest_update: int
 
     @classmethod
-    def of(cls, blueprint: torch.nn.Module, zero: Zero, world_size: int) -> "ParamCounts":
+    def of(cls, blueprint: torch.nn.Module, zero: Zero, world_size: int, weight_decay: float = 0.05,
+           layer_decay: float | None = None) -> "ParamCounts":
+        """Counts of `blueprint` (frozen parameters marked); `weight_decay` and `layer_decay` decide
+        AdamW's parameter groups, which ZeRO partitions one by one."""
         params = list(blueprint.parameters())
         trainable = [p for p in params if p.requires_grad]
-        groups = [sum(p.numel() for p in g["params"]) for g in param_groups(blueprint, 0.05, None)]
+        groups = [sum(p.numel() for p in g["params"]) for g in param_groups(blueprint, weight_decay, layer_decay)]
         if zero.stage == 0:
             largest = max((p.numel() for p in trainable), default=0)
         else:
@@ -340,7 +344,8 @@ class MemoryModel:
         zero = Zero.from_ds_config(ds_config)
         world = self.cluster.world_size
         accumulating = self.plan.batch.global_batch > micro_batch * world
-        counts = ParamCounts.of(self._counted, zero, world)
+        optim = self.plan.cfg.optim
+        counts = ParamCounts.of(self._counted, zero, world, optim.weight_decay, optim.layer_decay)
         path = gradient_path(counts, zero, world, accumulating)
         key = (path, zero.precision, micro_batch, grad_checkpointing)
         if key not in self._traces:

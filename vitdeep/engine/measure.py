@@ -34,11 +34,11 @@ from vitdeep.engine.plan import RunPlan
 from vitdeep.errors import UserError
 
 
-def storages(tensors: Iterable[torch.Tensor | None]) -> dict[int, int]:
-    """Distinct storages behind `tensors`: data pointer → bytes (None and empty ones skipped)."""
+def storages(tensors: Iterable[torch.Tensor | None], device: torch.device) -> dict[int, int]:
+    """Distinct storages on `device` behind `tensors`: data pointer → bytes (None and empty ones skipped)."""
     out = {}
     for tensor in tensors:
-        if isinstance(tensor, torch.Tensor) and tensor.device.type != "meta":
+        if isinstance(tensor, torch.Tensor) and tensor.device.type == device.type:
             storage = tensor.untyped_storage()
             if storage.nbytes():
                 out[storage.data_ptr()] = storage.nbytes()
@@ -67,9 +67,9 @@ def _reachable(obj: Any, seen: set[int], depth: int = 0) -> Iterator[torch.Tenso
             yield from _reachable(value, seen, depth + 1)
 
 
-def held_storages(engine: Any, ema: Any) -> dict[str, int]:
-    """Bytes held by the engine and the EMA, by kind (each storage once, in the first kind it
-    appears in): parameters, EMA, AdamW moments, fp32 masters, and everything else of the
+def held_storages(engine: Any, ema: Any, device: torch.device) -> dict[str, int]:
+    """Bytes held on `device` by the engine and the EMA, by kind (each storage once, in the first
+    kind it appears in): parameters, EMA, AdamW moments, fp32 masters, and everything else of the
     DeepSpeed optimizer and the parameters' `.grad` (gradient partitions, buckets)."""
     module_params = list(engine.module.parameters())
     inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
@@ -84,7 +84,7 @@ def held_storages(engine: Any, ema: Any) -> dict[str, int]:
     counted: set[int] = set()
     held = {}
     for kind, tensors in kinds.items():
-        found = {ptr: n for ptr, n in storages(tensors).items() if ptr not in counted}
+        found = {ptr: n for ptr, n in storages(tensors, device).items() if ptr not in counted}
         counted.update(found)
         held[kind] = sum(found.values())
     return held
@@ -158,12 +158,15 @@ def measure_step(plan: RunPlan) -> dict[str, Any]:
     forward_backward()
     optimizer_step()
     on_gpu = device.type == "cuda"
-    if on_gpu:
-        torch.cuda.reset_peak_memory_stats(device)
-    held = held_storages(engine, ema)
+    allocated = torch.cuda.memory_allocated if on_gpu else (lambda _: 0)
+    held = held_storages(engine, ema, device)
+    start = allocated(device)
     forward_backward_peak = peak_above_start(forward_backward, device)
-    kept = sum(held_storages(engine, ema).values()) - sum(held.values())
-    step_peak = kept + peak_above_start(optimizer_step, device)
+    reserved = torch.cuda.max_memory_reserved(device) if on_gpu else 0
+    after_backward = allocated(device)
+    kept = sum(held_storages(engine, ema, device).values()) - sum(held.values())
+    optimizer_peak = peak_above_start(optimizer_step, device)
+    step_peak = kept + optimizer_peak
     mine = {
         "device": str(device),
         "held": held,
@@ -175,8 +178,8 @@ def measure_step(plan: RunPlan) -> dict[str, Any]:
     if on_gpu:
         free, total = torch.cuda.mem_get_info(device)
         mine.update(
-            cuda_max_allocated=torch.cuda.max_memory_allocated(device),
-            cuda_max_reserved=torch.cuda.max_memory_reserved(device),
+            cuda_max_allocated=max(start + forward_backward_peak, after_backward + optimizer_peak),
+            cuda_max_reserved=max(reserved, torch.cuda.max_memory_reserved(device)),
             cuda_outside_torch=total - free - torch.cuda.memory_reserved(device),
         )
     everyone = [mine]
