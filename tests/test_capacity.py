@@ -5,7 +5,6 @@ CPU ranks — prediction against measurement from one `--measure` run."""
 from __future__ import annotations
 
 import json
-import math
 import re
 import time
 from pathlib import Path
@@ -235,12 +234,30 @@ def test_plan_deit_base_24_at_512_px_needs_no_gpu(tmp_path, capsys):
     assert "fits" in printed and "micro-step: forward + backward" in printed
 
 
+@pytest.mark.parametrize("ds_config", ["zero2_fp16", "zero3_offload"])
+def test_gpu_only_configs_are_planned_here(ds_config, tmp_path):
+    from vitdeep.cli import main
+
+    out = tmp_path / "plan.json"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["plan", "--model", "deit_tiny_12", "--img-size", "64", "--ds-config", ds_config, "--json", str(out)])
+    assert exit_info.value.code in (0, None)
+    record = json.loads(out.read_text())
+    states = {line["name"]: line["bytes"] for line in record["requested"]["lines"]}
+    assert states["parameters (fp16)" if "fp16" in ds_config else "parameters (bf16)"] > 0
+    if ds_config == "zero3_offload":
+        assert states["optimizer state (AdamW moments, fp32)"] == 0 and states["EMA"] == 0
+
+
 def test_plan_refuses_what_cannot_be_planned(tmp_path, capsys):
     bad_zero = tmp_path / "bad.json"
     bad_zero.write_text(json.dumps({"bf16": {"enabled": True}, "zero_optimization": {"stage": 7}}))
+    bf16_without_zero = tmp_path / "bf16_0.json"
+    bf16_without_zero.write_text(json.dumps({"bf16": {"enabled": True}, "zero_optimization": {"stage": 0}}))
     refuses(["plan", "--model", "deit_nope_24"], capsys, "unknown model")
     refuses(["plan", "--ds-config", "zero9_bf16"], capsys, "ds-config not found")
     refuses(["plan", "--ds-config", str(bad_zero)], capsys, "cannot be planned")
+    refuses(["plan", "--ds-config", str(bf16_without_zero)], capsys, "EMA does not support")
     refuses(["plan", "--img-size", "500"], capsys, "img_size=500")
     refuses(["plan", "--gpu-memory", "80XB"], capsys, "--gpu-memory")
     refuses(["plan", "--nodes", "0"], capsys, "--nodes")

@@ -11,8 +11,12 @@ Memory per GPU = model states + EMA + the peak of one micro-step on top of them 
   parameters under `stage3_param_persistence_threshold`), fp32 master weights 4Ψ (none in fp32
   without ZeRO, where the parameters are the masters; 4Ψ/N with ZeRO), AdamW's two moments 8Ψ
   (8Ψ/N with ZeRO), and ZeRO-3's persistent gradient partition bΨ/N and reduction bucket.
-  DeepSpeed's own estimators (`estimate_zero2/3_model_states_mem_needs_*`) count the same states
-  plus gradients that vitdeep's engine does not keep between steps; tests cross-check both.
+  DeepSpeed's own ZeRO-2 estimate (`estimate_zero2_model_states_mem_needs*`), 2Ψ + 18Ψ/N, is
+  these states plus the bf16 gradient partition and its fp32 copy, which exist only from backward
+  through the optimizer step (here in the micro-step lines). Its ZeRO-3 estimate, 4 × the largest
+  layer + 18Ψ/N, leaves out the bf16 parameter partition (2Ψ/N) and stands its largest-layer term
+  for what vitdeep counts as persistent parameters, the reduction bucket and (in the micro-step)
+  the gathered parameters. tests/test_capacity.py checks both identities.
 - **EMA**: vitdeep keeps it over each rank's fp32 master partition (`ema.py`): 4Ψ/N, 4Ψ without
   ZeRO, nothing on the GPU when the optimizer is offloaded.
 - **One micro-step** above the states: activations of forward + backward traced on fake tensors
@@ -305,7 +309,8 @@ class MemoryEstimate:
             "lines": [{"name": line.name, "bytes": line.nbytes, "GB": round(gb(line.nbytes), 3), "note": line.note} for line in self.lines()],
             "model_states_bytes": sum(line.nbytes for line in self.states),
             "held_bytes": self.held,
-            "step_phases_bytes": {"forward": self.step.forward, "backward": self.step.backward, "after backward": self.step.end},
+            "step_phases_bytes": {"forward": self.step.forward, "backward": self.step.backward,
+                                  "end of backward": self.step.end, "kept after backward": self.step.after_backward},
             "tensor_peak_bytes": self.tensor_peak,
             "total_bytes": self.total,
         }
