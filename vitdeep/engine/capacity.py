@@ -217,21 +217,18 @@ def ema_line(counts: ParamCounts, zero: Zero, world_size: int, ema_decay: float)
 
 def gradient_path(counts: ParamCounts, zero: Zero, world_size: int, accumulating: bool = False) -> GradientPath:
     """DeepSpeed 0.19's gradient handling during backward, per stage (read from its engine and
-    ZeRO optimizers, checked against measured steps by the tests). `accumulating`: the `.grad`
-    tensors of ZeRO-0/1 already exist (a model-state line) and new gradients are summed into them."""
+    ZeRO optimizers, checked against measured steps). `accumulating`: the `.grad` tensors of
+    ZeRO-0/1 already exist (a model-state line) and new gradients are summed into them."""
     b, psi = zero.bytes_per_param, counts.trainable
     bucket = min(zero.reduce_bucket_size, psi)
     if zero.stage == 0:
         # the engine all-reduces the .grad tensors after backward, flattened in large chunks
         return GradientPath(keep_grads=not accumulating, bucket_elements=ALLREDUCE_CHUNK, bucket_bytes=b)
-    if zero.stage == 1:
-        # gradients stay in .grad; after backward they are flattened per bucket, reduced into
-        # this rank's partition, and freed
-        return GradientPath(keep_grads=not accumulating, free_grads_at_end=True, bucket_elements=bucket, bucket_bytes=b,
-                            partition_grads=b * math.ceil(psi / world_size))
-    if zero.stage == 2:
-        # each gradient is copied into a contiguous bucket (two with overlap_comm) and freed; a
-        # full bucket is flattened, reduced, and its slice kept in this rank's partition
+    if zero.stage < 3:
+        # each gradient is copied into a contiguous bucket (two with overlap_comm) allocated at
+        # the first one, and freed; a full bucket is flattened once more, reduced, and its slice
+        # kept in this rank's partition until the step (ZeRO-1 does so at the accumulation
+        # boundary, summing into .grad before it)
         buffers = (2 if zero.overlap_comm else 1) * b * zero.reduce_bucket_size if zero.contiguous_gradients else 0
         return GradientPath(keep_grads=False, buckets=buffers, bucket_elements=bucket, bucket_bytes=b, reduce_in_backward=True,
                             partition_grads=0 if zero.offload_optimizer else b * math.ceil(psi / world_size))

@@ -97,22 +97,19 @@ class GradientPath:
     """What DeepSpeed holds besides the model's own tensors during forward and backward, in bytes
     (`capacity.gradient_path` fills it per ZeRO stage).
 
-    - `keep_grads`: gradients stay in `.grad` through backward (no ZeRO, ZeRO-1) rather than
-      being copied into a reduction bucket and freed as they arrive (ZeRO-2 / 3);
-      `free_grads_at_end`: and are freed once reduced after backward (ZeRO-1) rather than at the
-      optimizer step (no ZeRO);
-    - `buckets`: allocated when the first gradient arrives, freed when backward ends (ZeRO-2's
+    - `keep_grads`: gradients stay in `.grad` until the optimizer step (no ZeRO) rather than
+      being copied into a reduction bucket and freed as they arrive (ZeRO);
+    - `buckets`: allocated when the first gradient arrives, freed when backward ends (ZeRO-1/2's
       contiguous reduction buckets);
     - `bucket_elements` / `bucket_bytes`: each reduction flattens up to one bucket of gradients
       into a temporary of `bucket_bytes` per element, during backward each time a bucket fills
       (`reduce_in_backward`), otherwise once after it (the engine's all-reduce without ZeRO);
     - `partition_grads`: allocated at the first reduction and kept into the optimizer step
-      (ZeRO-2's gradient partition);
+      (ZeRO-1/2's gradient partition);
     - `gathered_forward` / `gathered_backward`: ZeRO-3's parameters gathered from the partitions.
     """
 
     keep_grads: bool = True
-    free_grads_at_end: bool = False
     buckets: int = 0
     bucket_elements: int = 0
     bucket_bytes: int = 0
@@ -188,9 +185,6 @@ class StepTracer:
                 tracker.enter_phase("end")
                 if state["pending"]:
                     reduce(min(state["pending"], path.bucket_elements or state["pending"]))
-                if path.free_grads_at_end:
-                    for p in params:
-                        p.grad = None
                 tracker.release(path.gathered_backward + (path.buckets if state["grads"] else 0))
                 after = tracker.live
         finally:
