@@ -186,6 +186,8 @@ def model_state_lines(counts: ParamCounts, zero: Zero, world_size: int, accumula
         lines.append(Line(f"parameters ({zero.precision})", b * total, "full copy on every rank"))
         if accumulating and zero.stage < 2:
             lines.append(Line("gradients", b * psi, f"{zero.precision}, summed in .grad over the accumulation steps"))
+        elif accumulating and zero.stage == 2 and not zero.offload_optimizer:
+            lines.append(Line("gradients", b * math.ceil(psi / n), f"{zero.precision} 1/{n} partition, summed over the accumulation steps"))
         else:
             lines.append(Line("gradients", 0, "not held between steps (made in backward: see the micro-step line)"))
     partitioned = zero.stage > 0
@@ -230,8 +232,9 @@ def gradient_path(counts: ParamCounts, zero: Zero, world_size: int, accumulating
         # kept in this rank's partition until the step (ZeRO-1 does so at the accumulation
         # boundary, summing into .grad before it)
         buffers = (2 if zero.overlap_comm else 1) * b * zero.reduce_bucket_size if zero.contiguous_gradients else 0
+        held_partition = zero.offload_optimizer or (accumulating and zero.stage == 2)  # not made by this micro-step
         return GradientPath(keep_grads=False, buckets=buffers, bucket_elements=bucket, bucket_bytes=b, reduce_in_backward=True,
-                            partition_grads=0 if zero.offload_optimizer else b * math.ceil(psi / world_size))
+                            partition_grads=0 if held_partition else b * math.ceil(psi / world_size))
     # ZeRO-3 keeps gathered parameters within max_live_parameters (they are re-used in backward)
     # and its prefetch gathers up to one bucket ahead into a flat buffer during forward
     gathered = min(counts.total - counts.persistent, zero.max_live_parameters)
