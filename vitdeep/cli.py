@@ -17,6 +17,7 @@ from vitdeep.cli_options import with_config_options
 from vitdeep.config import FINETUNE_RECIPE
 from vitdeep.data.pipeline import MAX_BAD_FRACTION
 from vitdeep.data.transforms import AugmentConfig
+from vitdeep.engine.cluster import DEFAULT_GPU_MEMORY, DEFAULT_GPU_TFLOPS, DEFAULT_GPUS_PER_NODE, DEFAULT_MFU
 from vitdeep.errors import StoppedBySignal, TrainingStopped, UserError
 
 app = typer.Typer(
@@ -167,13 +168,43 @@ def finetune_command(
 
 def _run_training(options: dict, config: Optional[Path], dry_run: bool, recipe: Optional[dict] = None) -> None:
     from vitdeep.config import resolve_config
+    from vitdeep.engine.capacity import check_fits
     from vitdeep.engine.loop import plan_from_env, print_plan, train
 
     plan = plan_from_env(resolve_config(options, config, recipe))
     if dry_run:
         print_plan(plan)
         return
+    check_fits(plan)
     train(plan)
+
+
+@app.command("plan", context_settings={"max_content_width": 120})
+@with_config_options()
+def plan_command(
+    options: dict,
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML / JSON file of options (flags override it)."),
+    source: Optional[str] = typer.Option(None, "--from", help="Plan `vitdeep finetune --from SRC`: the source's architecture and DeiT's finetuning recipe."),
+    nodes: Optional[int] = typer.Option(None, "--nodes", help="Nodes (default 1; with --measure, this launch's)."),
+    gpus_per_node: Optional[int] = typer.Option(None, "--gpus-per-node", help=f"GPUs per node (default {DEFAULT_GPUS_PER_NODE}; with --measure, this launch's ranks)."),
+    gpu_memory: Optional[str] = typer.Option(None, "--gpu-memory", help=f"Memory of one GPU, e.g. 80GB (10⁹ bytes) or 79GiB (default {DEFAULT_GPU_MEMORY}; with --measure on a GPU, its own)."),
+    gpu_tflops: float = typer.Option(DEFAULT_GPU_TFLOPS, "--gpu-tflops", help="Peak TFLOP/s of one GPU at the run's precision (default: H100 SXM dense bf16; A100: 312)."),
+    mfu: float = typer.Option(DEFAULT_MFU, "--mfu", help="Model FLOPs utilisation: the share of the peak the run achieves."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the numbers to this JSON file."),
+    measure: bool = typer.Option(False, "--measure", help="Also run one real training step here at the planned settings and print predicted vs measured memory (under `deepspeed --num_gpus N` for N ranks)."),
+) -> None:
+    """Will this run fit, and how long will it take: per-GPU memory (model states, EMA, traced
+    activations), verdict, largest micro-batch, the cheapest change that fits, and time. Takes
+    train's options; no data needed (ImageNet-1k's size is assumed without --data)."""
+    from vitdeep.config import resolve_config
+    from vitdeep.planner import run_plan
+
+    recipe = None
+    if source is not None:
+        from vitdeep.models.checkpoints import source_model_options
+
+        recipe = {**FINETUNE_RECIPE, **source_model_options(source)}
+    run_plan(resolve_config(options, config, recipe), nodes, gpus_per_node, gpu_memory, gpu_tflops, mfu, json_path, measure)
 
 
 @app.command("eval")

@@ -141,6 +141,7 @@ class RunConfig:
     init_from: Optional[str] = option(None, "Start from these weights (any source `vitdeep eval` reads); `finetune --from` sets it.")
     init_from_ema: bool = option(False, "Take the EMA weights of --init-from.")
     overwrite: bool = option(False, "Replace the run already in --out (its checkpoints, logs and config) instead of refusing.")
+    plan_check: bool = option(True, "On a GPU, refuse to start a run the memory planner (`vitdeep plan`) says cannot fit.")
 
     def __post_init__(self) -> None:
         check_range(self, {"save_every": AT_LEAST_1, "keep_last": AT_LEAST_1, "log_every": AT_LEAST_1,

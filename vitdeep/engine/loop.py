@@ -544,3 +544,6 @@ def print_plan(plan: RunPlan) -> None:
     console.print(table)
     console.print("DeepSpeed config:")
     console.print_json(json.dumps(plan.ds_config))
+    from vitdeep.engine.capacity import print_memory_lines
+
+    print_memory_lines(plan)

@@ -71,9 +71,13 @@ class RunPlan:
     def zero_stage(self) -> int:
         return zero_stage(self.ds_config)
 
+    def model_stats(self) -> tuple[int, int]:
+        """(parameters, forward FLOPs per image) of the run's model, counted as `vitdeep models` does."""
+        return model_stats(self.cfg.model.model, self.cfg.model.img_size, **_stat_options(self.model_kwargs))
+
     def summary(self) -> dict[str, Any]:
         """What `--dry-run` prints (and `config.json` records beside the options)."""
-        params, flops = model_stats(self.cfg.model.model, self.cfg.model.img_size, **_stat_options(self.model_kwargs))
+        params, flops = self.model_stats()
         options = resolved_options(self.cfg.model.model, **self.model_kwargs)
         switch = {True: "on", False: "off"}
         weights = Objective(self.cfg.loss).weights
@@ -161,18 +165,25 @@ def check_output(cfg: TrainConfig) -> None:
         raise UserError(f"--out {out} holds {found}: --resume auto to continue it, another --out, or --overwrite to replace it")
 
 
-def make_plan(cfg: TrainConfig, world_size: int) -> RunPlan:
-    """Resolve and check everything a run needs; raises `UserError` on bad input."""
-    get_spec(cfg.model.model)
-    if not cfg.data.data:
-        raise UserError("no training data: pass --data SHARDS")
-    if not cfg.run.out:
-        raise UserError("no output directory: pass --out DIR")
-    check_output(cfg)
-    raw = load_ds_config(cfg.run.ds_config)
-    check_precision_supported(raw)
+def make_plan(cfg: TrainConfig, world_size: int, train_info: DatasetInfo | None = None, check_host: bool = True) -> RunPlan:
+    """Resolve and check everything a run needs; raises `UserError` on bad input.
 
-    train_info = read_dataset_info(cfg.data.data, num_samples=cfg.data.num_samples, split="train")
+    The memory planner (`capacity.py`) passes `train_info` instead of --data, and
+    `check_host=False` to plan for other machines: no output folder or checkpoint to resume is
+    checked, and fp16 / offload are not refused for want of a GPU here.
+    """
+    get_spec(cfg.model.model)
+    if train_info is None and not cfg.data.data:
+        raise UserError("no training data: pass --data SHARDS")
+    if check_host and not cfg.run.out:
+        raise UserError("no output directory: pass --out DIR")
+    if check_host:
+        check_output(cfg)
+    raw = load_ds_config(cfg.run.ds_config)
+    if check_host:
+        check_precision_supported(raw)
+
+    train_info = train_info or read_dataset_info(cfg.data.data, num_samples=cfg.data.num_samples, split="train")
     val_info = read_dataset_info(cfg.data.val, num_samples=cfg.data.val_num_samples, split="val") if cfg.data.val else None
     num_classes = cfg.model.num_classes or train_info.num_classes
     if not num_classes:
@@ -211,7 +222,9 @@ def make_plan(cfg: TrainConfig, world_size: int) -> RunPlan:
     schedule = LrSchedule(peak_lr, total_steps, min(warmup, total_steps), o.warmup_lr, o.min_lr, o.schedule)
 
     skipped: list[str] = []
-    resume_path = resolve_resume(cfg.run.resume, Path(cfg.run.out), on_skip=lambda path, why: skipped.append(f"{path.name}: {why}"))
+    resume_path = None
+    if check_host:
+        resume_path = resolve_resume(cfg.run.resume, Path(cfg.run.out), on_skip=lambda path, why: skipped.append(f"{path.name}: {why}"))
     plan = RunPlan(
         cfg=cfg,
         world_size=world_size,

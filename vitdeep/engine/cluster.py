@@ -1,0 +1,57 @@
+"""The hardware a run is planned for (`vitdeep plan`), with its defaults.
+
+Free of torch, so the command line can show these defaults in `--help` without importing it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from vitdeep.errors import UserError
+
+#: An 80 GB A100 / H100. GB are decimal: such a GPU reports 85.0·10⁹ bytes (79.2 GiB) to torch,
+#: so the default leaves a margin beside the framework allowance (pass 79GiB for the exact size).
+DEFAULT_GPU_MEMORY = "80GB"
+#: H100 SXM dense bf16 tensor-core peak, TFLOP/s (A100: 312).
+DEFAULT_GPU_TFLOPS = 989.0
+DEFAULT_MFU = 0.4
+DEFAULT_GPUS_PER_NODE = 8
+#: ImageNet-1k's training set, assumed when a plan is made without --data.
+IMAGENET_TRAIN_SAMPLES = 1_281_167
+IMAGENET_CLASSES = 1000
+
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_memory(text: str) -> int:
+    """'80GB' → 80·10⁹ bytes, '79GiB' → 79·2³⁰ (GB decimal, GiB binary)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]+)\s*", str(text))
+    if not match or match.group(2).lower() not in _UNITS or float(match.group(1)) <= 0:
+        raise UserError(f"--gpu-memory must be a size such as 80GB or 79GiB, got {text!r}")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """`nodes` × `gpus_per_node` GPUs of `gpu_memory` bytes and `gpu_tflops` peak each, run at
+    `mfu`; `device` is where the optimizer runs (CUDA's fused AdamW, or the CPU's)."""
+
+    nodes: int = 1
+    gpus_per_node: int = DEFAULT_GPUS_PER_NODE
+    gpu_memory: int = parse_memory(DEFAULT_GPU_MEMORY)
+    gpu_tflops: float = DEFAULT_GPU_TFLOPS
+    mfu: float = DEFAULT_MFU
+    device: str = "cuda"
+
+    def __post_init__(self) -> None:
+        if self.nodes < 1 or self.gpus_per_node < 1:
+            raise UserError(f"--nodes and --gpus-per-node must be >= 1, got {self.nodes} and {self.gpus_per_node}")
+        if self.gpu_tflops <= 0:
+            raise UserError(f"--gpu-tflops must be > 0, got {self.gpu_tflops}")
+        if not 0 < self.mfu <= 1:
+            raise UserError(f"--mfu must be in (0, 1], got {self.mfu}")
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.gpus_per_node

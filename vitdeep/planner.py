@@ -1,0 +1,140 @@
+"""`vitdeep plan`: will this run fit, and how long will it take, before a GPU-hour is spent.
+
+Resolves the run exactly as `vitdeep train` / `finetune` would (the same options, recipe and
+config file, `engine.plan.make_plan`) for the cluster named by --nodes / --gpus-per-node, prices
+it with `engine.capacity`, prints the breakdown and verdict, and with --json writes the same
+numbers. Shards are not needed: without --data the plan assumes ImageNet-1k (1,281,167 training
+images, 1000 classes) and says so. With --measure it runs one real step here
+(`engine.measure`) and prints the prediction beside the measurement.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from vitdeep.config import TrainConfig
+from vitdeep.data.info import DatasetInfo, read_dataset_info
+from vitdeep.engine.capacity import Cluster, MemoryEstimate, build_report, print_report
+from vitdeep.engine.cluster import DEFAULT_GPUS_PER_NODE, IMAGENET_CLASSES, IMAGENET_TRAIN_SAMPLES, parse_memory
+from vitdeep.engine.plan import RunPlan, make_plan
+from vitdeep.errors import UserError
+from vitdeep.monitor import is_main_process, make_console
+
+
+def training_data(cfg: TrainConfig) -> tuple[DatasetInfo, str]:
+    """The shards' counts when --data is given, else ImageNet-1k's (with a note saying so)."""
+    if cfg.data.data:
+        info = read_dataset_info(cfg.data.data, num_samples=cfg.data.num_samples, split="train")
+        return info, f"{info.require_num_samples():,} training images from --data"
+    samples = cfg.data.num_samples or IMAGENET_TRAIN_SAMPLES
+    classes = cfg.model.num_classes or IMAGENET_CLASSES
+    note = (f"no --data: {samples:,} training images and {classes} classes assumed "
+            f"(ImageNet-1k has {IMAGENET_TRAIN_SAMPLES:,} and {IMAGENET_CLASSES}; --num-samples / --num-classes change them)")
+    return DatasetInfo(urls=(), num_samples=samples, num_classes=IMAGENET_CLASSES, counted_from="assumed"), note
+
+
+def plan_for_cluster(cfg: TrainConfig, world_size: int) -> tuple[RunPlan, list[str]]:
+    """The run plan for `world_size` ranks without shards, an output folder or init weights."""
+    info, data_note = training_data(cfg)
+    cfg.data.val = None  # memory and time come from training; validation is read by the run itself
+    cfg.run.init_from = None  # the architecture came with the recipe (finetune --from); weights do not change memory
+    notes = [data_note]
+    if cfg.loss.distill != "none":
+        notes.append("the distillation teacher's weights and forward pass are not counted")
+    return make_plan(cfg, world_size, train_info=info, check_host=False), notes
+
+
+def run_plan(
+    cfg: TrainConfig,
+    nodes: int | None,
+    gpus_per_node: int | None,
+    gpu_memory: str | None,
+    gpu_tflops: float,
+    mfu: float,
+    json_path: Path | None,
+    measure: bool,
+) -> dict[str, Any]:
+    """Plan, print, and (--json) write; with `measure`, also run and measure one step on this
+    launch's ranks. Returns what --json writes (on rank 0; other ranks return {})."""
+    import torch
+
+    from vitdeep.engine.deepspeed import world_from_env
+
+    if json_path is not None and not json_path.parent.is_dir():
+        raise UserError(f"--json {json_path}: folder {json_path.parent} does not exist")
+    on_gpu = torch.cuda.is_available()
+    memory = parse_memory(gpu_memory) if gpu_memory else None
+    nodes = 1 if nodes is None else nodes
+    if measure:
+        _, launched, _ = world_from_env()
+        gpus_per_node = launched // max(nodes, 1) if gpus_per_node is None else gpus_per_node
+        if nodes * gpus_per_node != launched:
+            raise UserError(f"--measure runs on this launch's {launched} rank(s): plan --nodes {nodes} × --gpus-per-node "
+                            f"{gpus_per_node} = {nodes * gpus_per_node} to match, or launch that many ranks")
+        if memory is None and on_gpu:
+            memory = torch.cuda.get_device_properties(world_from_env()[2]).total_memory
+    cluster = Cluster(
+        nodes=nodes, gpus_per_node=DEFAULT_GPUS_PER_NODE if gpus_per_node is None else gpus_per_node,
+        gpu_memory=Cluster().gpu_memory if memory is None else memory,
+        gpu_tflops=gpu_tflops, mfu=mfu, device="cuda" if (on_gpu or not measure) else "cpu",
+    )
+    if measure:
+        # one optimizer step per micro-step: memory per micro-step is the same, and the step runs in seconds
+        cfg.optim.global_batch = cfg.optim.micro_batch * cluster.world_size
+    plan, notes = plan_for_cluster(cfg, cluster.world_size)
+    if measure:
+        from vitdeep.engine.deepspeed import check_precision_supported
+
+        check_precision_supported(plan.ds_config)
+        notes.append(f"--measure: global batch = micro-batch × {cluster.world_size} ranks (no accumulation), "
+                     f"optimizer {'fused AdamW (CUDA)' if cluster.device == 'cuda' else 'AdamW on the CPU'}")
+    # every rank of a --measure launch runs the step; rank 0 alone prices and reports it
+    report = build_report(plan, cluster, notes) if is_main_process() else None
+    record = report.to_dict() if report else {}
+    if measure:
+        from vitdeep.engine.measure import measure_step
+
+        measured = measure_step(plan)
+        if report:
+            record["measured"] = measured
+            record["predicted_vs_measured"] = compare(report.requested, measured)
+    if report:
+        print_report(report)
+        if measure:
+            print_comparison(record["predicted_vs_measured"], measured)
+        if json_path is not None:
+            json_path.write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def compare(predicted: MemoryEstimate, measured: dict[str, Any]) -> list[dict[str, Any]]:
+    """Prediction and measurement side by side, line by line (bytes per rank)."""
+    lines = [
+        ("model states (parameters, gradients, optimizer state, fp32 masters, ZeRO buffers)",
+         sum(line.nbytes for line in predicted.states), measured["model_states"]),
+        ("EMA", predicted.ema.nbytes, measured["held"]["EMA"]),
+        ("micro-step: forward + backward", predicted.step.peak, measured["forward_backward"]),
+        ("micro-step: optimizer step", predicted.step.after_backward + predicted.optimizer_step, measured["optimizer_step"]),
+        ("tensor peak", predicted.tensor_peak, measured["tensor_peak"]),
+    ]
+    if "cuda_max_allocated" in measured:
+        lines.append(("torch.cuda.max_memory_allocated", predicted.tensor_peak, measured["cuda_max_allocated"]))
+        lines.append(("total with the framework allowance vs reserved + outside torch", predicted.total,
+                      measured["cuda_max_reserved"] + measured["cuda_outside_torch"]))
+    return [{"line": name, "predicted": p, "measured": m, "ratio": m / p if p else None} for name, p, m in lines]
+
+
+def print_comparison(rows: list[dict[str, Any]], measured: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"predicted vs measured, one training step on {measured['ranks']} rank(s), {measured['device']} (largest rank)")
+    for column in ("per rank", "predicted MB", "measured MB", "measured / predicted"):
+        table.add_column(column, justify="left" if column == "per rank" else "right")
+    for row in rows:
+        ratio = f"{row['ratio']:.3f}" if row["ratio"] is not None else "—"
+        table.add_row(row["line"], f"{row['predicted'] / 1e6:,.1f}", f"{row['measured'] / 1e6:,.1f}", ratio)
+    console = make_console()
+    console.print(table)
+    console.print("measured held storages: " + ", ".join(f"{kind} {nbytes / 1e6:.1f} MB" for kind, nbytes in measured["held"].items()))
