@@ -19,6 +19,7 @@ from vitdeep.ablate.grid import bundled_grids, load_grid, parse_grid, resolve_ce
 from vitdeep.cli import main
 from vitdeep.demo import RECIPE
 from vitdeep.engine.checkpoint import MARKER
+from vitdeep.launcher import error_line, option_flags
 
 ROOT = Path(__file__).resolve().parent.parent
 FAKE_SRUN = Path(__file__).resolve().parent / "scripts" / "fake_srun"
@@ -141,6 +142,19 @@ def test_bad_input_outside_the_grid_file_writes_nothing(digit_shards, tmp_path, 
     refuses(["ablate", str(grid), "--out", str(out)], capsys, "pass --data SHARDS and --val SHARDS", out=out)
     refuses(_ablate(grid, digit_shards, out, "--emit", "pbs"), capsys, "--emit pbs", out=out)
     refuses(["ablate", "--collect", str(out)], capsys, "is not an ablation folder", out=out)
+
+
+def test_flags_and_error_lines_of_launched_runs():
+    assert option_flags({"attnscale": True, "featscale": False, "lr": 0.005, "rand_augment": ""}) == [
+        "--attnscale", "--no-featscale", "--lr", "0.005", "--rand-augment", ""]
+    launcher = ("[INFO] [launch.py:245:main] process 1 spawned\n\x1b[1mtrain\x1b[0m 3/10\rtrain 4/10\n"
+                "error (rank 1): teacher 'x' is neither a file nor a timm model name\n"
+                "error: teacher 'x' is neither a file nor a timm model name\n"
+                "[ERROR] [launch.py:321:sigkill_handler] ... exits with return code = 2\n")
+    assert error_line(launcher) == "error: teacher 'x' is neither a file nor a timm model name"
+    traceback = "Traceback (most recent call last):\n  File \"x.py\", line 1\ntorch.OutOfMemoryError: CUDA out of memory\n"
+    assert error_line(traceback) == "torch.OutOfMemoryError: CUDA out of memory"
+    assert error_line("all fine\n") is None
 
 
 # -- Slurm ---------------------------------------------------------------------------------------

@@ -141,19 +141,21 @@ def _expand_axes(raw: Any, where: str) -> tuple[list[Cell], list[tuple[str, str 
     # Each axis → [(name part, options, variant or None)]
     choices, columns = [], []
     for axis, values in axes.items():
+        if not isinstance(axis, str):
+            raise UserError(f"{where}: axis names must be strings, got {axis!r}")
         if isinstance(values, list):
             if not values:
                 raise UserError(f"{where}: axis '{axis}' has no values")
             if axis in RESERVED:
                 raise UserError(f"{where}: '{axis}' is set by vitdeep ablate for every cell ({', '.join(RESERVED)} cannot be grid options)")
             choices.append([(f"{axis}={format_value(value)}", {axis: value}, None) for value in values])
-            columns.append((str(axis), str(axis)))
+            columns.append((axis, axis))
         elif isinstance(values, dict):
             if not values:
                 raise UserError(f"{where}: axis '{axis}' has no values")
             choices.append([(str(variant), _options(options, f"{where}, axis {axis}: {variant}"), str(variant))
                             for variant, options in values.items()])
-            columns.append((str(axis), None))
+            columns.append((axis, None))
         else:
             raise UserError(f"{where}: axis '{axis}' must be a list of values or a mapping of named option sets")
     cells = []

@@ -19,6 +19,7 @@ from vitdeep.ablate.grid import common_options
 from vitdeep.ablate.run import (
     GRID_FILE,
     cell_dir,
+    clock,
     finish_or_error,
     is_finished,
     is_trained,
@@ -130,13 +131,6 @@ def _number(value: float | None, digits: int = 1) -> str:
     return f"{value:.{digits}f}" if value is not None else "–"
 
 
-def _clock(seconds: float | None) -> str:
-    if seconds is None:
-        return "–"
-    minutes, secs = divmod(int(round(seconds)), 60)
-    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
-
-
 def table_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """(header, rows) of the results table, shared by results.md and the console."""
     grid, cells = results["grid"], results["cells"]
@@ -155,7 +149,7 @@ def table_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
             *([_number(cell["ema_top1"]), _number(cell["ema_top5"])] if with_ema else []),
             *([_number(cell["published_top1"])] if with_paper else []),
             _number(cell["last_layer_cossim"], 3), _number(cell["last_layer_attn_std"], 4),
-            _number(cell["images_per_s"], 0), _clock(cell["wall_s"]), cell["status"],
+            _number(cell["images_per_s"], 0), clock(cell["wall_s"]), cell["status"],
         ])
     return header, rows
 

@@ -28,7 +28,7 @@ from typing import Any
 from rich.markup import escape
 
 from vitdeep.ablate.grid import CellRun, Grid, format_value
-from vitdeep.errors import UserError
+from vitdeep.errors import TrainingStopped, UserError
 
 GRID_FILE = "grid.json"
 
@@ -197,7 +197,10 @@ def run_grid(ablation: Ablation) -> dict[str, Any]:
             console.print(f"[green]{escape(run.name)}: finished earlier, skipped")
             continue
         _show_progress(console, ablation, index)
-        error = _run_cell(console, ablation, run)
+        try:
+            error = _run_cell(console, ablation, run)
+        except KeyboardInterrupt:
+            raise TrainingStopped(f"interrupted in cell {run.name}: rerun the same command to resume the grid") from None
         if error:
             console.print(f"[red]{escape(run.name)} failed: {escape(error)}[/] (the grid goes on)", soft_wrap=True)
     return collect(ablation.out, finish=False)
@@ -247,19 +250,20 @@ def _show_progress(console, ablation: Ablation, index: int) -> None:
     walls = [(read_json(status_file(ablation.out, name)) or {}).get("wall_s") for name in done]
     walls = [seconds for seconds in walls if seconds]
     left = len(names) - len(done)
-    eta = _clock(statistics.mean(walls) * left) if walls and left else "–"
-    progress = Progress(TextColumn("[bold]ablate {task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("{task.fields[info]}"), console=console)
-    progress.add_task(ablation.grid.name, total=len(names), completed=len(done),
-                      info=f"cells done · now cell {index + 1} of {len(names)}: {names[index]} · ETA {eta}")
-    console.rule()
+    eta = clock(statistics.mean(walls) * left if walls and left else None)
+    progress = Progress(TextColumn("[bold]ablate {task.description}"), BarColumn(bar_width=30), MofNCompleteColumn(),
+                        TextColumn("cells done · ETA {task.fields[eta]}"), console=console)
+    progress.add_task(ablation.grid.name, total=len(names), completed=len(done), eta=eta)
+    console.rule(f"[bold]cell {index + 1} of {len(names)}: {escape(names[index])}")
     console.print(progress.make_tasks_table(progress.tasks))
 
 
-def _clock(seconds: float) -> str:
+def clock(seconds: float | None) -> str:
+    """`h:mm:ss`, or – when unknown."""
+    if seconds is None:
+        return "–"
     minutes, secs = divmod(int(round(seconds)), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}"
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
 
 
 def print_dry_run(ablation: Ablation) -> None:
