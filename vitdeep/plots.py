@@ -57,6 +57,7 @@ def ablation_figure(top1: Mapping[str, float | None], cossim: Mapping[str, Seque
     for y, name in enumerate(names):
         bars.annotate(f"{top1[name]:.1f}" if top1[name] is not None else "–", (values[y], y), xytext=(3, 0),
                       textcoords="offset points", va="center", fontsize=8)
+    bars.set_xlim(0, max(max(values), 1.0) * 1.12)  # room for the labels
     bars.set_xlabel("top-1 % (validation)")
     bars.set_title("Top-1 per cell")
     bars.grid(True, axis="x", alpha=0.3)
