@@ -53,12 +53,13 @@ def run_command(
     elif emit:
         from vitdeep.ablate.run import write_record
         from vitdeep.ablate.slurm import sbatch_script, write_sbatch
+        from vitdeep.monitor import make_console
 
-        sbatch_script(ablation)  # every check of the script before anything is written
+        script = sbatch_script(ablation)  # every check of the script before anything is written
         write_record(ablation)
-        path = write_sbatch(ablation)
-        print(f"wrote {path}: {len(ablation.runs)} cells as a Slurm job array; submit it with `sbatch {path}`, "
-              f"then `vitdeep ablate --collect {ablation.out}`")
+        path = write_sbatch(ablation.out, script)
+        make_console().print(f"wrote {path}: {len(ablation.runs)} cells as a Slurm job array; submit it with "
+                             f"`sbatch {path}`, then `vitdeep ablate --collect {ablation.out}`", soft_wrap=True, markup=False)
     else:
         from vitdeep.ablate.run import run_grid
 

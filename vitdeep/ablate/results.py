@@ -50,8 +50,11 @@ def collect(out: str | Path, finish: bool = True) -> dict[str, Any]:
                 console.print(f"{cell['name']}: trained, evaluating and analysing it")
                 error = finish_or_error(console, folder)
                 update_status(out, cell["name"], status="failed" if error else "done", error=error)
-    results = {"grid": record["grid"], "data": record["data"], "val": record["val"], "recipe": record["recipe"],
-               "shared": common_options([cell["train_options"] for cell in record["cells"]]), "cells": [cell_result(out, cell, record["grid"]) for cell in record["cells"]]}
+    results = {
+        "grid": record["grid"], "data": record["data"], "val": record["val"], "recipe": record["recipe"],
+        "shared": common_options([cell["train_options"] for cell in record["cells"]]),
+        "cells": [cell_result(out, cell, record["grid"]) for cell in record["cells"]],
+    }
     write_json_atomic(out / "results.json", results)
     (out / "results.md").write_text(markdown_table(results))
     _write_figure(out / "results.png", results)

@@ -81,11 +81,10 @@ def _absolute(source: str) -> str:
     return source if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", source) else os.path.abspath(source)
 
 
-def write_sbatch(ablation: Ablation) -> Path:
-    """Write DIR/ablate.sbatch (and DIR/logs/ for its output); runs nothing."""
-    text = sbatch_script(ablation)
-    (ablation.out / "logs").mkdir(parents=True, exist_ok=True)
-    path = ablation.out / SBATCH_NAME
-    path.write_text(text)
+def write_sbatch(out: Path, script: str) -> Path:
+    """Write OUT/ablate.sbatch (and OUT/logs/ for its output); runs nothing."""
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    path = out / SBATCH_NAME
+    path.write_text(script)
     path.chmod(0o755)
     return path
