@@ -21,14 +21,13 @@ from vitdeep.demo import RECIPE
 from vitdeep.engine.checkpoint import MARKER
 from vitdeep.launcher import error_line, option_flags
 
-ROOT = Path(__file__).resolve().parent.parent
 FAKE_SRUN = Path(__file__).resolve().parent / "scripts" / "fake_srun"
 TWO_AXES = "axes:\n  contrastive_weight: [0, 1]\n  attnscale: [false, true]\n"
 ONE_AXIS = "axes:\n  contrastive_weight: [0, 1]\n"
 
 
-def _grid(tmp_path: Path, text: str, name: str = "grid.yaml") -> Path:
-    path = tmp_path / name
+def _grid(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "grid.yaml"
     path.write_text(text)
     return path
 
