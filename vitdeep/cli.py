@@ -274,6 +274,27 @@ def demo_command(
     run_demo(out, ranks=ranks, extra=["--steps", str(steps)] if steps else [])
 
 
+@app.command("ablate", context_settings={"max_content_width": 120})
+@with_config_options()
+def ablate_command(
+    options: dict,
+    grid: Optional[str] = typer.Argument(None, metavar="GRID", help="A bundled grid (see --list) or a grid YAML file."),
+    ranks: Optional[int] = typer.Option(None, "--ranks", help="DeepSpeed ranks per cell (default: every GPU, else 2 CPU ranks)."),
+    emit: Optional[str] = typer.Option(None, "--emit", help="'slurm': write OUT/ablate.sbatch, a job array of one cell per task, and run nothing."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List the cells and their commands; run nothing."),
+    demo: bool = typer.Option(False, "--demo", help="Run the cells on the built-in digits with the demo's recipe (recipes/demo_digits.yaml)."),
+    collect: Optional[Path] = typer.Option(None, "--collect", metavar="DIR", help="(Re)build DIR's results.json / .md / .png from the cells that finished."),
+    list_grids: bool = typer.Option(False, "--list", help="Print the bundled grids and their cells."),
+) -> None:
+    """Run an ablation grid: every cell a vitdeep training run in OUT/cells/<name>/ (same seed,
+    budget, data and DeepSpeed config; only the grid's options change), resumable, evaluated and
+    analysed, then tabulated in OUT/results.json, results.md and results.png. Train options given
+    here apply to every cell."""
+    from vitdeep.ablate import run_command
+
+    run_command(grid, options, ranks=ranks, emit=emit, dry_run=dry_run, demo=demo, collect=collect, list_grids=list_grids)
+
+
 def _strip_launcher_args(args: list[str]) -> list[str]:
     """Drop the `--local_rank=N` the deepspeed launcher appends; the rank comes from the env."""
     kept, skip_next = [], False

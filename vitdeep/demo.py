@@ -8,15 +8,12 @@ on the held-out digits, compares their layer-wise over-smoothing, and summarises
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-import torch
-
 from vitdeep.errors import UserError
+from vitdeep.launcher import default_ds_config, deepspeed_command, launcher_env, option_flags
 
 RECIPE = Path(__file__).resolve().parent / "recipes" / "demo_digits.yaml"
 #: The two runs: identical but for the loss terms (the paper's ℓ_cos + ℓ_cons against CE only).
@@ -26,25 +23,14 @@ VARIANTS = {
 }
 
 
-def _flags(options: dict) -> list[str]:
-    return [part for name, value in options.items() for part in ("--" + name.replace("_", "-"), str(value))]
-
-
 def _launch(out: Path, name: str, shards: Path, ranks: int, extra: list[str]) -> None:
     """One training run under the deepspeed launcher (CPU ranks over gloo without a GPU)."""
-    from vitdeep.engine.deepspeed import free_port
-
-    on_gpu = torch.cuda.is_available()
-    env = dict(os.environ)
-    if not on_gpu:
-        env.setdefault("DS_ACCELERATOR", "cpu")
-    cmd = [
-        sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port", str(free_port()), "--module", "vitdeep", "train",
-        "--config", str(RECIPE), "--data", str(shards), "--val", str(shards), "--out", str(out / name),
-        "--ds-config", "zero2_bf16" if on_gpu else "cpu_fp32", *_flags(VARIANTS[name]), *extra,
-    ]
+    cmd = deepspeed_command([
+        "train", "--config", str(RECIPE), "--data", str(shards), "--val", str(shards), "--out", str(out / name),
+        "--ds-config", default_ds_config(), *option_flags(VARIANTS[name]), *extra,
+    ], ranks)
     print(f"\n[demo] {name}: {' '.join(cmd)}", flush=True)
-    if subprocess.run(cmd, env=env).returncode != 0:
+    if subprocess.run(cmd, env=launcher_env()).returncode != 0:
         raise UserError(f"the {name} training run failed (see its output above)")
 
 

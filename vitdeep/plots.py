@@ -1,10 +1,11 @@
-"""The over-smoothing figure (Gong et al. 2021, Fig. 2 layout): one panel per metric against
-depth, one line per model. Built on matplotlib's Agg canvas without pyplot, so it never touches
-a global backend or figure registry (safe in servers, tests and training loops)."""
+"""The figures: over-smoothing (Gong et al. 2021, Fig. 2 layout: one panel per metric against
+depth, one line per model) and an ablation grid's results. Built on matplotlib's Agg canvas
+without pyplot, so they never touch a global backend or figure registry (safe in servers, tests
+and training loops)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -39,4 +40,35 @@ def oversmoothing_figure(results: Mapping[str, OversmoothingMetrics], title: str
     figure.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 4))
     sizes = sorted({metrics.num_images for metrics in results.values()})
     figure.suptitle(f"{title} ({'/'.join(map(str, sizes))} images)")
+    return figure
+
+
+def ablation_figure(top1: Mapping[str, float | None], cossim: Mapping[str, Sequence[float]], title: str) -> Figure:
+    """An ablation grid at a glance: top-1 per cell (bars), and the patch CosSim of each cell
+    against depth (one line per cell, the first panel of the over-smoothing figure)."""
+    if not top1:
+        raise ValueError("nothing to plot: no cells given")
+    figure = Figure(figsize=(13, max(4.5, 0.35 * len(top1) + 1.5)), layout="constrained")
+    FigureCanvasAgg(figure)
+    bars, curves = figure.subplots(1, 2, width_ratios=(2, 3))
+    names = list(top1)[::-1]  # first cell on top
+    values = [top1[name] if top1[name] is not None else 0.0 for name in names]
+    bars.barh(names, values, color=["C0" if top1[name] is not None else "lightgray" for name in names])
+    for y, name in enumerate(names):
+        bars.annotate(f"{top1[name]:.1f}" if top1[name] is not None else "–", (values[y], y), xytext=(3, 0),
+                      textcoords="offset points", va="center", fontsize=8)
+    bars.set_xlim(0, max(max(values), 1.0) * 1.12)  # room for the labels
+    bars.set_xlabel("top-1 % (validation)")
+    bars.set_title("Top-1 per cell")
+    bars.grid(True, axis="x", alpha=0.3)
+    _, panel_title, y_label, x_label = PANELS[0]
+    for name, values in cossim.items():
+        curves.plot(range(len(values)), values, marker="o", markersize=3, label=name)
+    curves.set_title(panel_title)
+    curves.set_xlabel(x_label)
+    curves.set_ylabel(y_label)
+    curves.grid(True, alpha=0.3)
+    if cossim:
+        curves.legend(fontsize=8, loc="best")
+    figure.suptitle(title)
     return figure

@@ -1,0 +1,261 @@
+"""`vitdeep ablate`: grids → cells, refusals, Slurm arrays, and a real grid of DeepSpeed runs on
+2 CPU ranks that is killed, resumed, rerun and tabulated."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.launch import SMALL, cpu_env, refuses, run, single_cmd
+from vitdeep.ablate import prepare
+from vitdeep.ablate.grid import bundled_grids, load_grid, parse_grid, resolve_cells
+from vitdeep.cli import main
+from vitdeep.demo import RECIPE
+from vitdeep.engine.checkpoint import MARKER
+from vitdeep.launcher import error_line, option_flags
+
+FAKE_SRUN = Path(__file__).resolve().parent / "scripts" / "fake_srun"
+TWO_AXES = "axes:\n  contrastive_weight: [0, 1]\n  attnscale: [false, true]\n"
+ONE_AXIS = "axes:\n  contrastive_weight: [0, 1]\n"
+
+
+def _grid(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "grid.yaml"
+    path.write_text(text)
+    return path
+
+
+def _main(argv: list[str]) -> None:
+    """`vitdeep ARGV` in this process, which must succeed."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 0
+
+
+def _ablate(grid: Path | str, shards: Path, out: Path, *extra: str) -> list[str]:
+    return ["ablate", str(grid), "--data", str(shards), "--val", str(shards), "--out", str(out), *SMALL, *extra]
+
+
+# -- grids → cells -------------------------------------------------------------------------------
+
+
+def test_two_axes_give_four_cells_named_from_their_options(digit_shards, tmp_path, capsys):
+    grid, out = _grid(tmp_path, TWO_AXES), tmp_path / "ab"
+    names = ["contrastive_weight=0,attnscale=false", "contrastive_weight=0,attnscale=true",
+             "contrastive_weight=1,attnscale=false", "contrastive_weight=1,attnscale=true"]
+    ablation = prepare(str(grid), {"data": str(digit_shards), "val": str(digit_shards), "out": str(out)}, ranks=2, demo=False, local=True)
+    assert [run.name for run in ablation.runs] == names
+    assert [run.own for run in ablation.runs] == [
+        {"contrastive_weight": 0.0, "attnscale": False}, {"contrastive_weight": 0.0, "attnscale": True},
+        {"contrastive_weight": 1.0, "attnscale": False}, {"contrastive_weight": 1.0, "attnscale": True},
+    ]
+    args = ablation.train_args(ablation.runs[3])
+    assert args[:7] == ["train", "--data", str(digit_shards), "--val", str(digit_shards), "--out", str(out / "cells" / names[3])]
+    assert args[-3:] == ["--contrastive-weight", "1.0", "--attnscale"] and "--resume" not in args
+    capsys.readouterr()
+    _main(_ablate(grid, digit_shards, out, "--dry-run"))
+    listing = capsys.readouterr().out
+    assert not out.exists(), "--dry-run writes nothing"
+    assert all(name in listing for name in names) and listing.count("deepspeed.launcher.runner") == 4
+
+
+def test_named_axes_and_explicit_cells():
+    grid = parse_grid("g", {
+        "base": {"model": "deit_tiny_12"},
+        "axes": {"depth": [12, 24], "objective": {"ce": {"contrastive_weight": 0}, "losses": {"contrastive_weight": 1}}},
+        "published": {"depth=24,losses": 83.3},
+    })
+    assert [(cell.name, cell.options, cell.variants) for cell in grid.cells] == [
+        ("depth=12,ce", {"depth": 12, "contrastive_weight": 0}, {"objective": "ce"}),
+        ("depth=12,losses", {"depth": 12, "contrastive_weight": 1}, {"objective": "losses"}),
+        ("depth=24,ce", {"depth": 24, "contrastive_weight": 0}, {"objective": "ce"}),
+        ("depth=24,losses", {"depth": 24, "contrastive_weight": 1}, {"objective": "losses"}),
+    ]
+    assert grid.columns == [("depth", "depth"), ("objective", None)] and grid.published == {"depth=24,losses": 83.3}
+    explicit = parse_grid("e", {"cells": [{"name": "plain"}, {"name": "both", "attnscale": True, "featscale": True}]})
+    assert [cell.name for cell in explicit.cells] == ["plain", "both"] and explicit.columns == [("attnscale", "attnscale"), ("featscale", "featscale")]
+
+
+@pytest.mark.parametrize("name", sorted(bundled_grids()))
+def test_bundled_grids_resolve(name):
+    grid = load_grid(name)
+    for recipe in (None, RECIPE):
+        runs = resolve_cells(grid, {}, recipe)
+        assert len({run.name for run in runs}) == len(grid.cells) >= 4
+        for a in runs:  # cells differ only where one of them sets its own option
+            assert set(a.own) == set(a.cell.options)
+            for b in runs:
+                assert all(a.options[k] == b.options[k] for k in a.options if k not in a.cell.options and k not in b.cell.options)
+
+
+def test_gong_table1_is_the_papers_seven_loss_combinations():
+    grid = load_grid("gong-table1")
+    weights = {cell.name: (cell.options["cos_weight"], cell.options["contrastive_weight"], cell.options["patch_mix_weight"])
+               for cell in grid.cells}
+    assert len(weights) == 7 and len(set(weights.values())) == 7 and weights["none"] == (0, 0, 0)
+    assert grid.published == {"none": 81.8, "cos": 82.0, "cons": 82.3, "mix": 82.4, "cons+mix": 82.6}  # reference.md §2
+    assert [heading for heading, _ in grid.columns] == ["ℓ_cos", "ℓ_cons", "ℓ_token"]
+
+
+def test_list_prints_every_bundled_grid(capsys):
+    _main(["ablate", "--list"])
+    out = capsys.readouterr().out
+    for name in ("gong-table1", "gong-table4", "gong-table5", "wang-remedies", "depth"):
+        assert name in out
+    assert "cons+mix" in out and "82.6" in out
+
+
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("axes:\n  contrastive_wieght: [0, 1]\n", "unknown option 'contrastive_wieght'"),
+        ("cells:\n  - {name: a, attnscale: true}\n  - {name: b, attnscal: true}\n", "cell b: unknown option 'attnscal'"),
+        ("base: {modle: deit_tiny_12}\naxes:\n  attnscale: [false, true]\n", "unknown option 'modle'"),
+        ("axes:\n  attnscale: []\n", "axis 'attnscale' has no values"),
+        ("axes:\n  attnscale: [false]\ncells:\n  - {name: a}\n", "not both"),
+        ("cells:\n  - {name: a, out: elsewhere}\n", "'out' is set by vitdeep ablate"),
+        ("axes:\n  attnscale: [false, true]\npublished: {nope: 1.0}\n", "published names no cell 'nope'"),
+        ("axes:\n  drop_path: [0.1, fast]\n", "drop_path='fast' should be of type float"),
+        ("cells:\n  - {name: a/b}\n", "cell name 'a/b'"),
+    ],
+)
+def test_bad_grids_exit_2_with_one_line_and_write_nothing(digit_shards, tmp_path, capsys, text, needle):
+    grid = _grid(tmp_path, text)
+    refuses(_ablate(grid, digit_shards, tmp_path / "ab"), capsys, needle, out=tmp_path / "ab")
+
+
+def test_bad_input_outside_the_grid_file_writes_nothing(digit_shards, tmp_path, capsys):
+    out = tmp_path / "ab"
+    refuses(_ablate("gong-tabel1", digit_shards, out), capsys, "unknown grid 'gong-tabel1' (bundled: depth, gong-table1", out=out)
+    refuses(_ablate(tmp_path / "missing.yaml", digit_shards, out), capsys, "grid file not found", out=out)
+    grid = _grid(tmp_path, ONE_AXIS)
+    refuses(_ablate(grid, digit_shards, out, "--resume", "auto"), capsys, "--resume is not an ablate option", out=out)
+    refuses(_ablate(grid, digit_shards, out, "--global-batch", "60"), capsys, "cell contrastive_weight=0:", out=out)
+    refuses(["ablate", str(grid), "--out", str(out)], capsys, "pass --data SHARDS and --val SHARDS", out=out)
+    refuses(_ablate(grid, digit_shards, out, "--emit", "pbs"), capsys, "--emit pbs", out=out)
+    refuses(["ablate", "--collect", str(out)], capsys, "is not an ablation folder", out=out)
+
+
+def test_flags_and_error_lines_of_launched_runs():
+    assert option_flags({"attnscale": True, "featscale": False, "lr": 0.005, "rand_augment": ""}) == [
+        "--attnscale", "--no-featscale", "--lr", "0.005", "--rand-augment", ""]
+    launcher = ("[INFO] [launch.py:245:main] process 1 spawned\n\x1b[1mtrain\x1b[0m 3/10\rtrain 4/10\n"
+                "error (rank 1): teacher 'x' is neither a file nor a timm model name\n"
+                "error: teacher 'x' is neither a file nor a timm model name\n"
+                "[ERROR] [launch.py:321:sigkill_handler] ... exits with return code = 2\n")
+    assert error_line(launcher) == "error: teacher 'x' is neither a file nor a timm model name"
+    traceback = "Traceback (most recent call last):\n  File \"x.py\", line 1\ntorch.OutOfMemoryError: CUDA out of memory\n"
+    assert error_line(traceback) == "torch.OutOfMemoryError: CUDA out of memory"
+    assert error_line("all fine\n") is None
+
+
+# -- Slurm ---------------------------------------------------------------------------------------
+
+
+def test_emit_slurm_writes_a_job_array_of_one_cell_per_task(tmp_path):
+    grid, out = _grid(tmp_path, ONE_AXIS), tmp_path / "ab"
+    _main(["ablate", str(grid), "--data", "/data/train-{000000..000009}.tar", "--val", "/data/val", "--out", str(out),
+          "--model", "deit_base_24", "--epochs", "3", "--emit", "slurm"])
+    script = out / "ablate.sbatch"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    text = script.read_text()
+    assert "#SBATCH --array=0-1\n" in text and "#SBATCH --nodes=2\n" in text  # resources from launch/slurm.sbatch
+    assert sorted(p.name for p in out.iterdir()) == ["ablate.sbatch", "grid.json", "logs"]  # nothing ran
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "srun").symlink_to(FAKE_SRUN)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in ("DATA", "OUT", "VAL", "DRY_RUN", "LAUNCH_DIR")}
+    env.update(PATH=f"{fake}:{env['PATH']}", SLURM_JOB_ID="4242", SLURM_SUBMIT_DIR=str(tmp_path), SLURM_JOB_NODELIST="gpu-a,gpu-b",
+               SLURM_JOB_NUM_NODES="2", SLURM_GPUS_ON_NODE="8", TORCHRUN=str(Path(sys.executable).parent / "torchrun"))
+    for task, (name, weight) in enumerate([("contrastive_weight=0", "0.0"), ("contrastive_weight=1", "1.0")]):
+        result = subprocess.run(["bash", str(script)], env={**env, "SLURM_ARRAY_TASK_ID": str(task)}, cwd=tmp_path,
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        commands = [line for line in result.stdout.splitlines() if "-m vitdeep train" in line]
+        assert len(commands) == 2  # one per node
+        for node, command in enumerate(commands):
+            assert f"--node_rank {node} " in command and "--nnodes 2 --nproc_per_node 8" in command
+            assert command.endswith(f"-m vitdeep train --data /data/train-\\{{000000..000009\\}}.tar --out {out}/cells/{name} "
+                                    f"--val /data/val --model deit_base_24 --epochs 3 --contrastive-weight {weight} --resume auto")
+    outside = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=60)
+    assert outside.returncode == 2 and "submit it with sbatch" in outside.stderr
+    assert json.loads((out / "grid.json").read_text())["cells"][1]["train_options"]["contrastive_weight"] == 1.0
+
+
+# -- a real grid ---------------------------------------------------------------------------------
+
+
+def _snapshot(out: Path) -> dict[str, int]:
+    """Every file of the cells' runs with its modification time: a rerun that trains changes it."""
+    return {str(p.relative_to(out)): p.stat().st_mtime_ns for p in sorted((out / "cells").rglob("*")) if p.is_file()}
+
+
+def _results(out: Path) -> dict[str, bytes]:
+    return {name: (out / name).read_bytes() for name in ("results.json", "results.md", "results.png")}
+
+
+@pytest.mark.slow
+def test_grid_killed_mid_cell_resumes_then_reruns_without_training(digit_shards, tmp_path, capsys):
+    """Two cells on 2 CPU ranks: SIGKILL once the second cell has a checkpoint, rerun (the first
+    cell is skipped, the second resumed), rerun again (no training, identical results)."""
+    grid, out = _grid(tmp_path, ONE_AXIS), tmp_path / "ab"
+    args = _ablate(grid, digit_shards, out, "--steps", "10", "--save-every", "2", "--ranks", "2")
+    first, second = out / "cells" / "contrastive_weight=0", out / "cells" / "contrastive_weight=1"
+    with open(tmp_path / "killed.log", "w") as log:
+        process = subprocess.Popen(single_cmd(args), env=cpu_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 900
+        while not list(second.glob(f"checkpoints/step_*/{MARKER}")):
+            assert process.poll() is None, (tmp_path / "killed.log").read_text()[-4000:]
+            assert time.monotonic() < deadline, "no checkpoint of the second cell in time"
+            time.sleep(0.01)
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=60)
+    assert (first / "eval.json").is_file() and not (second / "summary.json").exists(), "killed in the middle of the second cell"
+    first_files = {k: v for k, v in _snapshot(out).items() if k.startswith("cells/contrastive_weight=0/")}
+
+    resumed = run(single_cmd(args))
+    assert "contrastive_weight=0: finished earlier, skipped" in resumed.stdout
+    second_log = (out / "logs" / "contrastive_weight=1.log").read_text()
+    assert "--resume auto" in resumed.stdout and f"resumed from {second}/checkpoints/step_" in second_log
+    assert {k: v for k, v in _snapshot(out).items() if k.startswith("cells/contrastive_weight=0/")} == first_files
+    results = json.loads((out / "results.json").read_text())
+    assert [(c["name"], c["status"], c["steps"]) for c in results["cells"]] == [("contrastive_weight=0", "done", 10),
+                                                                                ("contrastive_weight=1", "done", 10)]
+    for cell in results["cells"]:
+        assert 0 <= cell["top1"] <= 100 and cell["ema_top1"] is not None and len(cell["cossim"]) == 7  # 6 blocks + embeddings
+        assert -1 <= cell["last_layer_cossim"] <= 1 and cell["last_layer_attn_std"] > 0 and cell["images_per_s"] > 0
+        assert cell["top1"] == json.loads((out / "cells" / cell["name"] / "eval.json").read_text())["top1"]
+    assert json.loads((second / "config.json").read_text())["loss"]["contrastive_weight"] == 1.0
+    assert json.loads((first / "config.json").read_text())["loss"]["contrastive_weight"] == 0.0
+    assert json.loads((out / "status" / "contrastive_weight=1.json").read_text())["attempts"] == 2
+    table = (out / "results.md").read_text()
+    assert "| contrastive_weight=0 | × |" in table and "| contrastive_weight=1 | ✓ |" in table
+    before, files = _results(out), _snapshot(out)
+
+    again = run(single_cmd(args))
+    assert "deepspeed.launcher.runner" not in again.stdout and again.stdout.count("finished earlier, skipped") == 2
+    assert _snapshot(out) == files and _results(out) == before
+    for name in before:
+        (out / name).unlink()
+    capsys.readouterr()
+    _main(["ablate", "--collect", str(out)])
+    assert _results(out) == before
+
+
+@pytest.mark.slow
+def test_a_failing_cell_is_recorded_and_the_grid_goes_on(digit_shards, tmp_path):
+    grid = _grid(tmp_path, "cells:\n  - {name: bad-teacher, distill: hard, teacher: no-such-model}\n  - {name: plain}\n")
+    out = tmp_path / "ab"
+    result = run(single_cmd(_ablate(grid, digit_shards, out, "--steps", "2")))
+    cells = {cell["name"]: cell for cell in json.loads((out / "results.json").read_text())["cells"]}
+    assert cells["bad-teacher"]["status"] == "failed" and cells["plain"]["status"] == "done"
+    assert cells["bad-teacher"]["error"] == "error: teacher 'no-such-model' is neither a file nor a timm model name"
+    assert "- bad-teacher: error: teacher 'no-such-model'" in (out / "results.md").read_text()
+    assert "bad-teacher failed" in result.stdout

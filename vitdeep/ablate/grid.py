@@ -1,0 +1,269 @@
+"""Ablation grids: a bundled name or a YAML file → named cells, each one set of train options.
+
+A grid file holds `base:` (train options every cell shares) and either `axes:` (the cartesian
+product of its axes) or `cells:` (an explicit list). An axis is an option with a list of values
+(`attnscale: [false, true]`, cells named `attnscale=false` …) or a label with named option sets
+(`objective: {ce: {contrastive_weight: 0}, losses: {}}`, cells named by the set). Optional keys:
+`title`, `paper` and `metric` (where the grid is a paper's table), `published` (cell name → the
+paper's number), `columns` (option → column heading), `demo` (options laid over the demo recipe
+for `--demo`). Every cell is checked against the run config before anything is written.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vitdeep.errors import UserError
+
+GRID_DIR = Path(__file__).resolve().parent.parent / "grids"
+GRID_KEYS = ("title", "paper", "metric", "base", "demo", "axes", "cells", "published", "columns")
+#: Options the ablation sets itself for every cell: the shared data, the cell's folder, resuming.
+RESERVED = ("data", "val", "out", "resume")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=,-]*$")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run of the grid: its name, the options it sets, and its place on each named axis."""
+
+    name: str
+    options: dict[str, Any]
+    variants: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Grid:
+    name: str
+    title: str
+    base: dict[str, Any]
+    demo: dict[str, Any]
+    cells: list[Cell]
+    #: Table columns in order: (heading, option name, or None for a named axis).
+    columns: list[tuple[str, str | None]]
+    paper: str | None = None
+    metric: str | None = None
+    published: dict[str, float] = field(default_factory=dict)
+
+    def describe(self) -> dict[str, Any]:
+        """What `grid.json` records of the grid (the table layout `--collect` needs)."""
+        return {"name": self.name, "title": self.title, "paper": self.paper, "metric": self.metric,
+                "columns": [list(column) for column in self.columns], "published": self.published}
+
+
+def bundled_grids() -> dict[str, Path]:
+    return {path.stem: path for path in sorted(GRID_DIR.glob("*.yaml"))}
+
+
+def load_grid(spec: str) -> Grid:
+    """A bundled grid by name, or a grid YAML file."""
+    bundled = bundled_grids()
+    if spec in bundled:
+        return parse_grid(spec, _read_yaml(bundled[spec]))
+    path = Path(spec)
+    if path.is_file():
+        return parse_grid(path.stem, _read_yaml(path))
+    if path.suffix in (".yaml", ".yml") or "/" in spec:
+        raise UserError(f"grid file not found: {spec}")
+    raise UserError(f"unknown grid '{spec}' (bundled: {', '.join(bundled)}; or give a YAML file)")
+
+
+def _read_yaml(path: Path) -> Any:
+    import yaml
+
+    try:
+        return yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as error:
+        raise UserError(f"cannot read grid {path}: {str(error).splitlines()[0]}") from None
+
+
+def parse_grid(name: str, raw: Any) -> Grid:
+    """Check the grid's shape and expand it into cells (the options are checked by `resolve_cells`)."""
+    where = f"grid {name}"
+    if not isinstance(raw, dict):
+        raise UserError(f"{where}: expected a mapping with base: and axes: or cells:")
+    unknown = [key for key in raw if key not in GRID_KEYS]
+    if unknown:
+        raise UserError(f"{where}: unknown key '{unknown[0]}' (a grid has {', '.join(GRID_KEYS)})")
+    if ("axes" in raw) == ("cells" in raw):
+        raise UserError(f"{where}: give either axes: (a cartesian product) or cells: (an explicit list), not {'both' if 'axes' in raw else 'neither'}")
+    base = _options(raw.get("base"), f"{where}, base")
+    demo = _options(raw.get("demo"), f"{where}, demo")
+    if "axes" in raw:
+        cells, columns = _expand_axes(raw["axes"], where)
+    else:
+        cells, columns = _explicit_cells(raw["cells"], where)
+    names = [cell.name for cell in cells]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise UserError(f"{where}: two cells are named '{repeated[0]}'")
+    headings = _mapping(raw.get("columns"), f"{where}, columns")
+    columns = [(str(headings.get(option, heading)), option) for heading, option in columns]
+    published = _mapping(raw.get("published"), f"{where}, published")
+    for cell_name, value in published.items():
+        if cell_name not in names:
+            raise UserError(f"{where}: published names no cell '{cell_name}' (cells: {', '.join(names)})")
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise UserError(f"{where}: published {cell_name}={value!r} is not a number")
+    return Grid(
+        name=name, title=str(raw.get("title") or name), base=base, demo=demo, cells=cells, columns=columns,
+        paper=raw.get("paper"), metric=raw.get("metric"),
+        published={cell: float(value) for cell, value in published.items() if value is not None},
+    )
+
+
+def _mapping(raw: Any, where: str) -> dict:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise UserError(f"{where}: expected a mapping, got {raw!r}")
+    return raw
+
+
+def _options(raw: Any, where: str) -> dict[str, Any]:
+    """A mapping of train options, none of them one the ablation sets itself."""
+    options = _mapping(raw, where)
+    for name in options:
+        if not isinstance(name, str):
+            raise UserError(f"{where}: option names must be strings, got {name!r}")
+        if name in RESERVED:
+            raise UserError(f"{where}: '{name}' is set by vitdeep ablate for every cell ({', '.join(RESERVED)} cannot be grid options)")
+    return dict(options)
+
+
+def _expand_axes(raw: Any, where: str) -> tuple[list[Cell], list[tuple[str, str | None]]]:
+    axes = _mapping(raw, f"{where}, axes")
+    if not axes:
+        raise UserError(f"{where}: axes: is empty")
+    # Each axis → [(name part, options, variant or None)]
+    choices, columns = [], []
+    for axis, values in axes.items():
+        if not isinstance(axis, str):
+            raise UserError(f"{where}: axis names must be strings, got {axis!r}")
+        if isinstance(values, list):
+            if not values:
+                raise UserError(f"{where}: axis '{axis}' has no values")
+            if axis in RESERVED:
+                raise UserError(f"{where}: '{axis}' is set by vitdeep ablate for every cell ({', '.join(RESERVED)} cannot be grid options)")
+            choices.append([(f"{axis}={format_value(value)}", {axis: value}, None) for value in values])
+            columns.append((axis, axis))
+        elif isinstance(values, dict):
+            if not values:
+                raise UserError(f"{where}: axis '{axis}' has no values")
+            choices.append([(str(variant), _options(options, f"{where}, axis {axis}: {variant}"), str(variant))
+                            for variant, options in values.items()])
+            columns.append((axis, None))
+        else:
+            raise UserError(f"{where}: axis '{axis}' must be a list of values or a mapping of named option sets")
+    cells = []
+    for combination in itertools.product(*choices):
+        options, variants = {}, {}
+        for (_, axis_options, variant), (heading, _) in zip(combination, columns):
+            options.update(axis_options)
+            if variant is not None:
+                variants[heading] = variant
+        cells.append(Cell(_checked_name(",".join(part for part, _, _ in combination), where), options, variants))
+    return cells, columns
+
+
+def _explicit_cells(raw: Any, where: str) -> tuple[list[Cell], list[tuple[str, str | None]]]:
+    if not isinstance(raw, list) or not raw:
+        raise UserError(f"{where}: cells: must be a non-empty list of {{name: NAME, OPTION: VALUE, ...}}")
+    cells, columns = [], {}
+    for index, entry in enumerate(raw):
+        if not isinstance(entry, dict) or "name" not in entry:
+            raise UserError(f"{where}: cell {index + 1} needs a name: (got {entry!r})")
+        name = _checked_name(str(entry["name"]), where)
+        options = _options({k: v for k, v in entry.items() if k != "name"}, f"{where}, cell {name}")
+        columns.update(dict.fromkeys(options))
+        cells.append(Cell(name, options))
+    return cells, [(option, option) for option in columns]
+
+
+def _checked_name(name: str, where: str) -> str:
+    if not _NAME.match(name) or name in (".", ".."):
+        raise UserError(f"{where}: cell name '{name}' may hold only letters, digits and . _ + = , - (it names a folder)")
+    return name
+
+
+def format_value(value: Any) -> str:
+    """A value as it appears in a cell name: `true`, `0.5`, `1` (for 1.0), `none` for ''."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return format(value, "g")
+    text = str(value) if value not in ("", None) else "none"
+    return re.sub(r"[^A-Za-z0-9._+-]", "-", text)
+
+
+# ---- the cells as runs -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CellRun:
+    """A cell resolved against the shared settings: the train options it runs with."""
+
+    cell: Cell
+    #: Flat train options given on the command line: the shared ones, then the cell's own.
+    options: dict[str, Any]
+    #: The run config they resolve to (over the recipe file, in demo mode).
+    config: Any
+
+    @property
+    def name(self) -> str:
+        return self.cell.name
+
+    @property
+    def own(self) -> dict[str, Any]:
+        return {name: value for name, value in self.options.items() if name in self.cell.options}
+
+
+def common_options(options: list[dict[str, Any]]) -> dict[str, Any]:
+    """The options every one of the mappings has, with the same value (in the first one's order)."""
+    return {name: value for name, value in options[0].items() if all(name in o and o[name] == value for o in options)} if options else {}
+
+
+def resolve_cells(grid: Grid, overrides: dict[str, Any], recipe: Path | None = None, ds_config: str | None = None) -> list[CellRun]:
+    """Every cell's train options, checked against the run config: shared = the grid's `base`
+    (or, with a demo `recipe` file, the grid's `demo` options over it) ← `overrides` (the
+    command's train flags) ← the cell's options. `ds_config` is the DeepSpeed config used when
+    neither the grid nor the flags name one."""
+    if "resume" in overrides:
+        raise UserError("--resume is not an ablate option: rerunning the grid resumes its unfinished cells by itself")
+    shared = dict(grid.demo if recipe is not None else grid.base)
+    if ds_config is not None and "ds_config" not in shared:
+        shared["ds_config"] = ds_config
+    shared.update(overrides)
+    _resolve(shared, recipe, f"grid {grid.name}, shared options")
+    runs = []
+    for cell in grid.cells:
+        options = {**shared, **cell.options}
+        config = _resolve(options, recipe, f"grid {grid.name}, cell {cell.name}")
+        flat = config.flat()
+        for name in options:
+            if flat[name] is None:
+                raise UserError(f"grid {grid.name}, cell {cell.name}: {name}: null cannot be passed as a flag (leave the option out for its default)")
+        runs.append(CellRun(cell, {name: flat[name] for name in options}, config))
+    return runs
+
+
+def _resolve(options: dict[str, Any], recipe: Path | None, where: str):
+    from vitdeep.config import resolve_config
+
+    try:
+        return resolve_config(options, recipe)
+    except UserError as error:
+        raise UserError(f"{where}: {error}") from None
+
+
+def grid_listing(grid: Grid) -> list[tuple[str, str, str]]:
+    """(cell, its options, published) rows for `--list`."""
+    rows = []
+    for cell in grid.cells:
+        options = ", ".join(f"{k}={format_value(v) if v != '' else repr(v)}" for k, v in cell.options.items()) or "(the base options)"
+        published = grid.published.get(cell.name)
+        rows.append((cell.name, options, f"{published:.1f}" if published is not None else ""))
+    return rows

@@ -1,0 +1,285 @@
+"""Running a grid on this machine: every cell a normal vitdeep run under the DeepSpeed launcher,
+one after another, resumable, a failing cell recorded and passed over.
+
+Layout of the grid's folder:
+
+    DIR/grid.json              the grid as run: its table layout, every cell's train options
+    DIR/cells/<name>/          the cell's vitdeep run, then eval.json (eval_ema.json) and analysis/
+    DIR/status/<name>.json     attempts, wall time, and the error line of a failed attempt
+    DIR/logs/<name>.log        the cell's console output
+    DIR/shards/                the digits (--demo)
+    DIR/results.{json,md,png}  the table (vitdeep.ablate.results)
+
+A cell is trained once its run wrote `summary.json` and finished once it was evaluated and
+analysed. Rerunning skips finished cells, finishes trained ones, and relaunches the others with
+`--resume auto` wherever their folder exists (from the newest complete checkpoint, or afresh).
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.markup import escape
+
+from vitdeep.ablate.grid import CellRun, Grid, format_value
+from vitdeep.errors import TrainingStopped, UserError
+
+GRID_FILE = "grid.json"
+
+
+@dataclass
+class Ablation:
+    """A grid resolved for one folder: the cells' runs and what they share."""
+
+    grid: Grid
+    out: Path
+    runs: list[CellRun]
+    data: str
+    val: str
+    ranks: int
+    #: The demo recipe file the cells' options lie over (--demo), else None.
+    recipe: Path | None = None
+
+    def cell_dir(self, name: str) -> Path:
+        return cell_dir(self.out, name)
+
+    def train_args(self, run: CellRun) -> list[str]:
+        """`vitdeep train …` of one cell; `--resume auto` once its folder exists."""
+        from vitdeep.launcher import option_flags
+
+        folder = self.cell_dir(run.name)
+        args = ["train", *(["--config", str(self.recipe)] if self.recipe else []), "--data", self.data, "--val", self.val,
+                "--out", str(folder), *option_flags(run.options)]
+        return args + (["--resume", "auto"] if folder.exists() else [])
+
+    def record(self) -> dict[str, Any]:
+        """`grid.json`: the layout `--collect` needs, and each cell's options (a rerun must match them)."""
+        return {
+            "grid": self.grid.describe(),
+            "data": self.data,
+            "val": self.val,
+            "recipe": str(self.recipe) if self.recipe else None,
+            "cells": [{"name": run.name, "options": run.own, "train_options": run.options, "columns": columns_of(self.grid, run)}
+                      for run in self.runs],
+        }
+
+
+def cell_dir(out: Path, name: str) -> Path:
+    return Path(out) / "cells" / name
+
+
+def status_file(out: Path, name: str) -> Path:
+    return Path(out) / "status" / f"{name}.json"
+
+
+def log_file(out: Path, name: str) -> Path:
+    return Path(out) / "logs" / f"{name}.log"
+
+
+def columns_of(grid: Grid, run: CellRun) -> dict[str, Any]:
+    """The cell's value in each table column: the option it ran with, or its named-axis variant."""
+    flat = run.config.flat()
+    return {heading: flat[option] if option else run.cell.variants[heading] for heading, option in grid.columns}
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def is_trained(folder: Path) -> bool:
+    return (folder / "summary.json").is_file()
+
+
+def finish_files(folder: Path) -> list[Path]:
+    """What finishing writes into a trained cell: eval.json, eval_ema.json (with an EMA), analysis."""
+    config = read_json(folder / "config.json") or {}
+    ema = config.get("optim", {}).get("ema_decay", 0) > 0
+    return [folder / "eval.json", *([folder / "eval_ema.json"] if ema else []), folder / "analysis" / "metrics.json"]
+
+
+def is_finished(folder: Path) -> bool:
+    return is_trained(folder) and all(path.is_file() for path in finish_files(folder))
+
+
+def finish_cell(folder: Path) -> None:
+    """Evaluate a trained cell on its validation shards (raw and EMA) and analyse its
+    over-smoothing there, with the crop ratio it was validated at."""
+    from vitdeep.analysis import run_analyze
+    from vitdeep.engine.evaluate import run_eval
+
+    config = read_json(folder / "config.json")
+    if config is None:
+        raise UserError(f"{folder} has no readable config.json")
+    val, crop_ratio, workers = config["data"]["val"], config["augment"]["crop_ratio"], config["data"]["workers"]
+    if not val:
+        raise UserError(f"{folder} was trained without --val: nothing to evaluate the cell on")
+    run_eval(str(folder), val, out=folder / "eval.json", crop_ratio=crop_ratio, workers=workers)
+    if config["optim"]["ema_decay"] > 0:
+        run_eval(str(folder), val, out=folder / "eval_ema.json", crop_ratio=crop_ratio, workers=workers, ema=True)
+    run_analyze(model=None, checkpoint=folder, images=None, data=val, out=folder / "analysis", crop_ratio=crop_ratio)
+
+
+def update_status(out: Path, name: str, **changes: Any) -> dict[str, Any]:
+    from vitdeep.engine.checkpoint import write_json_atomic
+
+    path = status_file(out, name)
+    status = {"status": "pending", "error": None, "attempts": 0, "wall_s": 0.0, **(read_json(path) or {}), **changes}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, status)
+    return status
+
+
+# ---- preparing: everything checked before anything is written --------------------------------
+
+
+def check_same_grid(ablation: Ablation) -> None:
+    """A folder holds one grid: a rerun must ask for the same cells with the same options."""
+    recorded = read_json(ablation.out / GRID_FILE)
+    if recorded is None:
+        return
+    now = ablation.record()
+    for key in ("data", "val", "recipe"):
+        if recorded.get(key) != now[key]:
+            raise UserError(f"{ablation.out} holds a grid run with {key}={recorded.get(key)}, not {now[key]}: use another --out")
+    theirs = {cell["name"]: cell["train_options"] for cell in recorded.get("cells", [])}
+    ours = {cell["name"]: cell["train_options"] for cell in now["cells"]}
+    if list(theirs) != list(ours):
+        raise UserError(f"{ablation.out} holds the grid {recorded['grid']['name']} with other cells "
+                        f"({', '.join(theirs)}): use another --out")
+    for name, options in ours.items():
+        if theirs[name] != options:
+            changed = sorted(k for k in set(options) | set(theirs[name]) if options.get(k) != theirs[name].get(k))
+            raise UserError(f"{ablation.out}: cell {name} ran with other options ({', '.join(f'{k}={theirs[name].get(k)}' for k in changed)}): use another --out")
+
+
+def check_plans(ablation: Ablation) -> None:
+    """Each cell's full run plan (model, data, batch arithmetic over the ranks, DeepSpeed config),
+    as `vitdeep train` would check it, before any cell starts."""
+    from vitdeep.config import resolve_config
+    from vitdeep.engine.plan import make_plan
+
+    for run in ablation.runs:
+        options = {**run.options, "data": ablation.data, "val": ablation.val, "out": str(ablation.cell_dir(run.name))}
+        try:
+            make_plan(resolve_config(options, ablation.recipe), ablation.ranks)
+        except UserError as error:
+            raise UserError(f"grid {ablation.grid.name}, cell {run.name}: {error}") from None
+
+
+def write_record(ablation: Ablation) -> None:
+    from vitdeep.engine.checkpoint import write_json_atomic
+
+    ablation.out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(ablation.out / GRID_FILE, ablation.record())
+
+
+# ---- running -----------------------------------------------------------------------------------
+
+
+def run_grid(ablation: Ablation) -> dict[str, Any]:
+    """Run every unfinished cell, then write the results; returns them."""
+    from vitdeep.ablate.results import collect
+    from vitdeep.monitor import make_console
+
+    console = make_console()
+    write_record(ablation)
+    for index, run in enumerate(ablation.runs):
+        if is_finished(ablation.cell_dir(run.name)):
+            console.print(f"[green]{escape(run.name)}: finished earlier, skipped")
+            continue
+        _show_progress(console, ablation, index)
+        try:
+            error = _run_cell(console, ablation, run)
+        except KeyboardInterrupt:
+            raise TrainingStopped(f"interrupted in cell {run.name}: rerun the same command to resume the grid") from None
+        if error:
+            console.print(f"[red]{escape(run.name)} failed: {escape(error)}[/] (the grid goes on)", soft_wrap=True)
+    return collect(ablation.out, finish=False)
+
+
+def _run_cell(console, ablation: Ablation, run: CellRun) -> str | None:
+    """Train (or resume) one cell and finish it; records the attempt and returns its error line."""
+    from vitdeep.launcher import deepspeed_command, run_logged
+
+    out, folder = ablation.out, ablation.cell_dir(run.name)
+    before = read_json(status_file(out, run.name)) or {}
+    update_status(out, run.name, status="running", attempts=before.get("attempts", 0) + 1)
+    start = time.perf_counter()
+    error = None
+    if not is_trained(folder):
+        cmd = deepspeed_command(ablation.train_args(run), ablation.ranks)
+        console.print(f"{run.name}: {shlex.join(cmd)}", soft_wrap=True, markup=False, highlight=False)
+        code, line = run_logged(cmd, log_file(out, run.name))
+        if code != 0:
+            error = line or f"the training run exited with code {code}"
+    if error is None:
+        error = finish_or_error(console, folder)
+    seconds = before.get("wall_s", 0.0) + time.perf_counter() - start
+    update_status(out, run.name, status="failed" if error else "done", error=error, wall_s=round(seconds, 1))
+    return error
+
+
+def finish_or_error(console, folder: Path) -> str | None:
+    """Finish a trained cell; the error line when that fails (the grid goes on)."""
+    try:
+        finish_cell(folder)
+    except UserError as error:
+        return f"error: {error}"
+    except Exception as error:
+        console.print_exception()
+        return f"{type(error).__name__}: {error}".splitlines()[0]
+    return None
+
+
+def _show_progress(console, ablation: Ablation, index: int) -> None:
+    """The grid's progress above the cell's own: cell i of N, and an ETA from the wall times of
+    the cells finished so far (this session's and earlier ones')."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    names = [run.name for run in ablation.runs]
+    done = [name for name in names if is_finished(ablation.cell_dir(name))]
+    walls = [(read_json(status_file(ablation.out, name)) or {}).get("wall_s") for name in done]
+    walls = [seconds for seconds in walls if seconds]
+    left = len(names) - len(done)
+    eta = clock(statistics.mean(walls) * left if walls and left else None)
+    progress = Progress(TextColumn("[bold]ablate {task.description}"), BarColumn(bar_width=30), MofNCompleteColumn(),
+                        TextColumn("cells done · ETA {task.fields[eta]}"), console=console)
+    progress.add_task(ablation.grid.name, total=len(names), completed=len(done), eta=eta)
+    console.rule(f"[bold]cell {index + 1} of {len(names)}: {escape(names[index])}")
+    console.print(progress.make_tasks_table(progress.tasks))
+
+
+def clock(seconds: float | None) -> str:
+    """`h:mm:ss`, or – when unknown."""
+    if seconds is None:
+        return "–"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
+
+
+def print_dry_run(ablation: Ablation) -> None:
+    """`--dry-run`: the cells and the command each would run (nothing is written)."""
+    from rich.table import Table
+
+    from vitdeep.launcher import deepspeed_command
+    from vitdeep.monitor import make_console
+
+    console = make_console()
+    table = Table(title=f"vitdeep ablate {ablation.grid.name} --dry-run: {len(ablation.runs)} cells in {ablation.out}", show_lines=True)
+    for column in ("cell", "options", "state", "command"):
+        table.add_column(column, overflow="fold")
+    for run in ablation.runs:
+        folder = ablation.cell_dir(run.name)
+        state = "finished" if is_finished(folder) else "trained" if is_trained(folder) else "resumes" if folder.exists() else "new"
+        options = ", ".join(f"{k}={format_value(v)}" for k, v in run.own.items()) or "(shared options only)"
+        table.add_row(run.name, options, state, shlex.join(deepspeed_command(ablation.train_args(run), ablation.ranks)))
+    console.print(table)
