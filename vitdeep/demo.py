@@ -24,10 +24,11 @@ VARIANTS = {
 
 
 def _launch(out: Path, name: str, shards: Path, ranks: int, extra: list[str]) -> None:
-    """One training run under the deepspeed launcher (CPU ranks over gloo without a GPU)."""
+    """One training run under the deepspeed launcher (CPU ranks over gloo without a GPU); a demo
+    run again replaces its earlier runs, as it rewrites its shards."""
     cmd = deepspeed_command([
         "train", "--config", str(RECIPE), "--data", str(shards), "--val", str(shards), "--out", str(out / name),
-        "--ds-config", default_ds_config(), *option_flags(VARIANTS[name]), *extra,
+        "--ds-config", default_ds_config(), "--overwrite", *option_flags(VARIANTS[name]), *extra,
     ], ranks)
     print(f"\n[demo] {name}: {' '.join(cmd)}", flush=True)
     if subprocess.run(cmd, env=launcher_env()).returncode != 0:
