@@ -107,7 +107,9 @@ def test_pruning_keeps_the_last_k_and_the_best_and_clears_interrupted_saves(tmp_
         path = tmp_path / CHECKPOINTS / tag_for(step)
         path.mkdir(parents=True)
         if complete:
-            (path / MARKER).write_text(json.dumps({"step": step, "val_top1": top1}))
+            marker = {"step": step, "epoch": 0, "batch_in_epoch": step, "model": "deit_tiny_12", "model_kwargs": {},
+                      "zero_stage": 2, "world_size": 1, "config": {}, "val_top1": top1}
+            (path / MARKER).write_text(json.dumps(marker))
 
     for step, top1 in [(10, 50.0), (20, 80.0), (30, 60.0), (40, None), (50, 70.0)]:
         checkpoint(step, top1)

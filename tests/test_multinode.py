@@ -422,7 +422,8 @@ def _slurm_env(tmp_path: Path, **extra: str) -> dict[str, str]:
 
 
 def test_slurm_sbatch_maps_the_allocation_to_one_torchrun_per_node(tmp_path):
-    result = script("slurm.sbatch", "--epochs", "3", cwd=tmp_path, **_slurm_env(tmp_path, SLURM_GPUS_ON_NODE="8", DATA="/d", OUT="/o"))
+    env = _slurm_env(tmp_path, SLURM_GPUS_ON_NODE="8", DATA="/d", OUT="/o")
+    result = script("slurm.sbatch", "--epochs", "3", cwd=tmp_path, **env)
     assert result.returncode == 0, result.stderr
     commands = [line for line in result.stdout.splitlines() if line.startswith("+ ")]
     assert commands[0].startswith("+ srun --nodes=2 --ntasks=2 --ntasks-per-node=1 --kill-on-bad-exit=1 --cpus-per-task=32 bash -c")
@@ -430,8 +431,9 @@ def test_slurm_sbatch_maps_the_allocation_to_one_torchrun_per_node(tmp_path):
         assert command == (f"+ {BIN / 'torchrun'} --nnodes 2 --nproc_per_node 8 --node_rank {node} --master_addr gpu-a "
                            f"--master_port 24242 -m vitdeep train --data /d --out /o --epochs 3 --resume auto")
     assert len(commands) == 3
-    result = script("slurm.sbatch", "--overwrite", cwd=tmp_path, **_slurm_env(tmp_path, SLURM_GPUS_ON_NODE="8", DATA="/d", OUT="/o"))
-    assert all(line.endswith("--overwrite") for line in result.stdout.splitlines() if line.startswith(f"+ {BIN}"))
+    result = script("slurm.sbatch", "--overwrite", cwd=tmp_path, **env)
+    launched = [line for line in result.stdout.splitlines() if line.startswith(f"+ {BIN}")]
+    assert len(launched) == 2 and all(line.endswith("--overwrite") for line in launched)
 
 
 def test_slurm_requeues_a_run_that_stopped_with_a_checkpoint(tmp_path):
