@@ -85,7 +85,7 @@ def test_mixing_errors_are_user_errors():
         build_mixer(MixConfig(), 10, 32, 8)(*_batch(3, 32))
     with pytest.raises(UserError, match="multiple of the patch size"):
         build_mixer(MixConfig(patch_aligned=True), 10, 30, 8)
-    with pytest.raises(UserError, match="--switch-prob"):
+    with pytest.raises(UserError, match="switch_prob"):
         MixConfig(switch_prob=1.5)
 
 
@@ -130,10 +130,10 @@ def test_eval_transform_resizes_and_centre_crops_grayscale_digits(digits_dir):
 
 
 @pytest.mark.parametrize("overrides, needle", [
-    (dict(hflip=1.5), "--hflip"), (dict(reprob=-0.1), "--reprob"), (dict(scale_min=0.9, scale_max=0.5), "crop scale"),
-    (dict(interpolation="lanczos5"), "--interpolation"), (dict(remode="zero"), "--remode"),
-    (dict(rand_augment="autoaug"), "--rand-augment"), (dict(repeated_aug=0), "--repeated-aug"),
-    (dict(crop_ratio=1.2), "--crop-ratio"),
+    (dict(hflip=1.5), "hflip"), (dict(reprob=-0.1), "reprob"), (dict(scale_min=0.9, scale_max=0.5), "crop scale"),
+    (dict(interpolation="lanczos5"), "interpolation"), (dict(remode="zero"), "remode"),
+    (dict(rand_augment="autoaug"), "rand_augment"), (dict(repeated_aug=0), "repeated_aug"),
+    (dict(crop_ratio=1.2), "crop_ratio"),
 ])
 def test_augment_config_rejects_bad_values(overrides, needle):
     with pytest.raises(UserError, match=needle):

@@ -7,16 +7,17 @@ stderr and exit code 2.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 
+from vitdeep.architecture import DEFAULT_IMG_SIZE, DEFAULT_PATCH_SIZE, EVAL_CROP_RATIO
 from vitdeep.cli_options import with_config_options
 from vitdeep.config import FINETUNE_RECIPE
-from vitdeep.data.pipeline import MAX_BAD_FRACTION
-from vitdeep.data.transforms import AugmentConfig
+from vitdeep.data.options import MAX_BAD_FRACTION
 from vitdeep.engine.cluster import DEFAULT_GPU_MEMORY, DEFAULT_GPU_TFLOPS, DEFAULT_GPUS_PER_NODE, DEFAULT_MFU
 from vitdeep.errors import StoppedBySignal, TrainingStopped, UserError
 
@@ -49,8 +50,8 @@ def _root(
 @app.command("models")
 def models_command(
     names: Optional[list[str]] = typer.Argument(None, help="Model names to show (default: all)."),
-    img_size: int = typer.Option(224, help="Input resolution at which FLOPs are counted."),
-    patch_size: int = typer.Option(16, help="Patch size."),
+    img_size: int = typer.Option(DEFAULT_IMG_SIZE, help="Input resolution at which FLOPs are counted."),
+    patch_size: int = typer.Option(DEFAULT_PATCH_SIZE, help="Patch size."),
 ) -> None:
     """List the model zoo: depth, width, heads, parameters and GFLOPs."""
     from vitdeep.models.registry import print_model_table
@@ -80,7 +81,7 @@ def analyze_command(
     num_images: int = typer.Option(1000, "--num-images", help="Images to average over."),
     batch_size: int = typer.Option(32, "--batch-size", help="Images per forward pass (attention maps are kept for one batch)."),
     img_size: Optional[int] = typer.Option(None, "--img-size", help="Input resolution (default: the checkpoint's, or the model's)."),
-    crop_ratio: float = typer.Option(AugmentConfig().crop_ratio, "--crop-ratio", help="Centre-crop ratio of the resize (as the models were evaluated)."),
+    crop_ratio: float = typer.Option(EVAL_CROP_RATIO, "--crop-ratio", help="Centre-crop ratio of the resize (as the models were evaluated)."),
     patch_size: Optional[int] = typer.Option(None, "--patch-size", help="Patch size of a random-init / plain state-dict model."),
     num_classes: Optional[int] = typer.Option(None, "--num-classes", help="Classes of a random-init / plain state-dict model."),
     attnscale: bool = typer.Option(False, "--attnscale", help="Model has AttnScale."),
@@ -213,7 +214,7 @@ def eval_command(
     data: str = typer.Option(..., "--data", help="Shards to evaluate on (each sample exactly once over all ranks)."),
     model: Optional[str] = typer.Option(None, "--model", help="Model name, for plain state dicts."),
     img_size: Optional[int] = typer.Option(None, "--img-size", help="Evaluation resolution (default: the model's; otherwise the position embedding is resampled)."),
-    crop_ratio: float = typer.Option(AugmentConfig().crop_ratio, "--crop-ratio", help="Centre-crop ratio of the resize."),
+    crop_ratio: float = typer.Option(EVAL_CROP_RATIO, "--crop-ratio", help="Centre-crop ratio of the resize."),
     ema: bool = typer.Option(False, "--ema", help="Evaluate the EMA weights."),
     batch_size: int = typer.Option(128, "--batch-size", help="Images per forward pass per rank."),
     workers: int = typer.Option(4, "--workers", help="Data-loader workers per rank."),
@@ -312,6 +313,22 @@ def _strip_launcher_args(args: list[str]) -> list[str]:
     return kept
 
 
+#: Library parameters whose flag is not `--` and the parameter's name in kebab case.
+FLAG_NAMES = {"model_name": "--model"}
+
+
+def flag_name(param: str) -> str:
+    return FLAG_NAMES.get(param, "--" + param.replace("_", "-"))
+
+
+def as_flags(error: BaseException) -> str:
+    """The error's message with each parameter it names (`error.params`) shown as its flag."""
+    message = str(error)
+    for param in getattr(error, "params", ()):
+        message = re.sub(rf"(?<![\w-]){re.escape(param)}(?![\w-])", flag_name(param), message)
+    return message
+
+
 def _report(message: str, error: BaseException | None = None) -> None:
     """One line on stderr. With several ranks, rank 0 reports an error they all share (or met
     before the process group formed); any other error is reported by the rank that met it, which
@@ -343,7 +360,7 @@ def main(argv: list[str] | None = None) -> None:
     except typer.Abort:
         sys.exit(130)
     except UserError as error:
-        _report(str(error), error)
+        _report(as_flags(error), error)
         sys.exit(2)
     except StoppedBySignal as stopped:
         from vitdeep.engine.signals import EXIT_STOPPED
@@ -356,7 +373,7 @@ def main(argv: list[str] | None = None) -> None:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     except TrainingStopped as error:
-        _report(str(error), error)
+        _report(as_flags(error), error)
         sys.exit(1)
     except Exception as error:
         # A lost node / collective timeout (gloo, NCCL, the rendezvous): one line, exit 1.

@@ -18,11 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from vitdeep.data.mixing import MixConfig
-from vitdeep.data.pipeline import MAX_BAD_FRACTION
-from vitdeep.data.transforms import AugmentConfig
+from vitdeep.architecture import DEFAULT_IMG_SIZE, DEFAULT_PATCH_SIZE, REMEDIES
+from vitdeep.data.options import MAX_BAD_FRACTION, AugmentConfig, MixConfig
 from vitdeep.errors import UserError
-from vitdeep.losses import ObjectiveConfig
+from vitdeep.loss_options import ObjectiveConfig
 from vitdeep.recipebook import METADATA_KEY, bundled_recipe, check_metadata, recipe_names
 
 
@@ -33,18 +32,17 @@ def option(default: Any, help: str) -> Any:
 
 def check_range(section: Any, limits: dict[str, tuple[float | None, float | None, bool]]) -> None:
     """Check fields against `name: (low, high, high_inclusive)` limits (None = unbounded; the low
-    end is inclusive); an unset optional field is not checked. Raises a `UserError` naming the flag."""
+    end is inclusive); an unset optional field is not checked. Raises a `UserError` naming the field."""
     for name, (low, high, high_inclusive) in limits.items():
         value = getattr(section, name)
         if value is None:
             continue
         above = high is not None and (value > high if high_inclusive else value >= high)
         if (low is not None and value < low) or above:
-            flag = "--" + name.replace("_", "-")
             if high is None:
-                raise UserError(f"{flag} must be >= {low:g}, got {value:g}")
+                raise UserError(f"{name} must be >= {low:g}, got {value:g}", params=(name,))
             bracket = "]" if high_inclusive else ")"
-            raise UserError(f"{flag} must be in [{low:g}, {high:g}{bracket}, got {value:g}")
+            raise UserError(f"{name} must be in [{low:g}, {high:g}{bracket}, got {value:g}", params=(name,))
 
 
 #: `check_range` limits: at least one, at least zero, a probability, a fraction below one.
@@ -52,22 +50,21 @@ AT_LEAST_1, AT_LEAST_0, PROBABILITY, BELOW_1 = (1, None, True), (0, None, True),
 
 
 @dataclass
-class ModelConfig:
+class ModelFields:
+    """The model section's own fields; `ModelConfig` adds one switch per over-smoothing remedy."""
+
     model: str = option("deit_small_24", "Model name (see `vitdeep models`).")
     depth: Optional[int] = option(None, "Override the named model's depth (blocks).")
     embed_dim: Optional[int] = option(None, "Override the named model's width.")
     num_heads: Optional[int] = option(None, "Override the named model's attention heads.")
-    img_size: int = option(224, "Input resolution.")
-    patch_size: int = option(16, "Patch size.")
+    img_size: int = option(DEFAULT_IMG_SIZE, "Input resolution.")
+    patch_size: int = option(DEFAULT_PATCH_SIZE, "Patch size.")
     num_classes: Optional[int] = option(None, "Classes (default: from the shards' _info.json).")
     drop_path: float = option(0.1, "Drop-path rate (linear in depth for DeiT, uniform for CaiT).")
     drop: float = option(0.0, "Dropout before the classifier.")
     attn_drop: float = option(0.0, "Attention dropout.")
     proj_drop: float = option(0.0, "Dropout after attention / MLP projections.")
     pos_drop: float = option(0.0, "Dropout on the embeddings once the position embedding is added.")
-    talking_heads: Optional[bool] = option(None, "Talking-heads attention (default: on for CaiT, off for DeiT).")
-    attnscale: bool = option(False, "AttnScale: learnable per-head high-pass gain on attention.")
-    featscale: bool = option(False, "FeatScale: learnable DC / high-frequency gains on attention output.")
     init_values: Optional[float] = option(None, "LayerScale init (DeiT: off unless set; CaiT: by depth).")
     grad_checkpointing: bool = option(False, "Activation checkpointing (recompute blocks in backward).")
 
@@ -76,7 +73,21 @@ class ModelConfig:
                            "patch_size": AT_LEAST_1, "num_classes": AT_LEAST_1, "drop_path": PROBABILITY,
                            "drop": BELOW_1, "attn_drop": BELOW_1, "proj_drop": BELOW_1})
         if self.init_values is not None and self.init_values <= 0:
-            raise UserError(f"--init-values must be > 0, got {self.init_values:g}")
+            raise UserError(f"init_values must be > 0, got {self.init_values:g}", params=("init_values",))
+
+
+def _remedy_field(remedy: Any) -> tuple[str, Any, Any]:
+    """A remedy's switch: off unless set, or (on in some families) the family's default unless set."""
+    if remedy.on_by_default:
+        return remedy.name, Optional[bool], option(None, remedy.help)
+    return remedy.name, bool, option(False, remedy.help)
+
+
+#: The model section: `ModelFields` and a switch per remedy of `vitdeep.architecture.REMEDIES`, so
+#: that a new remedy is a config field and a flag without being written here.
+ModelConfig = dataclasses.make_dataclass(
+    "ModelConfig", [_remedy_field(r) for r in REMEDIES], bases=(ModelFields,), namespace={"__module__": __name__}
+)
 
 
 @dataclass
@@ -120,9 +131,9 @@ class OptimConfig:
                            "clip_grad": AT_LEAST_0, "ema_decay": PROBABILITY, "freeze_blocks": AT_LEAST_0})
         for name in ("lr", "base_lr"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
-                raise UserError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name):g}")
+                raise UserError(f"{name} must be > 0, got {getattr(self, name):g}", params=(name,))
         if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
-            raise UserError(f"--layer-decay must be in (0, 1], got {self.layer_decay:g}")
+            raise UserError(f"layer_decay must be in (0, 1], got {self.layer_decay:g}", params=("layer_decay",))
 
 
 @dataclass
@@ -147,9 +158,9 @@ class RunConfig:
         check_range(self, {"save_every": AT_LEAST_1, "keep_last": AT_LEAST_1, "log_every": AT_LEAST_1,
                            "oversmoothing_every": AT_LEAST_0, "max_bad_steps": AT_LEAST_1})
         if self.dist_timeout <= 0:
-            raise UserError(f"--dist-timeout must be > 0 minutes, got {self.dist_timeout:g}")
+            raise UserError(f"dist_timeout must be > 0 minutes, got {self.dist_timeout:g}", params=("dist_timeout",))
         if self.resume is not None and self.overwrite:
-            raise UserError("--resume continues the run in --out and --overwrite replaces it: choose one")
+            raise UserError("resume continues the run in out and overwrite replaces it: choose one", params=("resume", "out", "overwrite"))
 
 
 @dataclass

@@ -3,17 +3,21 @@
 Anything raised as `UserError` is a problem with the user's input (a bad path, an unknown model,
 inconsistent sizes). The CLI prints its message as one line on stderr and exits with code 2;
 anything else is a bug and keeps its traceback.
+
+Library code names the parameters a message is about as the library calls them (`num_images`)
+and lists them in `params`; the CLI shows each as its flag (`--num-images`, `vitdeep.cli`).
 """
 
 
 class _Reported(Exception):
     """An error the CLI reports as one line. `shared=True` marks one that every rank raised
     together after agreeing on it (bad data counted over all ranks, a failed save): only rank 0
-    reports it."""
+    reports it. `params` are the parameters the message names, word for word."""
 
-    def __init__(self, message: str, *, shared: bool = False) -> None:
+    def __init__(self, message: str, *, shared: bool = False, params: tuple[str, ...] = ()) -> None:
         super().__init__(message)
         self.shared = shared
+        self.params = params
 
 
 class UserError(_Reported, ValueError):

@@ -7,16 +7,12 @@ Every function takes tensors, not models, and computes in float32 whatever the m
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 import torch.nn.functional as F
 
 from vitdeep.errors import UserError
-from vitdeep.models.base import AuxOutput
-
-DISTILL_KINDS = ("none", "soft", "hard")
-
+from vitdeep.loss_options import ObjectiveConfig
+from vitdeep.outputs import AuxOutput
 
 def patch_cosine_similarity(tokens: torch.Tensor) -> torch.Tensor:
     """CosSim of each token sequence `[..., n, D]` → `[...]`: the mean signed cosine over pairs i≠j.
@@ -110,39 +106,6 @@ def distillation_weights(alpha: float) -> dict[str, float]:
     z_dist (the distillation-token head, or the class head when there is none); hard with α = 0.5
     is DeiT's best."""
     return {"ce": 1.0 - alpha, "distill": alpha}
-
-
-@dataclass
-class ObjectiveConfig:
-    """Weights of the training objective. Defaults are the paper's best combination,
-    ℓ_ce + ℓ_cutmix (patch mixing) + ℓ_cons with weights 1, ℓ_cos off, no distillation."""
-
-    cos_weight: float = field(default=0.0, metadata={"help": "Weight of ℓ_cos, the last layer's patch cosine similarity."})
-    contrastive_weight: float = field(
-        default=1.0, metadata={"help": "Weight of ℓ_cons, the contrast of last-layer patch tokens against the patch embeddings."}
-    )
-    patch_mix_weight: float = field(
-        default=1.0, metadata={"help": "Weight of ℓ_token, the per-patch CE of a patch head after patch-aligned CutMix."}
-    )
-    label_smoothing: float = field(default=0.1, metadata={"help": "Label smoothing of integer labels (class and patch heads)."})
-    distill: str = field(
-        default="none", metadata={"help": "DeiT distillation from a teacher's logits: none, soft or hard.", "choices": DISTILL_KINDS}
-    )
-    distill_alpha: float = field(default=0.5, metadata={"help": "Distillation share α: (1 − α)·CE + α·teacher term."})
-    distill_tau: float = field(default=1.0, metadata={"help": "Temperature τ of soft distillation."})
-
-    def __post_init__(self) -> None:
-        for name in ("cos_weight", "contrastive_weight", "patch_mix_weight"):
-            if getattr(self, name) < 0:
-                raise UserError(f"{name}={getattr(self, name)} must be >= 0")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise UserError(f"label_smoothing={self.label_smoothing} must be in [0, 1)")
-        if self.distill not in DISTILL_KINDS:
-            raise UserError(f"distill='{self.distill}' must be one of {', '.join(DISTILL_KINDS)}")
-        if not 0.0 <= self.distill_alpha <= 1.0:
-            raise UserError(f"distill_alpha={self.distill_alpha} must be in [0, 1]")
-        if self.distill_tau <= 0:
-            raise UserError(f"distill_tau={self.distill_tau} must be > 0")
 
 
 class Objective:

@@ -8,37 +8,14 @@ patches of "came from this image" equals the image-level λ (reference.md §2, �
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from timm.data import Mixup
 from timm.data.mixup import cutmix_bbox_and_lam
 
+from vitdeep.data.options import MixConfig
 from vitdeep.errors import UserError
-
-
-@dataclass
-class MixConfig:
-    """Batch mixing; DeiT's defaults. Alphas of 0 (or a probability of 0) turn mixing off."""
-
-    mixup: float = field(default=0.8, metadata={"help": "Mixup Beta(α, α) parameter (0 = off)."})
-    cutmix: float = field(default=1.0, metadata={"help": "CutMix Beta(α, α) parameter (0 = off)."})
-    mix_prob: float = field(default=1.0, metadata={"help": "Probability that a batch is mixed at all."})
-    switch_prob: float = field(default=0.5, metadata={"help": "Probability of CutMix rather than Mixup when both are on."})
-    patch_aligned: bool = field(
-        default=False, metadata={"help": "Snap the CutMix box to the patch grid and return per-patch targets."}
-    )
-
-    def __post_init__(self) -> None:
-        if self.mixup < 0 or self.cutmix < 0:
-            raise UserError(f"--mixup and --cutmix must be >= 0, got {self.mixup} and {self.cutmix}")
-        for name in ("mix_prob", "switch_prob"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise UserError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}")
-
-    @property
-    def enabled(self) -> bool:
-        return (self.mixup > 0 or self.cutmix > 0) and self.mix_prob > 0
 
 
 @dataclass

@@ -21,6 +21,7 @@ from timm.data.random_erasing import RandomErasing
 from torch.utils.data import DataLoader, IterableDataset
 
 from vitdeep.data.info import DatasetInfo, read_dataset_info
+from vitdeep.data.options import MAX_BAD_FRACTION
 from vitdeep.data.samples import ReadStats
 from vitdeep.data.streams import EvalPlan, EvalStream, TrainPlan, TrainStream
 from vitdeep.data.transforms import AugmentConfig, Transform, eval_transform, train_transform
@@ -39,8 +40,6 @@ __all__ = [
     "train_loader",
 ]
 
-#: Default limit on the fraction of bad samples before a loader stops.
-MAX_BAD_FRACTION = 0.01
 #: Until this many samples have been read, the limit is judged against this many.
 MIN_JUDGED = 1000
 SHUFFLE_BUFFER = 1000

@@ -23,10 +23,10 @@ from PIL import Image
 from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext, tarfile_samples
 
+from vitdeep.data.options import IMAGE_EXTENSIONS
+
 logger = logging.getLogger(__name__)
 
-#: Image members a sample may carry, in order of preference.
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 LABEL_EXTENSION = "cls"
 #: Names webdataset treats as archive metadata, not samples.
 _META = re.compile(r"__[^/]*__($|/)")

@@ -27,10 +27,10 @@ from rich.table import Table
 from webdataset.writer import ShardWriter
 
 from vitdeep.data.info import INFO_NAMES
+from vitdeep.data.options import IMAGE_EXTENSIONS
 from vitdeep.errors import UserError
 from vitdeep.monitor import image_progress, make_console
 
-IMAGE_SUFFIXES = {".jpg": "jpg", ".jpeg": "jpeg", ".png": "png", ".webp": "webp"}
 #: Sub-folders of SRC taken as splits when no split is named (the ImageNet layout).
 SPLIT_NAMES = ("train", "val", "validation", "test")
 DEFAULT_SHARD_SIZE = "1000"
@@ -97,8 +97,8 @@ def _list_images(root: Path, classes: list[str]) -> tuple[list[_Image], int]:
             subdirs.sort()
             for file in sorted(files):
                 path = Path(directory) / file
-                ext = IMAGE_SUFFIXES.get(path.suffix.lower())
-                if ext is None:
+                ext = path.suffix.lower().removeprefix(".")
+                if ext not in IMAGE_EXTENSIONS:
                     skipped += 1
                     continue
                 key = path.relative_to(root).with_suffix("").as_posix().replace(".", "_")
@@ -184,7 +184,7 @@ def write_shards(
     for split, root in roots.items():
         images, skipped = _list_images(root, classes)
         if not images:
-            raise UserError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {root}")
+            raise UserError(f"no images ({', '.join('.' + e for e in IMAGE_EXTENSIONS)}) in {root}")
         if not overwrite and out.is_dir() and any(_shard_pattern(split).fullmatch(p.name) for p in out.iterdir()):
             raise UserError(f"{out} already holds {split} shards; pass --overwrite to replace them")
         random.Random(seed).shuffle(images)

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from vitdeep.architecture import ARCHITECTURE_OPTIONS
 from vitdeep.config import TrainConfig
 from vitdeep.data.pipeline import DatasetInfo, epoch_batches, read_dataset_info
 from vitdeep.engine.deepspeed import (
@@ -31,7 +32,7 @@ from vitdeep.errors import UserError
 from vitdeep.losses import Objective
 from vitdeep.models import count_parameters, create_model, get_spec, model_stats
 from vitdeep.models.checkpoints import Weights, adapt_state_dict, read_weights, source_model_options
-from vitdeep.models.registry import ARCHITECTURE_OPTIONS, resolved_architecture, resolved_options
+from vitdeep.models.registry import resolved_architecture, resolved_options
 from vitdeep.paths import check_output_dir
 
 #: DeiT's learning-rate scaling rule: lr = base_lr × global_batch / 512.
@@ -113,24 +114,19 @@ def _stat_options(model_kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 def model_kwargs_for(cfg: TrainConfig, num_classes: int, objective: Objective) -> dict[str, Any]:
-    """`create_model` options from the run config (only those the user can change)."""
+    """`create_model` options from the run config (only those the user can change): every
+    architecture option the model section sets, the dropouts, and the heads the objective needs."""
     m = cfg.model
-    kwargs: dict[str, Any] = dict(
-        img_size=m.img_size,
-        patch_size=m.patch_size,
+    kwargs: dict[str, Any] = {name: getattr(m, name) for name in ARCHITECTURE_OPTIONS if getattr(m, name, None) is not None}
+    kwargs.update(
         num_classes=num_classes,
         drop_path_rate=m.drop_path,
         drop_rate=m.drop,
         attn_drop_rate=m.attn_drop,
         proj_drop_rate=m.proj_drop,
         pos_drop_rate=m.pos_drop,
-        attnscale=m.attnscale,
-        featscale=m.featscale,
         patch_head=objective.needs_patch_head,
     )
-    for name in ("depth", "embed_dim", "num_heads", "talking_heads", "init_values"):
-        if getattr(m, name) is not None:
-            kwargs[name] = getattr(m, name)
     if objective.needs_teacher:
         if get_spec(m.model).family != "deit":
             raise UserError(f"distillation needs a distillation token; {m.model} is a CaiT model (use a deit_* model)")

@@ -3,10 +3,11 @@
 Importing this package also registers every model with timm as `vitdeep_<name>`.
 """
 
-from vitdeep.models.base import AuxOutput, DeepTransformer
+from vitdeep.models.base import DeepTransformer
 from vitdeep.models.cait import Cait
 from vitdeep.models.registry import MODELS, ModelSpec, count_flops, count_parameters, create_model, get_spec, model_stats
 from vitdeep.models.vit import VisionTransformer
+from vitdeep.outputs import AuxOutput
 
 __all__ = [
     "AuxOutput",

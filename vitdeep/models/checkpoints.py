@@ -397,6 +397,6 @@ def source_model_options(src: str | Path) -> dict[str, Any]:
         if metadata is None:
             return {}
         name, kwargs = metadata["model"], json.loads(metadata["model_kwargs"])
-    from vitdeep.models.registry import INHERITED_OPTIONS
+    from vitdeep.architecture import INHERITED_OPTIONS
 
     return {"model": name, **{k: kwargs[k] for k in INHERITED_OPTIONS if kwargs.get(k) is not None}}

@@ -17,6 +17,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from vitdeep.architecture import ARCHITECTURE_OPTIONS
 from vitdeep.errors import UserError
 from vitdeep.models.cait import Cait, cait_layer_scale_init
 from vitdeep.models.vit import VisionTransformer
@@ -98,14 +99,6 @@ def get_spec(name: str) -> ModelSpec:
 def family_of(model: nn.Module) -> str:
     """'cait' or 'deit': decides e.g. how official FeatScale weights convert."""
     return "cait" if isinstance(model, Cait) else "deit"
-
-
-#: Options that define a model's architecture: a checkpoint resumes only into the same values, and
-#: a finetune inherits those its source was trained with (`INHERITED_OPTIONS`).
-ARCHITECTURE_OPTIONS = ("depth", "embed_dim", "num_heads", "img_size", "patch_size", "num_classes", "talking_heads",
-                        "attnscale", "featscale", "init_values", "patch_head", "distilled")
-#: Architecture options a finetune takes from its source (size, classes and heads may change).
-INHERITED_OPTIONS = tuple(o for o in ARCHITECTURE_OPTIONS if o not in ("img_size", "num_classes", "patch_head", "distilled"))
 
 
 def model_options(name: str) -> list[str]:
