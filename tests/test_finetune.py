@@ -17,7 +17,7 @@ from vitdeep.cli import main
 from vitdeep.engine.checkpoint import complete_checkpoints, read_marker
 from vitdeep.errors import UserError
 from vitdeep.models import create_model
-from vitdeep.models.checkpoints import build_model, read_weights
+from vitdeep.engine.weights import build_model, read_weights
 
 #: SMALL at 32 px: an 8×8 patch grid.
 SMALL_32 = [*SMALL, "--img-size", "32"]

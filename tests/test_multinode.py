@@ -233,7 +233,7 @@ def test_two_nodes_train_zero2_to_the_same_weights_and_one_checkpoint(network, d
     assert {"rank_00000.pt", "rank_00001.pt", "mp_rank_00_model_states.pt", MARKER} <= files
     assert any("zero_pp_rank_0_" in f for f in files) and any("zero_pp_rank_1_" in f for f in files)
     # consolidated from both nodes' optimizer partitions, it is what each node holds
-    from vitdeep.models.checkpoints import read_weights
+    from vitdeep.engine.weights import read_weights
 
     state = read_weights(out).state_dict
     digest = _load_checksum_module().weights_digest({n: state[n].to(torch.bfloat16) for n in records[0]["names"]})

@@ -23,7 +23,7 @@ import torch
 from tests.launch import SMALL, deepspeed_cmd, metrics, refuses, run, single_cmd, train_args
 from vitdeep.cli import main
 from vitdeep.engine.checkpoint import MARKER, complete_checkpoints, load_safely, read_marker, resolve_resume, tag_for
-from vitdeep.models.checkpoints import read_weights
+from vitdeep.engine.weights import read_weights
 
 SCRIPTS = Path(__file__).parent / "scripts"
 FAULT = SCRIPTS / "fault_hook.py"

@@ -166,7 +166,7 @@ def test_non_finite_losses_in_a_row_stop_the_run_and_keep_the_checkpoint(digit_s
     assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith("step_") and read_marker(p) is None]
     assert re.search(r"checkpoint\s+\(step\s+4\)\s+is\s+untouched", result.stderr + result.stdout), "the message names the kept step"
     assert not (tmp_path / "summary.json").exists()
-    from vitdeep.models.checkpoints import read_weights
+    from vitdeep.engine.weights import read_weights
 
     weights = read_weights(tmp_path).state_dict
     assert weights and all(torch.isfinite(t).all() for t in weights.values() if t.is_floating_point())

@@ -218,7 +218,7 @@ class ModelSource:
 def load_model_for_analysis(source: ModelSource) -> tuple[nn.Module, list[str]]:
     """The source's model in eval mode (seeded random init, or its checkpoint's weights) and the
     lines that say what loading changed (resampled position embeddings, new heads …)."""
-    from vitdeep.models.checkpoints import build_model, read_weights
+    from vitdeep.engine.weights import build_model, read_weights
 
     torch.manual_seed(source.seed)
     if source.checkpoint is None:

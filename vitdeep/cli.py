@@ -161,7 +161,7 @@ def finetune_command(
     Takes train's options, with DeiT's finetuning recipe and the source's architecture as
     defaults; position embeddings are resampled to the new grid.
     """
-    from vitdeep.models.checkpoints import source_model_options
+    from vitdeep.engine.weights import source_model_options
 
     recipe = {**FINETUNE_RECIPE, **source_model_options(source)}
     _run_training({**options, "init_from": source}, config, dry_run, recipe=recipe)
@@ -202,7 +202,7 @@ def plan_command(
 
     recipe = None
     if source is not None:
-        from vitdeep.models.checkpoints import source_model_options
+        from vitdeep.engine.weights import source_model_options
 
         recipe = {**FINETUNE_RECIPE, **source_model_options(source)}
     run_plan(resolve_config(options, config, recipe), nodes, gpus_per_node, gpu_memory, gpu_tflops, mfu, json_path, measure)
@@ -248,7 +248,7 @@ def export_command(
     """
     import torch
 
-    from vitdeep.models.checkpoints import export_weights, read_weights
+    from vitdeep.engine.weights import export_weights, read_weights
     from vitdeep.monitor import make_console
 
     from vitdeep.paths import check_output_file

@@ -1,4 +1,4 @@
-"""Training checkpoints: save, check, find the newest intact one, resume, prune, consolidate.
+"""Training checkpoints: save, check, find the newest intact one, resume, prune, consolidate, read.
 
 Layout under `OUT/checkpoints/step_00001000/`: DeepSpeed's engine state (every rank writes its
 own ZeRO partition, so the directory must be on storage all nodes share), one
@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import io
 import json
 import os
 import pickle
@@ -422,6 +423,18 @@ def consolidate(path: Path, zero_stage: int, ema: bool = False) -> dict[str, tor
             state = z._get_fp32_state_dict_from_zero3_checkpoint(world_size, flat_groups, model_states, False)
     # frozen parameters have no fp32 master: they come back in the training precision
     return {k: v.float() if v.is_floating_point() else v for k, v in z.to_torch_tensor(state).items()}
+
+
+def read_run_weights(src: str | Path, ema: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any], str, Path]:
+    """The weights of a run directory's newest intact checkpoint (or of the `step_*` directory
+    named), consolidated on the CPU: (state dict, marker, what was read, the checkpoint's path)."""
+    skipped: list[str] = []
+    path = find_checkpoint(src, on_skip=lambda p, why: skipped.append(f"{p.name} skipped: {why}"))
+    marker = read_marker(path)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # DeepSpeed's chatter
+        state_dict = consolidate(path, marker["zero_stage"], ema=ema)
+    kind = f"vitdeep checkpoint, step {marker['step']}" + (", EMA" if ema else "") + "".join(f"; {s}" for s in skipped)
+    return state_dict, marker, kind, path
 
 
 def _zero_model_state(z: Any, state: dict[str, Any]) -> Any:

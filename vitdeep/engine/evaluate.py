@@ -196,7 +196,7 @@ def run_eval(
     from vitdeep.data.pipeline import BatchPreprocessor, eval_loader, read_dataset_info
     from vitdeep.engine.checkpoint import write_json_atomic
     from vitdeep.engine.deepspeed import init_distributed
-    from vitdeep.models.checkpoints import build_model, read_weights
+    from vitdeep.engine.weights import build_model, read_weights
     from vitdeep.monitor import make_console, progress_bar
     from vitdeep.paths import check_output_file
 

@@ -51,7 +51,7 @@ from vitdeep.engine.signals import StopFlag, StopRequested, WaitInterrupted, sig
 from vitdeep.errors import StoppedBySignal, TrainingStopped, UserError
 from vitdeep.losses import Objective
 from vitdeep.models import create_model
-from vitdeep.models.checkpoints import build_model, load_weights_into, read_weights
+from vitdeep.engine.weights import build_model, load_weights_into, read_weights
 from vitdeep.monitor import RunLogger, is_main_process, make_console, progress_bar
 
 

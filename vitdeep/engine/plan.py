@@ -28,10 +28,11 @@ from vitdeep.engine.deepspeed import (
 from vitdeep.engine.checkpoint import read_marker, resolve_resume
 from vitdeep.engine.rundir import existing_run
 from vitdeep.engine.schedule import LrSchedule
+from vitdeep.engine.weights import Weights, read_weights, source_model_options
 from vitdeep.errors import UserError
 from vitdeep.losses import Objective
 from vitdeep.models import count_parameters, create_model, get_spec, model_stats
-from vitdeep.models.checkpoints import Weights, adapt_state_dict, read_weights, source_model_options
+from vitdeep.models.checkpoints import adapt_state_dict
 from vitdeep.models.registry import resolved_architecture, resolved_options
 from vitdeep.paths import check_output_dir
 

@@ -1,51 +1,27 @@
-"""Loading weights from anywhere into a vitdeep model, and exporting them.
+"""Fitting a state dict to a vitdeep model, as timm's `checkpoint_filter_fn` does for its own.
 
-Sources: a vitdeep training checkpoint (any ZeRO stage; consolidated on the CPU, optionally its
-EMA), a vitdeep export (`.safetensors` carrying the model name and options), and plain timm /
-DeiT / CaiT state dicts (`.pth`, `.bin`, `.safetensors`; wrapped in `model` / `state_dict` /
-`module.` or not), including the official AttnScale / FeatScale checkpoints of Wang et al. and
-Gong et al.'s released models (talking heads as bias-free `proj_pre` / `proj_post`).
-
-Adapting a source to a model: position embeddings are resampled to the model's grid (prefix
-slots kept); parameters the source lacks start at their identity values (ω = 0, λ = 0, γ = 1,
-talking heads = identity) or, for a new classifier / patch head, at their initial values, and
-are listed in the report; anything else that does not fit is an error, never a silent skip.
-Every file, vitdeep's and DeepSpeed's included, is read with `torch.load(weights_only=True)` or
-safetensors: a run directory can come from anyone.
+Position embeddings are resampled to the model's grid (prefix slots kept); the authors' parameter
+names are mapped to ours (Gong et al.'s bias-free talking heads `proj_pre` / `proj_post`, Wang et
+al.'s `lamb` / `lamb1` / `lamb2`); parameters the source lacks start at their identity values (ω = 0,
+λ = 0, γ = 1, talking heads = identity) or, for a new classifier / patch head, at their initial
+values, and are listed in the report; anything else that does not fit is an error, never a silent
+skip. Reading files and building models from them is `vitdeep.engine.weights`' job.
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import io
-import json
+import functools
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
+from vitdeep.architecture import SWITCHES
 from vitdeep.errors import UserError
 
-EXPORT_FORMAT = "vitdeep-export-1"
-#: Wrappers seen around state dicts in the wild, tried in this order.
-WRAPPER_KEYS = ("model", "state_dict", "module")
 #: Official FeatScale code (Wang et al.) adds λ-terms twice in its ViT blocks, once in CaiT.
 OFFICIAL_FEATSCALE_FACTOR = {"deit": 2.0, "cait": 1.0}
-
-
-@dataclass
-class Weights:
-    """A consolidated fp32 state dict and what is known about the model it belongs to."""
-
-    state_dict: dict[str, torch.Tensor]
-    source: str
-    kind: str
-    model: str | None = None
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -82,86 +58,6 @@ def _summarise(keys: list[str]) -> str:
     for pattern, indices in groups.items():
         parts.append(pattern.replace("*", f"{{{min(indices)}..{max(indices)}}}") if indices else pattern)
     return ", ".join(parts)
-
-
-# -- reading -------------------------------------------------------------------------------------
-
-
-def read_weights(src: str | Path, ema: bool = False) -> Weights:
-    """Read any supported source into a consolidated fp32 state dict (on the CPU)."""
-    path = Path(src)
-    if not path.exists():
-        raise UserError(f"checkpoint not found: {src}")
-    if path.is_dir():
-        return _read_training_checkpoint(path, ema)
-    if path.suffix == ".safetensors":
-        return _read_safetensors(path, ema)
-    return _read_torch_file(path, ema)
-
-
-def _read_training_checkpoint(src: Path, ema: bool) -> Weights:
-    """The newest intact checkpoint of a run directory, or the named one, consolidated."""
-    from vitdeep.engine.checkpoint import consolidate, find_checkpoint, read_marker
-
-    skipped: list[str] = []
-    path = find_checkpoint(src, on_skip=lambda p, why: skipped.append(f"{p.name} skipped: {why}"))
-    marker = read_marker(path)
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # DeepSpeed's chatter
-        state_dict = consolidate(path, marker["zero_stage"], ema=ema)
-    kind = f"vitdeep checkpoint, step {marker['step']}" + (", EMA" if ema else "") + "".join(f"; {s}" for s in skipped)
-    return Weights(state_dict, str(path), kind, marker["model"], dict(marker.get("model_kwargs", {})))
-
-
-def _read_safetensors(path: Path, ema: bool) -> Weights:
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            state_dict = {key: handle.get_tensor(key) for key in handle.keys()}
-    except (SafetensorError, OSError) as error:
-        raise UserError(f"{path} is not a readable safetensors file: {error}") from error
-    if metadata.get("format_vitdeep") == EXPORT_FORMAT:
-        if ema and metadata.get("ema") != "true":
-            raise UserError(f"{path} was exported without --ema; load it without --ema")
-        return Weights(
-            {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()},
-            str(path), "vitdeep export", metadata["model"], json.loads(metadata["model_kwargs"]),
-        )
-    return Weights(_unwrap(state_dict, path, ema), str(path), "state dict")
-
-
-def _read_torch_file(path: Path, ema: bool) -> Weights:
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises several types for "not a checkpoint"
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"{path} is not a checkpoint torch can read safely ({reason})") from error
-    return Weights(_unwrap(raw, path, ema), str(path), "state dict")
-
-
-def _unwrap(raw: Any, path: Path, ema: bool) -> dict[str, torch.Tensor]:
-    """The tensor mapping inside DeiT / timm style wrappers, without a `module.` prefix."""
-    if ema:
-        raw = next((raw[k] for k in ("model_ema", "state_dict_ema") if isinstance(raw, dict) and isinstance(raw.get(k), dict)), None)
-        if raw is None:
-            raise UserError(f"{path} holds no EMA weights (no model_ema / state_dict_ema); drop --ema")
-    while isinstance(raw, dict) and not _is_state_dict(raw):
-        inner = next((raw[k] for k in WRAPPER_KEYS if isinstance(raw.get(k), dict)), None)
-        if inner is None:
-            break
-        raw = inner
-    if not isinstance(raw, dict) or not _is_state_dict(raw):
-        raise UserError(f"{path} holds no model state dict")
-    return {k.removeprefix("module."): v.float() if v.is_floating_point() else v for k, v in raw.items()}
-
-
-def _is_state_dict(mapping: dict) -> bool:
-    return bool(mapping) and all(isinstance(v, torch.Tensor) for v in mapping.values())
-
-
-# -- adapting ------------------------------------------------------------------------------------
 
 
 #: Gong et al.'s bias-free talking-heads maps (PatchVisionTransformer's `deit/models.py`) → timm's names.
@@ -287,116 +183,32 @@ def _resample_pos_embed(pos_embed: torch.Tensor, model: nn.Module, source: str) 
     return resampled, f"{old_side}×{old_side} → {new_side}×{new_side}"
 
 
-def load_weights_into(model: nn.Module, weights: Weights) -> LoadReport:
-    state, report = adapt_state_dict(weights.state_dict, model, weights.source, weights.kind)
-    model.load_state_dict(state, strict=True)
-    return report
+def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """timm's hook for `pretrained=True` (`build_model_with_cfg(pretrained_filter_fn=...)`): the
+    state dict, already unwrapped by timm, fitted to `model` as `adapt_state_dict` does."""
+    return adapt_state_dict(state_dict, model)[0]
 
 
-#: Model switches a plain state dict shows by its keys (the authors' names included).
-SWITCH_KEYS = {
-    "talking_heads": r"^blocks\.\d+\.attn\.(proj_l|proj_pre)\.weight$",
-    "attnscale": r"^blocks\.\d+\.attn\.(attn_scale\.omega|lamb)$",
-    "featscale": r"^blocks\.\d+\.(attn\.feat_scale\.lambda1|lamb1)$",
-    "patch_head": r"^patch_head\.weight$",
-    "distilled": r"^dist_token$",
-}
+def options_in_state_dict(state_dict: dict[str, torch.Tensor], model_name: str) -> dict[str, bool]:
+    """The switches (`SWITCHES`: the remedies, a patch head, a distillation token) that a plain
+    state dict of `model_name`'s family holds the parameters of, under our names or the authors',
+    e.g. `{"talking_heads": True}`. A switch's parameters are those a model gains when it is on."""
+    from vitdeep.models.registry import get_spec, model_options
+
+    spec = get_spec(model_name)
+    keys = set(_convert_official(state_dict, spec.family, LoadReport("", "")))
+    found = {}
+    for switch in SWITCHES:
+        if switch in model_options(spec.name) and any(pattern.fullmatch(key) for pattern in _switch_keys(spec.name, switch) for key in keys):
+            found[switch] = True
+    return found
 
 
-def options_in_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, bool]:
-    """The switches a plain state dict's keys show to be on (e.g. `{"talking_heads": True}`)."""
-    return {name: True for name, pattern in SWITCH_KEYS.items() if any(re.match(pattern, key) for key in state_dict)}
+@functools.cache
+def _switch_keys(model_name: str, switch: str) -> tuple[re.Pattern, ...]:
+    """Patterns of the parameters `switch` adds to a model (any block index)."""
+    from vitdeep.models.registry import create_model
 
-
-def build_model(weights: Weights, model_name: str | None = None, **overrides: Any) -> tuple[nn.Module, LoadReport]:
-    """The model a source describes, with `overrides` (e.g. a new `img_size` or `num_classes`).
-
-    A vitdeep checkpoint or export builds the model it records, with its saved options;
-    `model_name` (`vitdeep_` prefix or not) names the architecture of a plain state dict only,
-    whose switches (talking heads, AttnScale, FeatScale, patch head, distillation token) are read
-    from its keys.
-    """
-    from vitdeep.models.registry import create_model, get_spec
-
-    if weights.model is not None:
-        name, saved = weights.model, weights.model_kwargs
-    elif model_name is not None:
-        name, saved = get_spec(model_name).name, options_in_state_dict(weights.state_dict)
-    else:
-        raise UserError(f"{weights.source} is a plain state dict: name its model with --model NAME")
-    kwargs = {**saved, **{k: v for k, v in overrides.items() if v is not None}}
-    if "num_classes" not in kwargs and "head.weight" in weights.state_dict:
-        kwargs["num_classes"] = weights.state_dict["head.weight"].shape[0]
-    model = create_model(name, **{k: v for k, v in kwargs.items() if v is not None})
-    return model, load_weights_into(model, weights)
-
-
-# -- exporting -----------------------------------------------------------------------------------
-
-
-def export_weights(weights: Weights, out: str | Path, dtype: torch.dtype = torch.float32, ema: bool = False) -> Path:
-    """One consolidated state dict as safetensors, with the model name and options in its
-    metadata (read back by `read_weights` and by `timm.create_model("vitdeep_<name>", ...)`),
-    plus a small JSON beside it for people."""
-    from safetensors.torch import save_file
-
-    if weights.model is None:
-        raise UserError(f"{weights.source} does not say which vitdeep model it is; export needs a vitdeep checkpoint")
-    out = Path(out)
-    if out.suffix != ".safetensors":
-        raise UserError(f"export writes a .safetensors file, got {out}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in weights.state_dict.items()}
-    metadata = {
-        "format": "pt",
-        "format_vitdeep": EXPORT_FORMAT,
-        "model": weights.model,
-        "model_kwargs": json.dumps(weights.model_kwargs),
-        "source": weights.source,
-        "ema": "true" if ema else "false",
-    }
-    tmp = out.with_name(out.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    tmp.replace(out)
-    info = {"model": weights.model, "options": weights.model_kwargs, "source": weights.source, "ema": ema, "dtype": str(dtype).removeprefix("torch.")}
-    out.with_suffix(".json").write_text(json.dumps(info, indent=2))
-    return out
-
-
-def _export_metadata(path: str | Path) -> dict[str, str] | None:
-    """The safetensors metadata of a vitdeep export (None for any other file)."""
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-    except Exception:
-        return None
-    return metadata if metadata.get("format_vitdeep") == EXPORT_FORMAT else None
-
-
-def export_options(path: str | Path) -> dict[str, Any] | None:
-    """Model options stored in a vitdeep export (None for any other file)."""
-    metadata = _export_metadata(path)
-    return json.loads(metadata["model_kwargs"]) if metadata is not None else None
-
-
-def source_model_options(src: str | Path) -> dict[str, Any]:
-    """`{"model": name, <architecture options>}` of a vitdeep checkpoint or export, read from its
-    metadata only; `{}` for a plain state dict (the user names the model)."""
-    from vitdeep.engine.checkpoint import find_checkpoint, read_marker
-
-    path = Path(src)
-    if not path.exists():
-        raise UserError(f"checkpoint not found: {src}")
-    if path.is_dir():
-        marker = read_marker(find_checkpoint(path))
-        name, kwargs = marker["model"], marker.get("model_kwargs", {})
-    else:
-        metadata = _export_metadata(path)
-        if metadata is None:
-            return {}
-        name, kwargs = metadata["model"], json.loads(metadata["model_kwargs"])
-    from vitdeep.architecture import INHERITED_OPTIONS
-
-    return {"model": name, **{k: kwargs[k] for k in INHERITED_OPTIONS if kwargs.get(k) is not None}}
+    with torch.device("meta"):
+        on, off = (set(create_model(model_name, depth=1, **{switch: value}).state_dict()) for value in (True, False))
+    return tuple(re.compile(re.escape(key).replace(r"blocks\.0\.", r"blocks\.\d+\.")) for key in sorted(on - off))

@@ -19,7 +19,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from vitdeep.architecture import ARCHITECTURE_OPTIONS
 from vitdeep.errors import UserError
+from vitdeep.export_format import export_options
 from vitdeep.models.cait import Cait, cait_layer_scale_init
+from vitdeep.models.checkpoints import checkpoint_filter_fn
 from vitdeep.models.vit import VisionTransformer
 
 DEIT_SIZES = {"tiny": (192, 3), "small": (384, 6), "base": (768, 12), "large": (1024, 16)}
@@ -210,12 +212,11 @@ def _timm_entrypoint(spec: ModelSpec):
     def entrypoint(pretrained: bool = False, **kwargs) -> nn.Module:
         overlay = kwargs.get("pretrained_cfg_overlay") or {}
         if pretrained and overlay.get("file"):
-            from vitdeep.models.checkpoints import export_options
-
             # a vitdeep export knows its options: build the model it was saved from
             kwargs = {**(export_options(overlay["file"]) or {}), **kwargs}
             kwargs["pretrained_cfg_overlay"] = {"num_classes": kwargs.get("num_classes", 1000), **overlay}
-        return build_model_with_cfg(spec.model_cls, f"vitdeep_{spec.name}", pretrained, **{**spec.kwargs(), **kwargs})
+        return build_model_with_cfg(spec.model_cls, f"vitdeep_{spec.name}", pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+                                    **{**spec.kwargs(), **kwargs})
 
     entrypoint.__name__ = f"vitdeep_{spec.name}"
     entrypoint.__qualname__ = entrypoint.__name__
