@@ -1,6 +1,6 @@
 """Row 3, AttnScale: the fused form against the explicit N×N form, at 197 and 577 tokens.
 
-One vitdeep `Attention(attnscale=True)` module, forward + backward in train mode without
+One vitdeep `Attention(attn_scale_layer=AttnScale)` module, forward + backward in train mode without
 dropout. The fused form is its default path: `(1+ω)·SDPA(q,k,v) − ω·mean_tokens(v)`. The
 explicit form is the same module with `need_weights=True`, which builds the attention matrix as
 the official AttnScale code does — `softmax(q·kᵀ·scale)`, then `U + (1+ω)(A − U)`, then `Â·V` —
@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from common import Row, Shapes, mb, peak_memory, ratio_band, standalone, time_interleaved
 
-from vitdeep.models.layers import Attention
+from vitdeep.models.layers import Attention, AttnScale
 
 GROUP = "3 AttnScale fused"
 
@@ -28,7 +28,7 @@ def run(s: Shapes) -> list[Row]:
     rows = []
     for tokens, batch in s.attn_batch.items():
         torch.manual_seed(0)
-        attn = Attention(s.attn_dim, s.attn_heads, attnscale=True).to(s.device, dtype).train()
+        attn = Attention(s.attn_dim, s.attn_heads, attn_scale_layer=AttnScale).to(s.device, dtype).train()
         with torch.no_grad():
             attn.attn_scale.omega.uniform_(-0.5, 0.5)  # a trained-looking ω (0 would be vanilla attention)
         x = torch.randn(batch, tokens, s.attn_dim, device=s.device, dtype=dtype, requires_grad=True)

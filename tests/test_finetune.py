@@ -15,9 +15,10 @@ import torch.nn.functional as F
 from tests.launch import SMALL, deepspeed_cmd, metrics, refuses, run, single_cmd
 from vitdeep.cli import main
 from vitdeep.engine.checkpoint import complete_checkpoints, read_marker
+from vitdeep.engine.weights import build_model, read_weights
 from vitdeep.errors import UserError
 from vitdeep.models import create_model
-from vitdeep.engine.weights import build_model, read_weights
+from vitdeep.models.layers import TalkingHeadsAttention
 
 #: SMALL at 32 px: an 8×8 patch grid.
 SMALL_32 = [*SMALL, "--img-size", "32"]
@@ -267,7 +268,7 @@ def test_gong_checkpoint_with_their_talking_heads_loads(tmp_path):
         diff = (model.eval()(x) - reference(x)).abs().max().item()
     print(f"Gong-format checkpoint → deit_tiny_12: max |Δlogits| {diff:.1e}; {report.lines()}")
     assert diff < 1e-5
-    assert model.blocks[0].attn.talking_heads and model.patch_head is not None
+    assert isinstance(model.blocks[0].attn, TalkingHeadsAttention) and model.patch_head is not None
     assert torch.equal(model.blocks[5].attn.proj_l.bias, torch.zeros(3))
     assert len(report.converted) == 24 and not report.identity and not report.fresh
     assert "converted: blocks.{0..11}.attn.proj_pre.weight → blocks.{0..11}.attn.proj_l.weight (bias 0), " \

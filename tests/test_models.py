@@ -1,5 +1,7 @@
 """The model zoo: timm equivalence, the remedies' exact forms, shapes, and clear errors."""
 
+import dataclasses
+import inspect
 import math
 
 import pytest
@@ -8,11 +10,14 @@ import torch
 import torch.nn.functional as F
 from timm.optim import param_groups_layer_decay
 
+from vitdeep.architecture import REMEDIES, REMEDY_NAMES
 from vitdeep.cli import main
+from vitdeep.config import ModelConfig
 from vitdeep.errors import UserError
-from vitdeep.models import MODELS, create_model, model_stats
-from vitdeep.models.checkpoints import adapt_state_dict
-from vitdeep.models.layers import Attention, AttnScale, FeatScale
+from vitdeep.models import MODELS, create_model, get_spec, model_stats
+from vitdeep.models.checkpoints import adapt_state_dict, options_in_state_dict
+from vitdeep.models.layers import Attention, AttnScale, FeatScale, TalkingHeadsAttention, attention_layer
+from vitdeep.models.registry import model_options, resolved_options
 
 IMG = 32
 
@@ -95,7 +100,7 @@ def test_identity_options_equal_plain_model(name):
 def test_talking_heads_identity_equals_plain_attention():
     torch.manual_seed(0)
     plain = Attention(64, 4).eval()
-    talking = Attention(64, 4, talking_heads=True).eval()
+    talking = TalkingHeadsAttention(64, 4).eval()
     talking.load_state_dict(plain.state_dict(), strict=False)
     with torch.no_grad():
         for linear in (talking.proj_l, talking.proj_w):
@@ -125,7 +130,7 @@ def test_featscale_comes_after_the_projection_dropout():
     """The official order: y = FeatScale(dropout(proj(·))). In training with proj_drop > 0 the
     dropout's zeros are refilled by λ₁·mean, so no output is exactly 0; the other order keeps them."""
     torch.manual_seed(2)
-    attn = Attention(64, 4, proj_drop=0.5, featscale=True).train()
+    attn = Attention(64, 4, proj_drop=0.5, feat_scale_layer=FeatScale).train()
     with torch.no_grad():
         attn.feat_scale.lambda1.uniform_(0.5, 1.5)
         attn.feat_scale.lambda2.uniform_(0.5, 1.5)
@@ -147,7 +152,7 @@ def test_featscale_comes_after_the_projection_dropout():
 
 def _random_attnscale_attention(attn_drop: float = 0.0) -> Attention:
     torch.manual_seed(1)
-    attn = Attention(64, 4, attnscale=True, attn_drop=attn_drop)
+    attn = Attention(64, 4, attn_scale_layer=AttnScale, attn_drop=attn_drop)
     with torch.no_grad():
         attn.attn_scale.omega.copy_(torch.tensor([-0.7, 0.3, 1.5, 4.0]))
     return attn
@@ -216,7 +221,7 @@ def test_forward_aux_shapes(name, prefix):
     assert len(out.attentions) == depth and all(a.shape == (2, model.blocks[0].attn.num_heads, n + prefix, n + prefix) for a in out.attentions)
     assert out.patch_logits.shape == (2, n, 10)
     assert out.patch_tokens(-1).shape == (2, n, model.embed_dim)
-    assert torch.equal(out.patch_embeddings, model.patch_embed(_images()))  # before the position embedding
+    assert torch.equal(out.patch_embeddings, model.patch_embed(_images()).flatten(1, 2))  # before the position embedding
     assert torch.allclose(out.logits, model(_images()), atol=1e-5)
     assert model.forward_aux(_images()).attentions is None
 
@@ -322,3 +327,19 @@ def test_module_call_with_aux_returns_forward_aux():
 def test_depth_override_in_model_stats():
     params_24, flops_24 = model_stats("deit_tiny_12", 224, depth=24)
     assert (params_24, flops_24) == model_stats("deit_tiny_24", 224)
+
+
+def test_each_remedy_is_one_entry_of_the_remedy_list():
+    """A remedy of `REMEDIES` is an `attention_layer` keyword, a model option (the family's default
+    unless set), a config field (so a flag), and recognised in a plain state dict by its parameters."""
+    assert list(inspect.signature(attention_layer).parameters) == list(REMEDY_NAMES)
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    for remedy in REMEDIES:
+        for name in ("deit_tiny_12", "cait_xxs24"):
+            assert remedy.name in fields and remedy.name in model_options(name)
+            assert resolved_options(name)[remedy.name] == remedy.default(get_spec(name).family)
+            with torch.device("meta"):
+                on = create_model(name, depth=2, **{remedy.name: True}).state_dict()
+                off = create_model(name, depth=2, **{remedy.name: False}).state_dict()
+            assert set(on) > set(off)
+            assert options_in_state_dict(on, name).get(remedy.name) and not options_in_state_dict(off, name).get(remedy.name)

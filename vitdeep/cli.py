@@ -54,7 +54,7 @@ def models_command(
     patch_size: int = typer.Option(DEFAULT_PATCH_SIZE, help="Patch size."),
 ) -> None:
     """List the model zoo: depth, width, heads, parameters and GFLOPs."""
-    from vitdeep.models.registry import print_model_table
+    from vitdeep.commands.models import print_model_table
 
     print_model_table(names, img_size=img_size, patch_size=patch_size)
 

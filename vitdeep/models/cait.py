@@ -8,14 +8,15 @@ CaiT checkpoints load as is. AttnScale and FeatScale apply to the self-attention
 from __future__ import annotations
 
 from functools import partial
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from timm.layers import Mlp, PatchEmbed, trunc_normal_
 from torch import nn
 
-from vitdeep.models.base import AuxOutput, DeepTransformer, check_image_input, check_patch_grid
-from vitdeep.models.layers import Block, check_heads
+from vitdeep.models.base import DeepTransformer, check_patch_grid
+from vitdeep.models.layers import Block, TalkingHeadsAttention, check_heads
 
 
 def cait_layer_scale_init(depth: int) -> float:
@@ -28,7 +29,7 @@ def cait_layer_scale_init(depth: int) -> float:
 class LayerScaleBlock(Block):
     """A self-attention `Block` whose LayerScale is stored as timm's CaiT `gamma_1`/`gamma_2`."""
 
-    def __init__(self, dim: int, num_heads: int, init_values: float, **kwargs) -> None:
+    def __init__(self, dim: int, num_heads: int, *, init_values: float, **kwargs) -> None:
         super().__init__(dim, num_heads, init_values=None, **kwargs)
         self.gamma_1 = nn.Parameter(init_values * torch.ones(dim))
         self.gamma_2 = nn.Parameter(init_values * torch.ones(dim))
@@ -55,8 +56,10 @@ class ClassAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
-        heads = lambda t: t.reshape(B, -1, self.num_heads, C // self.num_heads).transpose(1, 2)  # noqa: E731
-        q, k, v = heads(self.q(x[:, :1])), heads(self.k(x)), heads(self.v(x))
+        head_dim = C // self.num_heads
+        q = self.q(x[:, :1]).reshape(B, 1, self.num_heads, head_dim).transpose(1, 2)
+        k = self.k(x).reshape(B, N, self.num_heads, head_dim).transpose(1, 2)
+        v = self.v(x).reshape(B, N, self.num_heads, head_dim).transpose(1, 2)
         x_cls = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
         return self.proj_drop(self.proj(x_cls.transpose(1, 2).reshape(B, 1, C)))
 
@@ -80,8 +83,9 @@ class ClassAttentionBlock(nn.Module):
 
 
 class Cait(DeepTransformer):
-    """CaiT with uniform drop-path over the self-attention blocks (none in class attention),
-    talking heads on by default, and the vitdeep options (`attnscale`, `featscale`, `patch_head`)."""
+    """CaiT with uniform drop-path over the self-attention blocks (none in class attention), talking
+    heads unless another attention layer is chosen (`attn_layer`: the over-smoothing remedies,
+    `vitdeep.models.layers.attention_layer`), and an optional `patch_head`."""
 
     def __init__(
         self,
@@ -89,35 +93,35 @@ class Cait(DeepTransformer):
         patch_size: int = 16,
         in_chans: int = 3,
         num_classes: int = 1000,
+        global_pool: str = "token",
         embed_dim: int = 192,
         depth: int = 24,
         num_heads: int = 4,
         mlp_ratio: float = 4.0,
         qkv_bias: bool = True,
-        init_values: float | None = None,
+        init_values: Optional[float] = None,
         drop_rate: float = 0.0,
         pos_drop_rate: float = 0.0,
         proj_drop_rate: float = 0.0,
         attn_drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         depth_token_only: int = 2,
-        talking_heads: bool = True,
-        attnscale: bool = False,
-        featscale: bool = False,
         patch_head: bool = False,
+        dynamic_img_size: bool = True,
+        attn_layer: Callable[..., nn.Module] = TalkingHeadsAttention,
     ) -> None:
-        super().__init__()
+        super().__init__(embed_dim, depth, patch_size, global_pool, dynamic_img_size)
         check_patch_grid(img_size, patch_size)
         check_heads(embed_dim, num_heads)
         init_values = cait_layer_scale_init(depth) if init_values is None else init_values
         self.img_size = img_size
         self.num_classes = num_classes
-        self.embed_dim = self.num_features = embed_dim
-        self.num_prefix_tokens = 1
-        self.pos_embed_prefix_tokens = 0
+        self.num_prefix_tokens = self.final_prefix_tokens = 1
+        self.pos_embed_prefix_tokens = self.block_prefix_tokens = 0
         norm_layer = partial(nn.LayerNorm, eps=1e-6)
 
-        self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim)
+        self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
+                                      strict_img_size=not dynamic_img_size, output_fmt="NHWC")
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches, embed_dim))
         self.pos_drop = nn.Dropout(pos_drop_rate)
@@ -131,9 +135,7 @@ class Cait(DeepTransformer):
                 drop_path=drop_path_rate,
                 attn_drop=attn_drop_rate,
                 proj_drop=proj_drop_rate,
-                talking_heads=talking_heads,
-                attnscale=attnscale,
-                featscale=featscale,
+                attn_layer=attn_layer,
                 norm_layer=norm_layer,
             )
             for _ in range(depth)
@@ -157,44 +159,28 @@ class Cait(DeepTransformer):
             return int(name.split(".")[1]) + offset
         return super().layer_id(name)
 
-    def embed_patches(self, x: torch.Tensor) -> torch.Tensor:
-        """Patch embedding `[B, n, D]`, before the position embedding."""
-        check_image_input(x, self.img_size)
-        return self.patch_embed(x)
-
     def embed(self, patches: torch.Tensor) -> torch.Tensor:
-        """The sequence entering block 1: patches plus position embedding (no class token yet)."""
-        return self.pos_drop(patches + self.pos_embed)
+        """The sequence entering block 1 from the patch grid: patches plus position embedding (no
+        class token yet)."""
+        batch, grid_h, grid_w, dim = patches.shape
+        return self.pos_drop(patches.view(batch, -1, dim) + self.position_embedding([grid_h, grid_w]))
 
-    def _class_attention(self, x: torch.Tensor) -> torch.Tensor:
+    def finish(self, x: torch.Tensor) -> torch.Tensor:
         """Class-attention blocks, then the final norm over [class; patches]."""
-        x_cls = self.cls_token.expand(x.shape[0], -1, -1)
-        for block in self.blocks_token_only:
-            x_cls = block(x, x_cls)
-        return self.norm(torch.cat((x_cls, x), dim=1))
+        if self.blocks_token_only is not None:
+            x_cls = self.cls_token.expand(x.shape[0], -1, -1)
+            for block in self.blocks_token_only:
+                x_cls = block(x, x_cls)
+            x = torch.cat((x_cls, x), dim=1)
+        return self.norm(x)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x, _ = self.run_blocks(self.embed(self.embed_patches(x)))
-        return self._class_attention(x)
+    def last_tokens(self, final: torch.Tensor) -> torch.Tensor:
+        """Patches only, as the self-attention blocks' sequences."""
+        return final[:, self.final_prefix_tokens :]
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = x[:, 0]
-        return x if pre_logits else self.head(self.head_drop(x))
-
-    def forward_aux(self, x: torch.Tensor, attention: bool = False) -> AuxOutput:
-        """As `VisionTransformer.forward_aux`; token sequences are patches only (no prefix)."""
-        patches = self.embed_patches(x)
-        x = self.embed(patches)
-        tokens = [x]
-        x, attentions = self.run_blocks(x, attention, tokens)
-        x = self._class_attention(x)
-        tokens[-1] = x[:, 1:]
-        return AuxOutput(
-            logits=self.forward_head(x),
-            tokens=tokens,
-            patch_embeddings=patches,
-            attentions=attentions if attention else None,
-            patch_logits=self.patch_logits(x[:, 1:]),
-            dist_logits=None,
-            num_prefix_tokens=0,
-        )
+    def _prune_head(self) -> None:
+        """Without a head the class token and class attention go too (timm's CaiT)."""
+        self.blocks_token_only = None
+        self.cls_token = None
+        self.num_prefix_tokens = self.final_prefix_tokens = 0
+        super()._prune_head()

@@ -92,18 +92,17 @@ def _convert_official(state_dict: dict[str, torch.Tensor], family: str, report: 
     return converted
 
 
-def _identity_value(key: str, like: torch.Tensor) -> torch.Tensor | None:
-    """The value at which a parameter the source lacks leaves the source's function unchanged."""
-    name = key.rsplit(".", 1)[-1]
-    if name in ("omega", "lambda1", "lambda2"):
-        return torch.zeros_like(like)
-    if name in ("gamma", "gamma_1", "gamma_2"):
-        return torch.ones_like(like)
-    if re.search(r"attn\.proj_[lw]\.weight$", key):
-        return torch.eye(like.shape[0], dtype=like.dtype)
-    if re.search(r"attn\.proj_[lw]\.bias$", key):
-        return torch.zeros_like(like)
-    return None
+def _identity_values(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The values at which parameters a source may lack leave its function unchanged: each remedy
+    layer's `identity_state` (ω = 0, λ = 0, talking heads = I) and LayerScale's γ = 1."""
+    values = {}
+    for prefix, module in model.named_modules():
+        if hasattr(module, "identity_state"):
+            values.update({f"{prefix}.{name}": value for name, value in module.identity_state().items()})
+    for key, value in model.state_dict().items():
+        if key.rsplit(".", 1)[-1] in ("gamma", "gamma_1", "gamma_2"):
+            values[key] = torch.ones_like(value)
+    return values
 
 
 def _is_classifier(key: str) -> bool:
@@ -138,10 +137,10 @@ def adapt_state_dict(state_dict: dict[str, torch.Tensor], model: nn.Module, sour
         if value.shape != target[key].shape:
             raise UserError(f"{source}: {key} has shape {list(value.shape)}, the model needs {list(target[key].shape)} ({_architecture_hint(state, model)})")
 
+    identities = _identity_values(model)
     for key in sorted(set(target) - set(state)):
-        identity = _identity_value(key, target[key])
-        if identity is not None:
-            state[key] = identity
+        if key in identities:
+            state[key] = identities[key]
             report.identity.append(key)
         elif _is_classifier(key):
             state[key] = target[key]

@@ -1,12 +1,20 @@
-"""Attention variants and scaling layers shared by the DeiT and CaiT models.
+"""Attention, its over-smoothing remedies as layers, and the transformer block.
+
+The remedies are layer choices, as timm's `attn_layer` / `block_fn`: `TalkingHeadsAttention` is an
+`Attention` that mixes heads around the softmax, `AttnScale` fills `Attention`'s slot for the
+attention matrix, and `FeatScale` its slot for the branch output. `attention_layer(**switches)`
+turns the switches of `vitdeep.architecture.REMEDIES` into the attention layer a `Block` builds;
+a new remedy is a layer here, one keyword of `attention_layer`, and its entry in that list.
 
 Parameter names follow timm (`qkv`, `proj`, `proj_l`, `proj_w`, `ls1.gamma`) so that a model
-built without the extra options has exactly timm's state-dict keys.
+built without the remedies has exactly timm's state-dict keys. A remedy layer that adds parameters
+says at which values it changes nothing (`identity_state`), for loading checkpoints without it.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from functools import partial
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +47,10 @@ class AttnScale(nn.Module):
         omega = self.omega.to(attn_v.dtype).view(1, -1, 1, 1)
         return (1.0 + omega) * attn_v - omega * v.mean(dim=-2, keepdim=True)
 
+    @torch.jit.ignore
+    def identity_state(self) -> dict[str, torch.Tensor]:
+        return {"omega": torch.zeros_like(self.omega)}
+
 
 class FeatScale(nn.Module):
     """FeatScale (Wang et al. 2022): re-weight the DC and high-frequency parts of a branch output.
@@ -58,6 +70,10 @@ class FeatScale(nn.Module):
         x_d = x.mean(dim=1, keepdim=True)
         return x + self.lambda1 * x_d + self.lambda2 * (x - x_d)
 
+    @torch.jit.ignore
+    def identity_state(self) -> dict[str, torch.Tensor]:
+        return {"lambda1": torch.zeros_like(self.lambda1), "lambda2": torch.zeros_like(self.lambda2)}
+
 
 def check_heads(dim: int, num_heads: int) -> None:
     if num_heads <= 0 or dim % num_heads:
@@ -65,23 +81,27 @@ def check_heads(dim: int, num_heads: int) -> None:
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with optional talking heads, AttnScale and FeatScale.
+    """Multi-head self-attention (timm's), with two slots for remedies: `attn_scale_layer(num_heads)`
+    acts on the post-softmax matrix (AttnScale), `feat_scale_layer(dim)` on the branch output after
+    the projection and its dropout (FeatScale). Subclasses may mix heads around the softmax
+    (`mix_logits` / `mix_weights`), which needs the explicit matrix (`needs_matrix`, set by
+    `add_head_mixing`).
 
-    The fused kernel (`F.scaled_dot_product_attention`) runs whenever it is exact: no talking
-    heads, no attention map requested, and no attention dropout under AttnScale (dropout must act
-    on the rescaled matrix). Otherwise the explicit N×N form runs; both give the same result.
+    The fused kernel (`F.scaled_dot_product_attention`) runs whenever it is exact: no head mixing,
+    no attention map requested, and no attention dropout under AttnScale (dropout must act on the
+    rescaled matrix). Otherwise the explicit N×N form runs; both give the same result.
     """
 
     def __init__(
         self,
         dim: int,
         num_heads: int,
+        *,
         qkv_bias: bool = True,
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
-        talking_heads: bool = False,
-        attnscale: bool = False,
-        featscale: bool = False,
+        attn_scale_layer: Optional[Callable[[int], nn.Module]] = None,
+        feat_scale_layer: Optional[Callable[[int], nn.Module]] = None,
     ) -> None:
         super().__init__()
         check_heads(dim, num_heads)
@@ -92,36 +112,38 @@ class Attention(nn.Module):
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
-        self.talking_heads = talking_heads
-        if talking_heads:
-            # initialised with every other linear layer (truncated normal, std 0.02, zero bias), as
-            # timm's CaiT and the authors' code; identity only when a checkpoint lacks them
-            self.proj_l = nn.Linear(num_heads, num_heads)
-            self.proj_w = nn.Linear(num_heads, num_heads)
-        self.attn_scale = AttnScale(num_heads) if attnscale else None
-        self.feat_scale = FeatScale(dim) if featscale else None
+        self.needs_matrix = False
+        self.add_head_mixing(num_heads)
+        self.attn_scale = attn_scale_layer(num_heads) if attn_scale_layer is not None else None
+        self.feat_scale = feat_scale_layer(dim) if feat_scale_layer is not None else None
+
+    def add_head_mixing(self, num_heads: int) -> None:
+        """Where a subclass registers layers that mix heads (before the remedy slots, so that
+        parameters keep timm's order)."""
+
+    def mix_logits(self, attn: torch.Tensor) -> torch.Tensor:
+        return attn
+
+    def mix_weights(self, attn: torch.Tensor) -> torch.Tensor:
+        return attn
 
     def _uses_fused_kernel(self, need_weights: bool) -> bool:
-        if self.talking_heads or need_weights:
+        if self.needs_matrix or need_weights:
             return False
         return self.attn_scale is None or not (self.training and self.attn_drop.p > 0)
 
     def attention_matrix(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        """The post-softmax matrix the block applies: after talking heads and AttnScale."""
-        attn = (q * self.scale) @ k.transpose(-2, -1)
-        if self.talking_heads:
-            attn = self.proj_l(attn.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-        attn = attn.softmax(dim=-1)
-        if self.talking_heads:
-            attn = self.proj_w(attn.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        """The post-softmax matrix the block applies: after head mixing and AttnScale."""
+        attn = self.mix_logits((q * self.scale) @ k.transpose(-2, -1))
+        attn = self.mix_weights(attn.softmax(dim=-1))
         if self.attn_scale is not None:
             attn = self.attn_scale(attn)
         return attn
 
-    def forward(self, x: torch.Tensor, need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, x: torch.Tensor, need_weights: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         B, N, C = x.shape
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        attn = None
+        attn: Optional[torch.Tensor] = None
         if self._uses_fused_kernel(need_weights):
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
             if self.attn_scale is not None:
@@ -135,8 +157,41 @@ class Attention(nn.Module):
         return out, attn
 
 
+class TalkingHeadsAttention(Attention):
+    """Talking-heads attention (Shazeer et al. 2020, CaiT): learned `H×H` maps mix the logits across
+    heads before the softmax (`proj_l`) and the weights after it (`proj_w`). Initialised with every
+    other linear layer (truncated normal, std 0.02, zero bias), as timm's CaiT and the authors'
+    code; the identity only when a checkpoint lacks them (`identity_state`)."""
+
+    def add_head_mixing(self, num_heads: int) -> None:
+        self.needs_matrix = True
+        self.proj_l = nn.Linear(num_heads, num_heads)
+        self.proj_w = nn.Linear(num_heads, num_heads)
+
+    def mix_logits(self, attn: torch.Tensor) -> torch.Tensor:
+        return self.proj_l(attn.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+    def mix_weights(self, attn: torch.Tensor) -> torch.Tensor:
+        return self.proj_w(attn.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+    @torch.jit.ignore
+    def identity_state(self) -> dict[str, torch.Tensor]:
+        eye = torch.eye(self.num_heads, dtype=self.proj_l.weight.dtype, device=self.proj_l.weight.device)
+        return {f"{name}.{p}": eye if p == "weight" else torch.zeros_like(eye[0]) for name in ("proj_l", "proj_w") for p in ("weight", "bias")}
+
+
+def attention_layer(*, talking_heads: bool = False, attnscale: bool = False, featscale: bool = False) -> Callable[..., nn.Module]:
+    """The attention layer (timm's `attn_layer`) for these remedy switches
+    (`vitdeep.architecture.REMEDIES`)."""
+    return partial(
+        TalkingHeadsAttention if talking_heads else Attention,
+        attn_scale_layer=AttnScale if attnscale else None,
+        feat_scale_layer=FeatScale if featscale else None,
+    )
+
+
 class Block(nn.Module):
-    """Pre-norm transformer block (timm's ViT block) built on `Attention`.
+    """Pre-norm transformer block (timm's ViT block) around `attn_layer`.
 
     Residual branches are scaled by `scale_attn_branch` / `scale_mlp_branch` (LayerScale when
     `init_values` is set) so that CaiT can keep timm's `gamma_1`/`gamma_2` parameter names.
@@ -146,21 +201,20 @@ class Block(nn.Module):
         self,
         dim: int,
         num_heads: int,
+        *,
         mlp_ratio: float = 4.0,
         qkv_bias: bool = True,
-        init_values: float | None = None,
+        init_values: Optional[float] = None,
         drop_path: float = 0.0,
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
-        talking_heads: bool = False,
-        attnscale: bool = False,
-        featscale: bool = False,
+        attn_layer: Callable[..., nn.Module] = Attention,
         norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
         act_layer: type[nn.Module] = nn.GELU,
     ) -> None:
         super().__init__()
         self.norm1 = norm_layer(dim)
-        self.attn = Attention(dim, num_heads, qkv_bias, attn_drop, proj_drop, talking_heads, attnscale, featscale)
+        self.attn = attn_layer(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop)
         self.ls1 = LayerScale(dim, init_values=init_values) if init_values else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = norm_layer(dim)
@@ -174,7 +228,7 @@ class Block(nn.Module):
     def scale_mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
         return self.ls2(x)
 
-    def forward(self, x: torch.Tensor, need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, x: torch.Tensor, need_weights: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         y, attn = self.attn(self.norm1(x), need_weights)
         x = x + self.drop_path1(self.scale_attn_branch(y))
         x = x + self.drop_path2(self.scale_mlp_branch(self.mlp(self.norm2(x))))

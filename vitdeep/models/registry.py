@@ -1,6 +1,8 @@
 """The model zoo: names, sizes, construction, parameter / FLOP counts, and timm registration.
 
 This is the one place model dimensions are written down; the CLI table and the README read it.
+The options a model is built with are its class's keyword arguments and the over-smoothing
+remedies of `vitdeep.architecture.REMEDIES`, which become the class's attention layer here.
 """
 
 from __future__ import annotations
@@ -17,11 +19,13 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from vitdeep.architecture import ARCHITECTURE_OPTIONS
+from vitdeep.architecture import ARCHITECTURE_OPTIONS, DEFAULT_IMG_SIZE, EVAL_CROP_RATIO, INTERPOLATION, REMEDIES, REMEDY_NAMES
 from vitdeep.errors import UserError
 from vitdeep.export_format import export_options
+from vitdeep.models.base import DeepTransformer
 from vitdeep.models.cait import Cait, cait_layer_scale_init
 from vitdeep.models.checkpoints import checkpoint_filter_fn
+from vitdeep.models.layers import attention_layer
 from vitdeep.models.vit import VisionTransformer
 
 DEIT_SIZES = {"tiny": (192, 3), "small": (384, 6), "base": (768, 12), "large": (1024, 16)}
@@ -103,19 +107,24 @@ def family_of(model: nn.Module) -> str:
     return "cait" if isinstance(model, Cait) else "deit"
 
 
+#: Class arguments the options choose rather than take (`class_kwargs`).
+LAYER_CHOICES = ("attn_layer",)
+
+
 def model_options(name: str) -> list[str]:
-    """Keyword options `create_model` accepts for this model."""
+    """Keyword options `create_model` accepts for this model: its class's arguments and the remedies."""
     params = inspect.signature(get_spec(name).model_cls.__init__).parameters
-    return [p for p in params if p != "self"]
+    return [p for p in params if p not in ("self", *LAYER_CHOICES)] + list(REMEDY_NAMES)
 
 
 def resolved_options(name: str, **kwargs) -> dict:
-    """Every option `create_model(name, **kwargs)` builds with: the given ones over the named size's
-    and the model class's defaults (e.g. `talking_heads` is on for CaiT unless turned off)."""
+    """Every option `create_model(name, **kwargs)` builds with: the given ones over the named size's,
+    the remedies' (e.g. `talking_heads` is on for CaiT unless turned off) and the class's defaults."""
     spec = get_spec(name)
     params = inspect.signature(spec.model_cls.__init__).parameters
-    defaults = {p: params[p].default for p in model_options(name)}
-    return {**defaults, **spec.kwargs(), **{k: v for k, v in kwargs.items() if v is not None}}
+    defaults = {p: params[p].default for p in model_options(name) if p in params}
+    remedies = {remedy.name: remedy.default(spec.family) for remedy in REMEDIES}
+    return {**defaults, **remedies, **spec.kwargs(), **{k: v for k, v in kwargs.items() if v is not None}}
 
 
 def resolved_architecture(name: str, kwargs: dict) -> dict:
@@ -128,19 +137,30 @@ def resolved_architecture(name: str, kwargs: dict) -> dict:
     return values
 
 
+def class_kwargs(spec: ModelSpec, kwargs: dict) -> dict:
+    """The model class's arguments for these options: the named size's dimensions, and the
+    remedies (the family's defaults unless set) as the blocks' attention layer."""
+    kwargs = dict(kwargs)
+    switches = {}
+    for remedy in REMEDIES:
+        value = kwargs.pop(remedy.name, None)
+        switches[remedy.name] = remedy.default(spec.family) if value is None else bool(value)
+    return {**spec.kwargs(), **kwargs, "attn_layer": attention_layer(**switches)}
+
+
 def create_model(name: str, **kwargs) -> nn.Module:
     """Build a registered model, e.g. `create_model("deit_small_24", img_size=224, attnscale=True)`.
 
     Options are the model class's keyword arguments (`img_size`, `patch_size`, `num_classes`,
-    `drop_path_rate`, `talking_heads`, `attnscale`, `featscale`, `patch_head`, `distilled` for
-    DeiT, `init_values` for LayerScale, …). Unknown names and options raise `UserError`.
+    `drop_path_rate`, `patch_head`, `distilled` for DeiT, `init_values` for LayerScale, …) and the
+    remedies (`talking_heads`, `attnscale`, `featscale`). Unknown names and options raise `UserError`.
     """
     spec = get_spec(name)
     options = model_options(name)
     unknown = sorted(set(kwargs) - set(options))
     if unknown:
         raise UserError(f"model '{spec.name}' has no option {', '.join(unknown)} (options: {', '.join(options)})")
-    return spec.model_cls(**{**spec.kwargs(), **kwargs})
+    return _with_cfg(spec.model_cls(**class_kwargs(spec, kwargs)))
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -162,7 +182,7 @@ def count_flops(model: nn.Module, img_size: int | None = None, batch_size: int =
 
 
 @lru_cache(maxsize=None)
-def model_stats(name: str, img_size: int = 224, **kwargs) -> tuple[int, int]:
+def model_stats(name: str, img_size: int = DEFAULT_IMG_SIZE, **kwargs) -> tuple[int, int]:
     """(parameters, forward FLOPs per image) of a named model, built on the meta device.
 
     Blocks are identical, so both counts are affine in depth: count depths 1 and 2 and
@@ -178,34 +198,23 @@ def model_stats(name: str, img_size: int = 224, **kwargs) -> tuple[int, int]:
     return p1 + (depth - 1) * (p2 - p1), f1 + (depth - 1) * (f2 - f1)
 
 
-def print_model_table(names: list[str] | None = None, img_size: int = 224, patch_size: int = 16) -> None:
-    """The `vitdeep models` table, read from the registry (all models, or the named ones)."""
-    from rich.table import Table
-
-    from vitdeep.monitor import make_console
-
-    specs = [get_spec(name) for name in names] if names else list(MODELS.values())
-    title = f"vitdeep models at {img_size}px, patch {patch_size} (forward GFLOPs per image, multiply-add = 2)"
-    table = Table(title=title)
-    for column in ("name", "depth", "width", "heads", "params (M)", "GFLOPs", "timm twin"):
-        table.add_column(column, justify="left" if column in ("name", "timm twin") else "right", no_wrap=True)
-    for spec in specs:
-        params, flops = model_stats(spec.name, img_size, patch_size=patch_size)
-        table.add_row(
-            spec.name, str(spec.depth), str(spec.embed_dim), str(spec.num_heads),
-            f"{params / 1e6:.1f}", f"{flops / 1e9:.2f}", spec.timm_twin or "",
-        )
-    make_console().print(table)
+#: timm's `pretrained_cfg` of every zoo model: its input (any size that tiles into patches; DeiT's
+#: evaluation crop and interpolation), ImageNet normalisation, first conv and classifier.
+PRETRAINED_CFG = dict(
+    url="", num_classes=1000, input_size=(3, DEFAULT_IMG_SIZE, DEFAULT_IMG_SIZE), pool_size=None, fixed_input_size=False,
+    crop_pct=EVAL_CROP_RATIO, interpolation=INTERPOLATION, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
+    first_conv="patch_embed.proj", classifier="head",
+)
+default_cfgs = generate_default_cfgs({f"vitdeep_{name}": PRETRAINED_CFG for name in MODELS})
 
 
-def _timm_cfg(spec: ModelSpec) -> dict:
-    return dict(
-        url="", num_classes=1000, input_size=(3, 224, 224), crop_pct=0.875, interpolation="bicubic",
-        mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, first_conv="patch_embed.proj", classifier="head",
-    )
-
-
-default_cfgs = generate_default_cfgs({f"vitdeep_{spec.name}": _timm_cfg(spec) for spec in MODELS.values()})
+def _with_cfg(model: nn.Module, cfg: dict | None = None) -> nn.Module:
+    """The model with its `pretrained_cfg` (timm's) describing the model as built: its input size
+    and classes."""
+    cfg = dict(cfg or PRETRAINED_CFG)
+    cfg.update(input_size=(model.patch_embed.proj.in_channels, model.img_size, model.img_size), num_classes=model.num_classes)
+    model.pretrained_cfg = model.default_cfg = cfg
+    return model
 
 
 def _timm_entrypoint(spec: ModelSpec):
@@ -215,8 +224,12 @@ def _timm_entrypoint(spec: ModelSpec):
             # a vitdeep export knows its options: build the model it was saved from
             kwargs = {**(export_options(overlay["file"]) or {}), **kwargs}
             kwargs["pretrained_cfg_overlay"] = {"num_classes": kwargs.get("num_classes", 1000), **overlay}
-        return build_model_with_cfg(spec.model_cls, f"vitdeep_{spec.name}", pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                                    **{**spec.kwargs(), **kwargs})
+        out_indices = kwargs.pop("out_indices", 3)
+        model = build_model_with_cfg(
+            spec.model_cls, f"vitdeep_{spec.name}", pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+            feature_cfg=dict(out_indices=out_indices, feature_cls="getter"), **class_kwargs(spec, kwargs),
+        )
+        return _with_cfg(model, model.pretrained_cfg) if isinstance(model, DeepTransformer) else model
 
     entrypoint.__name__ = f"vitdeep_{spec.name}"
     entrypoint.__qualname__ = entrypoint.__name__
