@@ -3,6 +3,9 @@ and `vitdeep analyze` end to end (random init and a trained checkpoint, bad inpu
 
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,21 +18,21 @@ from vitdeep.analysis import (
     OversmoothingAccumulator,
     OversmoothingMetrics,
     high_frequency_ratio,
-    iter_image_batches,
+    layer_curves,
     layerwise_attention_std,
     layerwise_cosine_similarity,
     layerwise_high_frequency_ratio,
-    list_images,
     oversmoothing_metrics,
 )
 from vitdeep.cli import main
+from vitdeep.commands.analyze import iter_image_batches, list_images, resolve_image_source
 from vitdeep.losses import Objective, ObjectiveConfig, patch_cosine_similarity
 from vitdeep.models import create_model
 from vitdeep.plots import oversmoothing_figure
 
 #: A deit_tiny_24-shaped model, narrow enough for two CPU cores: 24 blocks, width 64, 16 patches.
 TINY = dict(embed_dim=64, num_heads=4, img_size=16, patch_size=4, num_classes=10)
-TINY_FLAGS = ["--model", "deit_tiny_24", "-O", "embed_dim=64", "-O", "num_heads=4", "--img-size", "16", "--patch-size", "4", "--num-classes", "10"]
+TINY_FLAGS = ["--model", "deit_tiny_24", "--embed-dim", "64", "--num-heads", "4", "--img-size", "16", "--patch-size", "4", "--num-classes", "10"]
 TRAIN_STEPS = 30
 
 
@@ -91,7 +94,7 @@ def test_streaming_over_batches_equals_one_pass():
     streamed = OversmoothingAccumulator()
     with torch.no_grad():
         for chunk in images.split([2, 11, 7]):
-            streamed.update(model(chunk, aux=True, attention=True))
+            streamed.update(layer_curves(model, chunk), len(chunk))
         whole = model(images, aux=True, attention=True)
     metrics = streamed.compute()
     assert metrics.num_images == 20 and len(metrics.cossim) == 25 and len(metrics.attn_std) == 24
@@ -251,8 +254,6 @@ def test_analyze_bad_input_exits_2_and_writes_nothing(extra, needle, digits_dir,
 def test_image_sources_crop_as_asked(digit_shards, digits_dir):
     """The crop ratio reaches both image pipelines: 1.0 keeps the whole scan, 0.5 zooms into the
     bright strokes in its middle (the dark border is cropped away)."""
-    from vitdeep.analysis import resolve_image_source
-
     def first_batch(**source) -> torch.Tensor:
         return next(resolve_image_source(num_images=8, batch_size=8, **source).batches(16))
 
@@ -260,3 +261,30 @@ def test_image_sources_crop_as_asked(digit_shards, digits_dir):
         whole, zoomed = first_batch(**source, crop_ratio=1.0), first_batch(**source, crop_ratio=0.5)
         assert whole.shape == zoomed.shape == (8, 3, 16, 16)
         assert zoomed.mean() > whole.mean() + 0.5
+
+
+def _peak_rss_of_analyze(args: list[str]) -> int:
+    """Peak resident memory (bytes) of a fresh process running `vitdeep analyze ARGS`."""
+    script = ("import resource, sys\nfrom vitdeep.cli import main\ntry:\n    main(sys.argv[1:])\n"
+              "except SystemExit as done:\n    assert done.code == 0, done.code\n"
+              "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", script, "analyze", *args], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return int(result.stdout.strip().splitlines()[-1]) * 1024  # ru_maxrss is in KiB on Linux
+
+
+def test_analyze_memory_holds_one_attention_map_at_a_time(digits_dir, tmp_path):
+    """analyze reduces each layer inside the block loop: a batch of 48 costs a few of one block's
+    attention maps over a batch of 1, where keeping all 24 maps of the batch would cost 24."""
+    depth, heads, img, patch, batch = 24, 4, 64, 4, 48
+    tokens = (img // patch) ** 2 + 1
+    one_map = batch * heads * tokens * tokens * 4  # fp32 [B, H, N, N]: 51 MB
+    flags = ["--model", "deit_tiny_24", "--embed-dim", "64", "--num-heads", str(heads), "--img-size", str(img),
+             "--patch-size", str(patch), "--num-classes", "10", "--images", str(digits_dir / "val"), "--num-images", str(batch)]
+    baseline = _peak_rss_of_analyze([*flags, "--batch-size", "1", "--out", str(tmp_path / "one")])
+    peak = _peak_rss_of_analyze([*flags, "--batch-size", str(batch), "--out", str(tmp_path / "batch")])
+    growth = peak - baseline
+    print(f"analyze peak RSS: {baseline / 2**20:.0f} MiB at batch 1, {peak / 2**20:.0f} MiB at batch {batch} "
+          f"(+{growth / 2**20:.0f} MiB; one block's attention maps {one_map / 2**20:.0f} MiB, all {depth}: {depth * one_map / 2**20:.0f} MiB)")
+    assert growth < 6 * one_map  # all 24 maps kept: > 24 * one_map

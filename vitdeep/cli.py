@@ -14,7 +14,7 @@ from typing import Optional
 
 import typer
 
-from vitdeep.architecture import DEFAULT_IMG_SIZE, DEFAULT_PATCH_SIZE, EVAL_CROP_RATIO
+from vitdeep.architecture import ARCHITECTURE_OPTIONS, DEFAULT_IMG_SIZE, DEFAULT_PATCH_SIZE, EVAL_CROP_RATIO
 from vitdeep.cli_options import with_config_options
 from vitdeep.config import FINETUNE_RECIPE
 from vitdeep.data.options import MAX_BAD_FRACTION
@@ -67,10 +67,17 @@ def recipes_command() -> None:
     print_recipe_table()
 
 
-@app.command("analyze")
+#: `analyze` takes train's flags for the options that shape a model (`--model`, `--depth`, the
+#: remedies …); what the checkpoint records wins where they are not given.
+ANALYZE_OPTIONS = ("model", *ARCHITECTURE_OPTIONS)
+ANALYZE_SHOWN_DEFAULTS = {"model": None, "img_size": "the source's", "patch_size": "the source's", "num_classes": "the source's"}
+
+
+@app.command("analyze", context_settings={"max_content_width": 120})
+@with_config_options(overrides=ANALYZE_SHOWN_DEFAULTS, only=ANALYZE_OPTIONS)
 def analyze_command(
+    options: dict,
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="A vitdeep run / checkpoint / export, or a timm / DeiT / CaiT state dict (then name --model)."),
-    model: Optional[str] = typer.Option(None, "--model", help="Architecture (see `vitdeep models`): random init without --checkpoint."),
     data: Optional[str] = typer.Option(None, "--data", help="Shards to read the images from (the val split of a folder with several)."),
     images: Optional[Path] = typer.Option(None, "--images", help="Or a folder of images / an ImageFolder tree."),
     out: Path = typer.Option(..., "--out", help="Output folder: metrics.json, oversmoothing.png, tb/."),
@@ -79,30 +86,24 @@ def analyze_command(
     ),
     ema: bool = typer.Option(False, "--ema", help="Use the EMA weights of vitdeep checkpoints."),
     num_images: int = typer.Option(1000, "--num-images", help="Images to average over."),
-    batch_size: int = typer.Option(32, "--batch-size", help="Images per forward pass (attention maps are kept for one batch)."),
-    img_size: Optional[int] = typer.Option(None, "--img-size", help="Input resolution (default: the checkpoint's, or the model's)."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Images per forward pass (each layer is reduced as it runs)."),
     crop_ratio: float = typer.Option(EVAL_CROP_RATIO, "--crop-ratio", help="Centre-crop ratio of the resize (as the models were evaluated)."),
-    patch_size: Optional[int] = typer.Option(None, "--patch-size", help="Patch size of a random-init / plain state-dict model."),
-    num_classes: Optional[int] = typer.Option(None, "--num-classes", help="Classes of a random-init / plain state-dict model."),
-    attnscale: bool = typer.Option(False, "--attnscale", help="Model has AttnScale."),
-    featscale: bool = typer.Option(False, "--featscale", help="Model has FeatScale."),
-    talking_heads: Optional[bool] = typer.Option(None, "--talking-heads/--no-talking-heads", help="Talking-heads attention (default: the model's)."),
-    patch_head: bool = typer.Option(False, "--patch-head", help="Model has the patch-mixing head."),
-    distilled: bool = typer.Option(False, "--distilled", help="DeiT model with a distillation token."),
-    model_option: Optional[list[str]] = typer.Option(None, "--model-option", "-O", help="Any other model option as KEY=VALUE, e.g. -O embed_dim=64. Repeatable."),
+    model_option: Optional[list[str]] = typer.Option(
+        None, "--model-option", "-O", help="A model option no flag sets, as KEY=VALUE, e.g. -O distilled=true -O patch_head=true. Repeatable."
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed of the random init and of the image sample."),
     device: Optional[str] = typer.Option(None, "--device", help="Torch device (default: cuda when available, else cpu)."),
 ) -> None:
     """Per-layer over-smoothing metrics (patch CosSim, attention std, high-frequency energy) of
-    one or more models: metrics.json, a PNG and TensorBoard events."""
-    from vitdeep.analysis import collect_model_options, run_analyze
+    one or more models: metrics.json, a PNG and TensorBoard events. The model flags set the
+    architecture of a random init or a plain state dict, or override a checkpoint's (e.g. --img-size)."""
+    from vitdeep.commands.analyze import parse_model_options, run_analyze
 
-    switches = {"attnscale": attnscale or None, "featscale": featscale or None, "talking_heads": talking_heads,
-                "patch_head": patch_head or None, "distilled": distilled or None}
-    options = collect_model_options(img_size, patch_size, num_classes, switches, model_option or ())
+    model = options.pop("model", None)
     run_analyze(
         model=model, checkpoint=checkpoint, images=images, data=data, out=out, ema=ema, compare=compare or (),
-        num_images=num_images, batch_size=batch_size, options=options, seed=seed, device=device, crop_ratio=crop_ratio,
+        num_images=num_images, batch_size=batch_size, options={**options, **parse_model_options(model_option or ())},
+        seed=seed, device=device, crop_ratio=crop_ratio,
     )
 
 

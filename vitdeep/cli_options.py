@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import inspect
 import typing
+from collections.abc import Iterable
 from typing import Any, Callable, Optional
 
 import typer
@@ -38,13 +39,17 @@ def _shown_default(value: Any) -> str:
     return str(value)
 
 
-def config_parameters(overrides: dict[str, Any] | None = None) -> list[inspect.Parameter]:
-    """One keyword parameter per config field; `overrides` (a recipe) changes the shown defaults."""
+def config_parameters(overrides: dict[str, Any] | None = None, only: Iterable[str] | None = None) -> list[inspect.Parameter]:
+    """One keyword parameter per config field (or per field named in `only`); `overrides` (a
+    recipe) changes the shown defaults."""
     overrides = overrides or {}
+    only = set(only) if only is not None else None
     parameters = []
     for section, cls in section_classes().items():
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
+            if only is not None and f.name not in only:
+                continue
             annotation = _strip_optional(hints[f.name])
             default = overrides.get(f.name, f.default if f.default is not dataclasses.MISSING else None)
             option = typer.Option(
@@ -58,14 +63,17 @@ def config_parameters(overrides: dict[str, Any] | None = None) -> list[inspect.P
     return parameters
 
 
-def with_config_options(overrides: dict[str, Any] | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorate `command(options: dict, **own_parameters)`: the generated flags arrive as
-    `options` (only the ones given), the command's own parameters as they are."""
+def with_config_options(
+    overrides: dict[str, Any] | None = None, only: Iterable[str] | None = None
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorate `command(options: dict, **own_parameters)`: the generated flags (of every config
+    field, or of those in `only`) arrive as `options` (only the ones given), the command's own
+    parameters as they are."""
 
     def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
         own = [p for name, p in inspect.signature(command).parameters.items() if name != "options"]
         own_hints = typing.get_type_hints(command)
-        generated = config_parameters(overrides)
+        generated = config_parameters(overrides, only)
         generated_names = {p.name for p in generated}
 
         @functools.wraps(command)

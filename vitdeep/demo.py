@@ -37,7 +37,7 @@ def _launch(out: Path, name: str, shards: Path, ranks: int, extra: list[str]) ->
 
 def run_demo(out: str | Path = "runs/demo", ranks: int = 2, extra: list[str] | None = None) -> dict:
     """Shards → two DeepSpeed runs → evaluation → over-smoothing comparison → summary."""
-    from vitdeep.analysis import run_analyze
+    from vitdeep.commands.analyze import run_analyze
     from vitdeep.config import load_config_file, resolve_config
     from vitdeep.data.shards import write_demo_shards
     from vitdeep.engine.checkpoint import write_json_atomic

@@ -113,7 +113,7 @@ def is_finished(folder: Path) -> bool:
 def finish_cell(folder: Path) -> None:
     """Evaluate a trained cell on its validation shards (raw and EMA) and analyse its
     over-smoothing there, with the crop ratio it was validated at."""
-    from vitdeep.analysis import run_analyze
+    from vitdeep.commands.analyze import run_analyze
     from vitdeep.engine.evaluate import run_eval
 
     config = read_json(folder / "config.json")

@@ -200,8 +200,9 @@ class DeepTransformer(nn.Module):
         when asked) and patch logits.
 
         `reduce_tokens(patch_tokens [B, n, D])` / `reduce_attention(attn [B, H, N, N])`, when given,
-        reduce each layer as soon as its block has run, and only the results are kept: the
-        diagnostics of a deep model at high resolution then hold one attention map at a time.
+        reduce each layer as it is made (a map as its attention layer returns it, before the block's
+        MLP runs), and only the results are kept: the diagnostics of a deep model at high resolution
+        then hold one attention map at a time.
         """
         patches = self.embed_patches(x)
         x = self.embed(patches)
@@ -209,12 +210,18 @@ class DeepTransformer(nn.Module):
         keep = (lambda t, start: t) if reduce_tokens is None else (lambda t, start: reduce_tokens(t[:, start:]))
         tokens = [keep(x, prefix)]
         attentions = []
-        for i, block in enumerate(self.blocks):
-            x, attn = self.run_block(block, x, attention)
-            if i < len(self.blocks) - 1:
-                tokens.append(keep(x, prefix))
-            if attention:
-                attentions.append(attn if reduce_attention is None else reduce_attention(attn))
+        reducing = attention and reduce_attention is not None
+        hooks = [block.attn.register_forward_hook(_reducing_hook(reduce_attention)) for block in self.blocks] if reducing else []
+        try:
+            for i, block in enumerate(self.blocks):
+                x, attn = self.run_block(block, x, attention)
+                if i < len(self.blocks) - 1:
+                    tokens.append(keep(x, prefix))
+                if attention:
+                    attentions.append(attn)
+        finally:
+            for hook in hooks:
+                hook.remove()
         final = self.finish(x)
         last = self.last_tokens(final)
         tokens.append(keep(last, prefix))
@@ -301,6 +308,16 @@ class DeepTransformer(nn.Module):
 
     def _prune_head(self) -> None:
         self.reset_classifier(0, "")
+
+
+def _reducing_hook(reduce: Callable[[torch.Tensor], torch.Tensor]) -> Callable:
+    """A forward hook that replaces an attention layer's map `(out, attn)` by `reduce(attn)`."""
+
+    def hook(module: nn.Module, inputs: tuple, output: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        out, attn = output
+        return out, reduce(attn)
+
+    return hook
 
 
 def _init_linear(module: nn.Module) -> None:

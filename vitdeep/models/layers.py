@@ -132,10 +132,12 @@ class Attention(nn.Module):
             return False
         return self.attn_scale is None or not (self.training and self.attn_drop.p > 0)
 
-    def attention_matrix(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        """The post-softmax matrix the block applies: after head mixing and AttnScale."""
+    def attention_matrix(self, q: torch.Tensor, k: torch.Tensor, in_place: bool = False) -> torch.Tensor:
+        """The post-softmax matrix the block applies: after head mixing and AttnScale. `in_place`
+        (only without autograd) takes the softmax in the logits' storage: the same values, one
+        N×N matrix less at a time, for the diagnostics of deep models at high resolution."""
         attn = self.mix_logits((q * self.scale) @ k.transpose(-2, -1))
-        attn = self.mix_weights(attn.softmax(dim=-1))
+        attn = self.mix_weights(torch.softmax(attn, dim=-1, out=attn) if in_place else attn.softmax(dim=-1))
         if self.attn_scale is not None:
             attn = self.attn_scale(attn)
         return attn
@@ -149,7 +151,7 @@ class Attention(nn.Module):
             if self.attn_scale is not None:
                 out = self.attn_scale.fused(out, v)
         else:
-            attn = self.attention_matrix(q, k)
+            attn = self.attention_matrix(q, k, in_place=need_weights and not torch.is_grad_enabled())
             out = self.attn_drop(attn) @ v
         out = self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, C)))
         if self.feat_scale is not None:
