@@ -85,7 +85,7 @@ def run(images: int = 1280, workers: int = 2, batch: int = 64, img_size: int = 2
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         root, shards = Path(tmp) / "photos", Path(tmp) / "shards"
         photos = make_photos(root, images)
-        write_shards(root, shards, shard_size="128", show=False)
+        write_shards(root, shards, shard_size="128")
         folder_train = ImageFolder(root / "train", transform=with_zero_bit_posterize(create_transform(
             img_size, is_training=True, scale=(aug.scale_min, aug.scale_max), hflip=aug.hflip, color_jitter=aug.color_jitter,
             auto_augment=aug.rand_augment, interpolation=aug.interpolation, re_prob=aug.reprob, re_mode=aug.remode,

@@ -24,5 +24,5 @@ def digit_shards(tmp_path_factory):
     from vitdeep.data.shards import write_demo_shards
 
     out = tmp_path_factory.mktemp("digit-shards")
-    write_demo_shards(out, show=False)
+    write_demo_shards(out)
     return out

@@ -198,9 +198,9 @@ def test_check_fits_refuses_a_run_that_cannot_fit(digit_shards, tmp_path):
     model = MemoryModel(plan, Cluster(gpus_per_node=1))
     at_4, at_16 = (model.estimate(plan.ds_config, m, False).total for m in (4, 16))
     budget = (at_4 + at_16) // 2
-    with pytest.raises(UserError, match="--no-plan-check") as refused:
+    with pytest.raises(UserError, match="no_plan_check") as refused:
         check_fits(plan, gpu_memory=budget)
-    assert "--micro-batch 4 fits" in str(refused.value) or "--micro-batch 8 fits" in str(refused.value)
+    assert "`micro_batch` 4 fits" in str(refused.value) or "`micro_batch` 8 fits" in str(refused.value)
     with pytest.raises(UserError, match="no micro-batch fits"):
         check_fits(plan, gpu_memory=10**9)
     check_fits(plan, gpu_memory=at_16)

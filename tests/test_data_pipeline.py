@@ -29,7 +29,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create")
 def digit_shards(digits_dir, tmp_path_factory):
     """30 train shards of 50 and 6 val shards (50 × 5 + 47), with _info.json."""
     out = tmp_path_factory.mktemp("digit-shards")
-    write_shards(digits_dir, out, shard_size="50", show=False)
+    write_shards(digits_dir, out, shard_size="50")
     return out
 
 
@@ -141,9 +141,9 @@ def test_train_loader_leaves_the_callers_random_streams_alone(digit_shards):
         (dict(start_batch=94), "outside the epoch of 93"),
         (dict(micro_batch=800), "make no global batch"),
         (dict(micro_batch=9, aug=AugmentConfig(repeated_aug=3, hflip=0)), None),
-        (dict(micro_batch=8, aug=AugmentConfig(repeated_aug=3, hflip=0)), "multiple of --repeated-aug"),
+        (dict(micro_batch=8, aug=AugmentConfig(repeated_aug=3, hflip=0)), "multiple of `repeated_aug`"),
         (dict(seed=-1), "seed and epoch"),
-        (dict(max_bad_fraction=2.0), "--max-bad-fraction"),
+        (dict(max_bad_fraction=2.0), "max_bad_fraction"),
     ],
 )
 def test_train_loader_checks_its_arguments(digit_shards, overrides, needle):
@@ -264,7 +264,7 @@ def test_too_much_bad_data_stops_with_one_clear_error(damaged_shards):
     urls, _ = damaged_shards
     loader = eval_loader(urls, micro_batch=8, img_size=IMG, crop_ratio=0.875, rank=0, world_size=1, num_workers=2,
                          num_classes=10, max_bad_fraction=0.005)
-    with pytest.raises(UserError, match=r"samples read were bad \(.*\), more than --max-bad-fraction 0.005"):
+    with pytest.raises(UserError, match=r"samples read were bad \(.*\), more than `max_bad_fraction` 0.005"):
         list(loader)
     assert list(eval_loader(urls, micro_batch=8, img_size=IMG, crop_ratio=0.875, rank=0, world_size=1, num_workers=2,
                             num_classes=10, max_bad_fraction=0.01)), "7 bad samples are within 1% of 1000"

@@ -7,7 +7,6 @@ stderr and exit code 2.
 from __future__ import annotations
 
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Optional
@@ -19,7 +18,7 @@ from vitdeep.cli_options import with_config_options
 from vitdeep.config import FINETUNE_RECIPE
 from vitdeep.data.options import MAX_BAD_FRACTION
 from vitdeep.engine.cluster import DEFAULT_GPU_MEMORY, DEFAULT_GPU_TFLOPS, DEFAULT_GPUS_PER_NODE, DEFAULT_MFU
-from vitdeep.errors import StoppedBySignal, TrainingStopped, UserError
+from vitdeep.errors import StoppedBySignal, TrainingStopped, UserError, as_flags
 
 app = typer.Typer(
     name="vitdeep",
@@ -125,16 +124,17 @@ def shards_command(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace shards of the same split already in OUT."),
 ) -> None:
     """Pack an ImageFolder tree into WebDataset tar shards (KEY.jpg|png|webp + KEY.cls) with _info.json."""
-    from vitdeep.data.shards import DEFAULT_SHARD_SIZE, DEMO_SHARD_SIZE, write_demo_shards, write_shards
+    from vitdeep.commands.shards import run_demo_shards, run_shards
+    from vitdeep.data.shards import DEFAULT_SHARD_SIZE, DEMO_SHARD_SIZE
 
     if demo:
         if src is None or out is not None:
             raise UserError("--demo takes exactly one folder: vitdeep shards --demo OUT")
-        write_demo_shards(src, shard_size=shard_size or DEMO_SHARD_SIZE, overwrite=overwrite)
+        run_demo_shards(src, shard_size=shard_size or DEMO_SHARD_SIZE, overwrite=overwrite)
         return
     if src is None or out is None:
         raise UserError("give SRC and OUT (or --demo OUT): vitdeep shards SRC OUT")
-    write_shards(src, out, splits=split, shard_size=shard_size or DEFAULT_SHARD_SIZE, seed=seed, workers=workers,
+    run_shards(src, out, splits=split, shard_size=shard_size or DEFAULT_SHARD_SIZE, seed=seed, workers=workers,
                  overwrite=overwrite)
 
 
@@ -227,7 +227,7 @@ def eval_command(
     out: Path = typer.Option(Path("eval.json"), "--out", help="JSON file for the results (with per-class accuracy and the sample accounting)."),
 ) -> None:
     """Exact top-1 / top-5 / loss over a sharded set, on one process or many ranks."""
-    from vitdeep.engine.evaluate import run_eval
+    from vitdeep.commands.eval import run_eval
 
     run_eval(
         checkpoint, data, out=out, model_name=model, img_size=img_size, crop_ratio=crop_ratio, ema=ema,
@@ -247,20 +247,9 @@ def export_command(
     timm: `timm.create_model("vitdeep_<name>", pretrained=True, pretrained_cfg_overlay=dict(file=OUT))`
     after `import vitdeep.models`.
     """
-    import torch
+    from vitdeep.commands.export import run_export
 
-    from vitdeep.engine.weights import export_weights, read_weights
-    from vitdeep.monitor import make_console
-
-    from vitdeep.paths import check_output_file
-
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
-    if dtype not in dtypes:
-        raise UserError(f"--dtype {dtype}: choose fp32 or bf16")
-    check_output_file(out, "OUT", "model.safetensors")
-    weights = read_weights(source, ema=ema)
-    path = export_weights(weights, out, dtype=dtypes[dtype], ema=ema)
-    make_console().print(f"exported {weights.model} ({weights.kind}) to {path} and {path.with_suffix('.json')}")
+    run_export(source, out, ema=ema, dtype=dtype)
 
 
 @app.command("demo")
@@ -312,22 +301,6 @@ def _strip_launcher_args(args: list[str]) -> list[str]:
             continue
         kept.append(arg)
     return kept
-
-
-#: Library parameters whose flag is not `--` and the parameter's name in kebab case.
-FLAG_NAMES = {"model_name": "--model"}
-
-
-def flag_name(param: str) -> str:
-    return FLAG_NAMES.get(param, "--" + param.replace("_", "-"))
-
-
-def as_flags(error: BaseException) -> str:
-    """The error's message with each parameter it names (`error.params`) shown as its flag."""
-    message = str(error)
-    for param in getattr(error, "params", ()):
-        message = re.sub(rf"(?<![\w-]){re.escape(param)}(?![\w-])", flag_name(param), message)
-    return message
 
 
 def _report(message: str, error: BaseException | None = None) -> None:

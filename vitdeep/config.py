@@ -40,9 +40,9 @@ def check_range(section: Any, limits: dict[str, tuple[float | None, float | None
         above = high is not None and (value > high if high_inclusive else value >= high)
         if (low is not None and value < low) or above:
             if high is None:
-                raise UserError(f"{name} must be >= {low:g}, got {value:g}", params=(name,))
+                raise UserError(f"`{name}` must be >= {low:g}, got {value:g}", params=(name,))
             bracket = "]" if high_inclusive else ")"
-            raise UserError(f"{name} must be in [{low:g}, {high:g}{bracket}, got {value:g}", params=(name,))
+            raise UserError(f"`{name}` must be in [{low:g}, {high:g}{bracket}, got {value:g}", params=(name,))
 
 
 #: `check_range` limits: at least one, at least zero, a probability, a fraction below one.
@@ -73,7 +73,7 @@ class ModelFields:
                            "patch_size": AT_LEAST_1, "num_classes": AT_LEAST_1, "drop_path": PROBABILITY,
                            "drop": BELOW_1, "attn_drop": BELOW_1, "proj_drop": BELOW_1})
         if self.init_values is not None and self.init_values <= 0:
-            raise UserError(f"init_values must be > 0, got {self.init_values:g}", params=("init_values",))
+            raise UserError(f"`init_values` must be > 0, got {self.init_values:g}", params=("init_values",))
 
 
 def _remedy_field(remedy: Any) -> tuple[str, Any, Any]:
@@ -131,9 +131,9 @@ class OptimConfig:
                            "clip_grad": AT_LEAST_0, "ema_decay": PROBABILITY, "freeze_blocks": AT_LEAST_0})
         for name in ("lr", "base_lr"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
-                raise UserError(f"{name} must be > 0, got {getattr(self, name):g}", params=(name,))
+                raise UserError(f"`{name}` must be > 0, got {getattr(self, name):g}", params=(name,))
         if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
-            raise UserError(f"layer_decay must be in (0, 1], got {self.layer_decay:g}", params=("layer_decay",))
+            raise UserError(f"`layer_decay` must be in (0, 1], got {self.layer_decay:g}", params=("layer_decay",))
 
 
 @dataclass
@@ -158,9 +158,9 @@ class RunConfig:
         check_range(self, {"save_every": AT_LEAST_1, "keep_last": AT_LEAST_1, "log_every": AT_LEAST_1,
                            "oversmoothing_every": AT_LEAST_0, "max_bad_steps": AT_LEAST_1})
         if self.dist_timeout <= 0:
-            raise UserError(f"dist_timeout must be > 0 minutes, got {self.dist_timeout:g}", params=("dist_timeout",))
+            raise UserError(f"`dist_timeout` must be > 0 minutes, got {self.dist_timeout:g}", params=("dist_timeout",))
         if self.resume is not None and self.overwrite:
-            raise UserError("resume continues the run in out and overwrite replaces it: choose one", params=("resume", "out", "overwrite"))
+            raise UserError("`resume` continues the run in `out` and `overwrite` replaces it: choose one", params=("resume", "out", "overwrite"))
 
 
 @dataclass

@@ -39,16 +39,16 @@ def run_demo(out: str | Path = "runs/demo", ranks: int = 2, extra: list[str] | N
     """Shards → two DeepSpeed runs → evaluation → over-smoothing comparison → summary."""
     from vitdeep.commands.analyze import run_analyze
     from vitdeep.config import load_config_file, resolve_config
-    from vitdeep.data.shards import write_demo_shards
+    from vitdeep.commands.eval import run_eval
+    from vitdeep.commands.shards import run_demo_shards
     from vitdeep.engine.checkpoint import write_json_atomic
-    from vitdeep.engine.evaluate import run_eval
     from vitdeep.monitor import make_console
 
     start = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     shards = out / "shards"
-    write_demo_shards(shards, overwrite=True)
+    run_demo_shards(shards, overwrite=True)
     for name in VARIANTS:
         _launch(out, name, shards, ranks, list(extra or ()))
 

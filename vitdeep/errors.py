@@ -4,15 +4,16 @@ Anything raised as `UserError` is a problem with the user's input (a bad path, a
 inconsistent sizes). The CLI prints its message as one line on stderr and exits with code 2;
 anything else is a bug and keeps its traceback.
 
-Library code names the parameters a message is about as the library calls them (`num_images`)
-and lists them in `params`; the CLI shows each as its flag (`--num-images`, `vitdeep.cli`).
+Library code names the parameters a message is about as the library calls them, in backticks
+(`` `num_images` must be positive ``), and lists them in `params`; the CLI shows each as its flag
+(`--num-images must be positive`, `as_flags`), as does the training loop for the warnings it prints.
 """
 
 
 class _Reported(Exception):
     """An error the CLI reports as one line. `shared=True` marks one that every rank raised
     together after agreeing on it (bad data counted over all ranks, a failed save): only rank 0
-    reports it. `params` are the parameters the message names, word for word."""
+    reports it. `params` are the parameters the message names (each written `name` in it)."""
 
     def __init__(self, message: str, *, shared: bool = False, params: tuple[str, ...] = ()) -> None:
         super().__init__(message)
@@ -32,3 +33,20 @@ class TrainingStopped(_Reported, RuntimeError):
 class StoppedBySignal(Exception):
     """Every rank stopped together after a stop signal, with a checkpoint where there was work to
     keep; the message says where and how to resume. The CLI exits with `EXIT_STOPPED`."""
+
+
+#: Library parameters whose flag is not `--` and the parameter's name in kebab case.
+FLAG_NAMES = {"model_name": "--model"}
+
+
+def flag_name(param: str) -> str:
+    return FLAG_NAMES.get(param, "--" + param.replace("_", "-"))
+
+
+def as_flags(error: BaseException) -> str:
+    """The error's message with each parameter it names (`error.params`, written `name` in the
+    message) shown as its flag."""
+    message = str(error)
+    for param in getattr(error, "params", ()):
+        message = message.replace(f"`{param}`", flag_name(param))
+    return message

@@ -35,12 +35,12 @@ class ObjectiveConfig:
     def __post_init__(self) -> None:
         for name in ("cos_weight", "contrastive_weight", "patch_mix_weight"):
             if getattr(self, name) < 0:
-                raise UserError(f"{name}={getattr(self, name)} must be >= 0", params=(name,))
+                raise UserError(f"`{name}`={getattr(self, name)} must be >= 0", params=(name,))
         if not 0.0 <= self.label_smoothing < 1.0:
-            raise UserError(f"label_smoothing={self.label_smoothing} must be in [0, 1)", params=("label_smoothing",))
+            raise UserError(f"`label_smoothing`={self.label_smoothing} must be in [0, 1)", params=("label_smoothing",))
         if self.distill not in DISTILL_KINDS:
-            raise UserError(f"distill='{self.distill}' must be one of {', '.join(DISTILL_KINDS)}", params=("distill",))
+            raise UserError(f"`distill`='{self.distill}' must be one of {', '.join(DISTILL_KINDS)}", params=("distill",))
         if not 0.0 <= self.distill_alpha <= 1.0:
-            raise UserError(f"distill_alpha={self.distill_alpha} must be in [0, 1]", params=("distill_alpha",))
+            raise UserError(f"`distill_alpha`={self.distill_alpha} must be in [0, 1]", params=("distill_alpha",))
         if self.distill_tau <= 0:
-            raise UserError(f"distill_tau={self.distill_tau} must be > 0", params=("distill_tau",))
+            raise UserError(f"`distill_tau`={self.distill_tau} must be > 0", params=("distill_tau",))

@@ -104,10 +104,10 @@ def prepare(grid_spec: str, options: dict[str, Any], *, ranks: int | None, demo:
 
 
 def _write_demo_shards(path: Path) -> None:
-    from vitdeep.data.shards import write_demo_shards
+    from vitdeep.commands.shards import run_demo_shards
 
     if not (path / "_info.json").is_file():
-        write_demo_shards(path)
+        run_demo_shards(path)
 
 
 def print_bundled_grids() -> None:

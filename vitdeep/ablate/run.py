@@ -114,7 +114,7 @@ def finish_cell(folder: Path) -> None:
     """Evaluate a trained cell on its validation shards (raw and EMA) and analyse its
     over-smoothing there, with the crop ratio it was validated at."""
     from vitdeep.commands.analyze import run_analyze
-    from vitdeep.engine.evaluate import run_eval
+    from vitdeep.commands.eval import run_eval
 
     config = read_json(folder / "config.json")
     if config is None:

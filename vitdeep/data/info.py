@@ -8,7 +8,7 @@ A data argument is one string or a list of them; a string may join several with 
 - a local path with `{000..099}` braces and/or `*` globs;
 - a URL (`https://…`, `gs://…`) with braces, opened by webdataset (`file:` URLs are local paths);
 - a `pipe:COMMAND` URL, which runs a shell command: honoured only because the user wrote it,
-  and echoed to stderr first. Names read from `_info.json` are always joined to the local
+  and logged as a warning first. Names read from `_info.json` are always joined to the local
   directory, so a file can never smuggle in a command.
 
 Sample counts come, in order, from `--num-samples`, `_info.json`, open_clip's `sizes.json` or a
@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import re
-import sys
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -67,7 +66,7 @@ class DatasetInfo:
         if self.num_samples is None:
             raise UserError(
                 f"cannot tell how many samples the {self.num_shards} shards hold: put an _info.json or "
-                "sizes.json beside them, or pass --num-samples"
+                "sizes.json beside them, or pass `num_samples`", params=("num_samples",)
             )
         return self.num_samples
 
@@ -86,7 +85,7 @@ def read_dataset_info(
     if isinstance(urls, DatasetInfo):
         return urls
     if num_samples is not None and num_samples <= 0:
-        raise UserError(f"--num-samples must be positive, got {num_samples}")
+        raise UserError(f"`num_samples` must be positive, got {num_samples}", params=("num_samples",))
     parts = _split_parts(urls)
     resolved: list[str] = []
     for part in parts:
@@ -94,7 +93,7 @@ def read_dataset_info(
             part = urlparse(part).path
         if part.startswith("pipe:"):
             if is_main_process():
-                print(f"note: shard URLs run a shell command: {part}", file=sys.stderr)
+                logger.warning("shard URLs run a shell command: %s", part)
             resolved += _expand(part)
         elif _SCHEME.match(part):
             resolved += _expand(part)

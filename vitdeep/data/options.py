@@ -43,22 +43,22 @@ class AugmentConfig:
     def __post_init__(self) -> None:
         for name in ("hflip", "reprob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
-                raise UserError(f"{name} must be in [0, 1], got {getattr(self, name)}", params=(name,))
+                raise UserError(f"`{name}` must be in [0, 1], got {getattr(self, name)}", params=(name,))
         if not 0.0 < self.scale_min <= self.scale_max <= 1.0:
-            raise UserError(f"crop scale must satisfy 0 < scale_min <= scale_max <= 1, got ({self.scale_min}, {self.scale_max})",
+            raise UserError(f"crop scale must satisfy 0 < `scale_min` <= `scale_max` <= 1, got ({self.scale_min}, {self.scale_max})",
                             params=("scale_min", "scale_max"))
         if self.interpolation not in INTERPOLATIONS:
-            raise UserError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {self.interpolation!r}",
+            raise UserError(f"`interpolation` must be one of {', '.join(INTERPOLATIONS)}, got {self.interpolation!r}",
                             params=("interpolation",))
         if self.remode not in ERASE_MODES:
-            raise UserError(f"remode must be one of {', '.join(ERASE_MODES)}, got {self.remode!r}", params=("remode",))
+            raise UserError(f"`remode` must be one of {', '.join(ERASE_MODES)}, got {self.remode!r}", params=("remode",))
         if self.rand_augment and not self.rand_augment.startswith("rand"):
-            raise UserError(f"rand_augment must be a timm RandAugment policy like 'rand-m9-mstd0.5-inc1', got {self.rand_augment!r}",
+            raise UserError(f"`rand_augment` must be a timm RandAugment policy like 'rand-m9-mstd0.5-inc1', got {self.rand_augment!r}",
                             params=("rand_augment",))
         if self.color_jitter < 0:
-            raise UserError(f"color_jitter must be >= 0, got {self.color_jitter}", params=("color_jitter",))
+            raise UserError(f"`color_jitter` must be >= 0, got {self.color_jitter}", params=("color_jitter",))
         if self.recount < 1 or self.repeated_aug < 1:
-            raise UserError("recount and repeated_aug must be >= 1", params=("recount", "repeated_aug"))
+            raise UserError("`recount` and `repeated_aug` must be >= 1", params=("recount", "repeated_aug"))
         check_crop_ratio(self.crop_ratio)
 
     @classmethod
@@ -69,7 +69,7 @@ class AugmentConfig:
 
 def check_crop_ratio(crop_ratio: float) -> None:
     if not 0.0 < crop_ratio <= 1.0:
-        raise UserError(f"crop_ratio must be in (0, 1], got {crop_ratio}", params=("crop_ratio",))
+        raise UserError(f"`crop_ratio` must be in (0, 1], got {crop_ratio}", params=("crop_ratio",))
 
 
 @dataclass
@@ -86,10 +86,10 @@ class MixConfig:
 
     def __post_init__(self) -> None:
         if self.mixup < 0 or self.cutmix < 0:
-            raise UserError(f"mixup and cutmix must be >= 0, got {self.mixup} and {self.cutmix}", params=("mixup", "cutmix"))
+            raise UserError(f"`mixup` and `cutmix` must be >= 0, got {self.mixup} and {self.cutmix}", params=("mixup", "cutmix"))
         for name in ("mix_prob", "switch_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
-                raise UserError(f"{name} must be in [0, 1], got {getattr(self, name)}", params=(name,))
+                raise UserError(f"`{name}` must be in [0, 1], got {getattr(self, name)}", params=(name,))
 
     @property
     def enabled(self) -> bool:

@@ -54,11 +54,11 @@ def too_many_bad(bad: int, read: int, max_bad_fraction: float) -> bool:
     return bad > max_bad_fraction * max(read, MIN_JUDGED)
 
 
-def bad_data_error(bad: Counter, read: int, max_bad_fraction: float, flag: str = "--max-bad-fraction") -> UserError:
+def bad_data_error(bad: Counter, read: int, max_bad_fraction: float, *, shared: bool = False) -> UserError:
     reasons = ", ".join(f"{count} {reason}" for reason, count in bad.most_common())
     return UserError(
-        f"{sum(bad.values())} of {read} samples read were bad ({reasons}), more than {flag} "
-        f"{max_bad_fraction:g} allows; see the warnings above for where"
+        f"{sum(bad.values())} of {read} samples read were bad ({reasons}), more than `max_bad_fraction` "
+        f"{max_bad_fraction:g} allows; see the warnings above for where", shared=shared, params=("max_bad_fraction",),
     )
 
 
@@ -78,7 +78,7 @@ class _Loader:
 
     def __init__(self, dataset: IterableDataset, num_workers: int, max_bad_fraction: float | None, pin_memory: bool):
         if max_bad_fraction is not None and not 0.0 <= max_bad_fraction <= 1.0:
-            raise UserError(f"--max-bad-fraction must be in [0, 1], got {max_bad_fraction}")
+            raise UserError(f"`max_bad_fraction` must be in [0, 1], got {max_bad_fraction}", params=("max_bad_fraction",))
         self.max_bad_fraction = max_bad_fraction
         self.stats = ReadStats()
         # A private generator: the DataLoader draws its workers' base seed from it, not from the
@@ -174,7 +174,7 @@ def _check_ranks(rank: int, world_size: int, num_workers: int, micro_batch: int)
     if world_size < 1 or not 0 <= rank < world_size:
         raise UserError(f"rank {rank} is not in a world of {world_size}")
     if num_workers < 0:
-        raise UserError(f"--workers must be >= 0, got {num_workers}")
+        raise UserError(f"`workers` must be >= 0, got {num_workers}", params=("workers",))
     if micro_batch < 1:
         raise UserError(f"the micro-batch size must be >= 1, got {micro_batch}")
 
@@ -204,7 +204,7 @@ def train_loader(
     if seed < 0 or epoch < 0:
         raise UserError(f"seed and epoch must be >= 0, got {seed} and {epoch}")
     if micro_batch % aug.repeated_aug:
-        raise UserError(f"the micro-batch size ({micro_batch}) must be a multiple of --repeated-aug ({aug.repeated_aug})")
+        raise UserError(f"the micro-batch size ({micro_batch}) must be a multiple of `repeated_aug` ({aug.repeated_aug})", params=("repeated_aug",))
     info = read_dataset_info(urls, num_samples, split)
     total = info.require_num_samples()
     batches = epoch_batches(total, micro_batch, world_size)

@@ -17,23 +17,24 @@ import re
 import tempfile
 import time
 from collections import Counter, deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from rich.progress import Progress
-from rich.table import Table
 from webdataset.writer import ShardWriter
 
 from vitdeep.data.info import INFO_NAMES
 from vitdeep.data.options import IMAGE_EXTENSIONS
 from vitdeep.errors import UserError
-from vitdeep.monitor import image_progress, make_console
 
 #: Sub-folders of SRC taken as splits when no split is named (the ImageNet layout).
 SPLIT_NAMES = ("train", "val", "validation", "test")
 DEFAULT_SHARD_SIZE = "1000"
+#: `on_split(entry, skipped files, seconds)`: a split's `_info.json` entry once it is written.
+SplitWritten = Callable[[dict, int, float], None]
 DEMO_SHARD_SIZE = "50"
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
@@ -46,10 +47,10 @@ def parse_shard_size(text: str) -> tuple[int, float]:
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
     unit = match.group(2).lower() if match else ""
     if not match or (unit and unit not in _UNITS) or float(match.group(1)) <= 0:
-        raise UserError(f"--shard-size must be a sample count (1000) or a size (256MB, 1GiB), got {text!r}")
+        raise UserError(f"`shard_size` must be a sample count (1000) or a size (256MB, 1GiB), got {text!r}", params=("shard_size",))
     if not unit:
         if not match.group(1).isdigit():
-            raise UserError(f"--shard-size as a sample count must be a whole number, got {text!r}")
+            raise UserError(f"`shard_size` as a sample count must be a whole number, got {text!r}", params=("shard_size",))
         return int(match.group(1)), float("inf")
     return 10**12, float(match.group(1)) * _UNITS[unit]
 
@@ -128,10 +129,10 @@ def _shard_pattern(split: str) -> re.Pattern:
     return re.compile(rf"{re.escape(split)}-\d{{6}}\.tar")
 
 
-def _write_split(split: str, images: list[_Image], out: Path, shard_size: str, workers: int, progress: Progress) -> dict:
+def _write_split(split: str, images: list[_Image], out: Path, shard_size: str, workers: int, progress: Progress | None) -> dict:
     """Write one split's shards into a scratch folder, then move them into `out`."""
     maxcount, maxsize = parse_shard_size(shard_size)
-    task = progress.add_task(split, total=len(images))
+    task = progress.add_task(split, total=len(images)) if progress is not None else None
     counts: Counter = Counter()
     total_bytes = 0
     with tempfile.TemporaryDirectory(dir=out, prefix=f".{split}-") as scratch:
@@ -141,7 +142,8 @@ def _write_split(split: str, images: list[_Image], out: Path, shard_size: str, w
                 writer.write({"__key__": image.key, "cls": str(image.label).encode(), image.ext: data})
                 counts[os.path.basename(writer.fname)] += 1
                 total_bytes += len(data)
-                progress.advance(task)
+                if progress is not None:
+                    progress.advance(task)
         for stale in out.iterdir():
             if _shard_pattern(split).fullmatch(stale.name):
                 stale.unlink()
@@ -161,17 +163,19 @@ def write_shards(
     seed: int = 0,
     workers: int = 8,
     overwrite: bool = False,
-    show: bool = True,
+    progress: Progress | None = None,
+    on_split: SplitWritten | None = None,
 ) -> dict:
     """ImageFolder tree at `src` → `out/{split}-{000000..}.tar` + `out/_info.json`; returns the info.
 
     Every input is checked before anything is written; existing shards of a split are replaced
-    only with `overwrite`. Other splits already in `out/_info.json` are kept.
+    only with `overwrite`. Other splits already in `out/_info.json` are kept. `progress` (rich)
+    counts the files written; `on_split(entry, skipped files, seconds)` hears of each split done.
     """
     src, out = Path(src), Path(out)
     parse_shard_size(shard_size)
     if workers < 1:
-        raise UserError(f"--workers must be >= 1, got {workers}")
+        raise UserError(f"`workers` must be >= 1, got {workers}", params=("workers",))
     if out.exists() and not out.is_dir():
         raise UserError(f"output {out} exists and is not a folder")
     roots = _split_roots(src, splits)
@@ -186,35 +190,33 @@ def write_shards(
         if not images:
             raise UserError(f"no images ({', '.join('.' + e for e in IMAGE_EXTENSIONS)}) in {root}")
         if not overwrite and out.is_dir() and any(_shard_pattern(split).fullmatch(p.name) for p in out.iterdir()):
-            raise UserError(f"{out} already holds {split} shards; pass --overwrite to replace them")
+            raise UserError(f"{out} already holds {split} shards; pass `overwrite` to replace them", params=("overwrite",))
         random.Random(seed).shuffle(images)
         planned[split] = (images, skipped)
 
     out.mkdir(parents=True, exist_ok=True)
     info = {"name": info.get("name", src.resolve().name), "num_classes": len(classes), "class_names": classes,
             "splits": dict(info.get("splits", {}))}
-    summary = []
-    with image_progress(show=show) as progress:
-        for split, (images, skipped) in planned.items():
-            start = time.perf_counter()
-            entry = _write_split(split, images, out, shard_size, workers, progress)
-            seconds = time.perf_counter() - start
-            info["splits"][split] = {**entry, "seed": seed, "shard_size": shard_size, "source": str(src.resolve())}
-            _save_info(out, info)
-            summary.append((entry, skipped, seconds))
-    if show:
-        _print_summary(out, classes, summary)
+    for split, (images, skipped) in planned.items():
+        start = time.perf_counter()
+        entry = _write_split(split, images, out, shard_size, workers, progress)
+        seconds = time.perf_counter() - start
+        info["splits"][split] = {**entry, "seed": seed, "shard_size": shard_size, "source": str(src.resolve())}
+        _save_info(out, info)
+        if on_split is not None:
+            on_split(entry, skipped, seconds)
     return info
 
 
-def write_demo_shards(out: str | Path, shard_size: str = DEMO_SHARD_SIZE, overwrite: bool = False, show: bool = True) -> dict:
-    """The built-in demo set (scikit-learn's digits as real PNGs, fixed 1,500/297 split) as shards."""
+def write_demo_shards(out: str | Path, shard_size: str = DEMO_SHARD_SIZE, overwrite: bool = False, **report: Any) -> dict:
+    """The built-in demo set (scikit-learn's digits as real PNGs, fixed 1,500/297 split) as shards
+    (`report`: `write_shards`' `progress` and `on_split`)."""
     from vitdeep.data.digits import write_digits_imagefolder
 
     with tempfile.TemporaryDirectory(prefix="vitdeep-digits-") as tmp:
         root = Path(tmp) / "digits"
         write_digits_imagefolder(root)
-        return write_shards(root, out, shard_size=shard_size, seed=0, overwrite=overwrite, show=show)
+        return write_shards(root, out, shard_size=shard_size, seed=0, overwrite=overwrite, **report)
 
 
 def _read_own_info(out: Path) -> dict:
@@ -232,15 +234,3 @@ def _save_info(out: Path, info: dict) -> None:
     scratch = out / f".{INFO_NAMES[0]}.partial"
     scratch.write_text(json.dumps(info, indent=1) + "\n")
     os.replace(scratch, out / INFO_NAMES[0])
-
-
-def _print_summary(out: Path, classes: list[str], rows: list[tuple[dict, int, float]]) -> None:
-    table = Table(title=f"Shards written to {out} ({len(classes)} classes)")
-    for column in ("split", "shards", "images", "size", "skipped files", "time", "images/s"):
-        table.add_column(column, justify="left" if column == "split" else "right")
-    for entry, skipped, seconds in rows:
-        table.add_row(
-            entry["name"], str(len(entry["filenames"])), f"{entry['num_samples']:,}", f"{entry['bytes'] / 1e6:,.1f} MB",
-            str(skipped), f"{seconds:.1f} s", f"{entry['num_samples'] / max(seconds, 1e-9):,.0f}",
-        )
-    make_console().print(table)

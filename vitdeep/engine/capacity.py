@@ -209,7 +209,7 @@ def ema_line(counts: ParamCounts, zero: Zero, world_size: int, ema_decay: float)
     if zero.stage == 0 and zero.precision != "fp32":
         raise UserError(
             f"{zero.label} uses DeepSpeed's fp16/bf16 optimizer without ZeRO, which vitdeep's EMA does not support: "
-            "use a ZeRO-1..3 ds-config, cpu_fp32, or --ema-decay 0"
+            "use a ZeRO-1..3 `ds_config`, cpu_fp32, or `ema_decay` 0", params=("ds_config", "ema_decay"),
         )
     if zero.offload_optimizer:
         return Line("EMA", 0, "beside the offloaded fp32 masters, on the CPU")
@@ -716,10 +716,11 @@ def check_fits(plan: RunPlan, gpu_memory: int | None = None) -> None:
     if estimate.total <= gpu_memory:
         return
     largest = largest_fitting(model, plan.ds_config, ckpt, micro_batch_options(plan, plan.world_size), gpu_memory)
-    hint = f"--micro-batch {largest.micro_batch} fits" if largest else "no micro-batch fits with these settings"
+    hint = f"`micro_batch` {largest.micro_batch} fits" if largest else "no micro-batch fits with these settings"
     raise UserError(
         f"the memory planner says this run needs {gb(estimate.total):.1f} GB per GPU and this GPU has {gb(gpu_memory):.1f} GB "
-        f"({hint}; `vitdeep plan` with the same options shows what fits); --no-plan-check starts it anyway"
+        f"({hint}; `vitdeep plan` with the same options shows what fits); `no_plan_check` starts it anyway",
+        params=("micro_batch", "no_plan_check"),
     )
 
 

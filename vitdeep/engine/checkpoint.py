@@ -466,5 +466,5 @@ def ema_state(path: Path, rank: int) -> dict[str, Any]:
     """Rank `rank`'s EMA partitions of a checkpoint."""
     extra = load_safely(rank_file(path, rank))
     if extra.get("ema") is None:
-        raise UserError(f"{path} holds no EMA (trained with --ema-decay 0); drop --ema")
+        raise UserError(f"{path} holds no EMA (trained with `ema_decay` 0); drop `ema`", params=("ema_decay", "ema"))
     return extra["ema"]

@@ -28,7 +28,7 @@ def parse_memory(text: str) -> int:
     """'80GB' → 80·10⁹ bytes, '79GiB' → 79·2³⁰ (GB decimal, GiB binary)."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]+)\s*", str(text))
     if not match or match.group(2).lower() not in _UNITS or float(match.group(1)) <= 0:
-        raise UserError(f"--gpu-memory must be a size such as 80GB or 79GiB, got {text!r}")
+        raise UserError(f"`gpu_memory` must be a size such as 80GB or 79GiB, got {text!r}", params=("gpu_memory",))
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
@@ -46,11 +46,11 @@ class Cluster:
 
     def __post_init__(self) -> None:
         if self.nodes < 1 or self.gpus_per_node < 1:
-            raise UserError(f"--nodes and --gpus-per-node must be >= 1, got {self.nodes} and {self.gpus_per_node}")
+            raise UserError(f"`nodes` and `gpus_per_node` must be >= 1, got {self.nodes} and {self.gpus_per_node}", params=("nodes", "gpus_per_node"))
         if self.gpu_tflops <= 0:
-            raise UserError(f"--gpu-tflops must be > 0, got {self.gpu_tflops}")
+            raise UserError(f"`gpu_tflops` must be > 0, got {self.gpu_tflops}", params=("gpu_tflops",))
         if not 0 < self.mfu <= 1:
-            raise UserError(f"--mfu must be in (0, 1], got {self.mfu}")
+            raise UserError(f"`mfu` must be in (0, 1], got {self.mfu}", params=("mfu",))
 
     @property
     def world_size(self) -> int:

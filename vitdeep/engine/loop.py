@@ -48,7 +48,7 @@ from vitdeep.engine.evaluate import EvalResult, counter_over_ranks, evaluate
 from vitdeep.engine.plan import RunPlan, make_plan
 from vitdeep.engine.rundir import RunLock, clear_run, trim_metrics
 from vitdeep.engine.signals import StopFlag, StopRequested, WaitInterrupted, signal_name, stop_flag
-from vitdeep.errors import StoppedBySignal, TrainingStopped, UserError
+from vitdeep.errors import StoppedBySignal, TrainingStopped, UserError, as_flags
 from vitdeep.losses import Objective
 from vitdeep.models import create_model
 from vitdeep.engine.weights import build_model, load_weights_into, read_weights
@@ -255,7 +255,7 @@ class Trainer:
         bad, read = values[-2:]
         if too_many_bad(bad, read, self.cfg.data.max_bad_fraction):
             counts = counter_over_ranks(stats.bad)
-            raise UserError(str(bad_data_error(counts, int(read), self.cfg.data.max_bad_fraction)), shared=True)
+            raise bad_data_error(counts, int(read), self.cfg.data.max_bad_fraction, shared=True)
 
     def _train_micro_batch(self, images: torch.Tensor, labels: torch.Tensor) -> bool:
         """Forward, loss, guard, backward, step; True when an optimizer step was taken."""
@@ -339,7 +339,7 @@ class Trainer:
             results.update({f"{prefix}{k}": v for k, v in result.scalars().items() if k != "count"})
             error = result.bad_data_error(self.cfg.data.max_bad_fraction)
             if error is not None and not prefix:
-                self.console.print(f"[yellow]validation at step {self.step}: {error}; the results cover the samples read")
+                self.console.print(f"[yellow]validation at step {self.step}: {as_flags(error)}; the results cover the samples read")
         return results
 
     def _evaluate_once(self, ema: PartitionedEma | None, log_bad: bool) -> EvalResult:
@@ -523,7 +523,8 @@ def check_shared_output(out: Path, dist_info: DistInfo) -> None:
     if dist_info.is_main:
         probe.unlink()
     if missing.item():
-        raise UserError(f"--out {out} is not shared by all ranks ({int(missing.item())} cannot see rank 0's files): put it on storage every node mounts at the same path")
+        raise UserError(f"`out` {out} is not shared by all ranks ({int(missing.item())} cannot see rank 0's files): put it on storage "
+                        "every node mounts at the same path", params=("out",))
 
 
 def plan_from_env(cfg) -> RunPlan:

@@ -125,7 +125,7 @@ def measure_step(plan: RunPlan) -> dict[str, Any]:
     cfg = plan.cfg
     objective = Objective(cfg.loss)
     if objective.needs_teacher:
-        raise UserError("--measure does not load a distillation teacher: measure with --distill none")
+        raise UserError("`measure` does not load a distillation teacher: measure with `distill` none", params=("measure", "distill"))
     info = init_distributed(cfg.run.dist_timeout)
     device, dtype = info.device, engine_dtype(plan.ds_config)
     torch.manual_seed(cfg.run.seed)

@@ -141,14 +141,14 @@ def check_teacher(spec: str | None) -> None:
     import timm
 
     if not spec:
-        raise UserError("--distill needs a --teacher")
+        raise UserError("`distill` needs a `teacher`", params=("distill", "teacher"))
     if Path(spec).exists():
         if not source_model_options(spec):
-            raise UserError(f"--teacher {spec} is a plain state dict: name its timm architecture as TIMM_NAME={spec}")
+            raise UserError(f"`teacher` {spec} is a plain state dict: name its timm architecture as TIMM_NAME={spec}", params=("teacher",))
         return
     name, _, file = spec.partition("=")
     if name not in timm.list_models(pretrained=False):
-        raise UserError(f"--teacher {spec} is neither a file nor a timm model name")
+        raise UserError(f"`teacher` {spec} is neither a file nor a timm model name", params=("teacher",))
     if file and not Path(file).is_file():
         raise UserError(f"teacher weights not found: {file}")
 
@@ -159,7 +159,8 @@ def check_output(cfg: TrainConfig) -> None:
     check_output_dir(out, "--out")
     found = existing_run(out) if cfg.run.resume is None and not cfg.run.overwrite else None
     if found:
-        raise UserError(f"--out {out} holds {found}: --resume auto to continue it, another --out, or --overwrite to replace it")
+        raise UserError(f"`out` {out} holds {found}: `resume` auto to continue it, another `out`, or `overwrite` to replace it",
+                        params=("out", "resume", "overwrite"))
 
 
 def make_plan(cfg: TrainConfig, world_size: int, train_info: DatasetInfo | None = None, check_host: bool = True) -> RunPlan:
@@ -171,9 +172,9 @@ def make_plan(cfg: TrainConfig, world_size: int, train_info: DatasetInfo | None 
     """
     get_spec(cfg.model.model)
     if train_info is None and not cfg.data.data:
-        raise UserError("no training data: pass --data SHARDS")
+        raise UserError("no training data: pass `data` SHARDS", params=("data",))
     if check_host and not cfg.run.out:
-        raise UserError("no output directory: pass --out DIR")
+        raise UserError("no output directory: pass `out` DIR", params=("out",))
     if check_host:
         check_output(cfg)
     raw = load_ds_config(cfg.run.ds_config)
@@ -184,7 +185,7 @@ def make_plan(cfg: TrainConfig, world_size: int, train_info: DatasetInfo | None 
     val_info = read_dataset_info(cfg.data.val, num_samples=cfg.data.val_num_samples, split="val") if cfg.data.val else None
     num_classes = cfg.model.num_classes or train_info.num_classes
     if not num_classes:
-        raise UserError("the shards carry no class count (_info.json); pass --num-classes")
+        raise UserError("the shards carry no class count (_info.json); pass `num_classes`", params=("num_classes",))
 
     objective = Objective(cfg.loss)
     if objective.needs_teacher:
@@ -197,7 +198,7 @@ def make_plan(cfg: TrainConfig, world_size: int, train_info: DatasetInfo | None 
         init_weights = read_weights(cfg.run.init_from, ema=cfg.run.init_from_ema)
         adapt_state_dict(init_weights.state_dict, meta_model, init_weights.source, init_weights.kind)
     if not 0 <= cfg.optim.freeze_blocks <= len(meta_model.blocks):
-        raise UserError(f"--freeze-blocks {cfg.optim.freeze_blocks} is outside 0..{len(meta_model.blocks)} (the model's depth)")
+        raise UserError(f"`freeze_blocks` {cfg.optim.freeze_blocks} is outside 0..{len(meta_model.blocks)} (the model's depth)", params=("freeze_blocks",))
 
     options = {"global_batch": cfg.optim.global_batch, "micro_batch": cfg.optim.micro_batch, "clip_grad": cfg.optim.clip_grad}
     ds_config, adopted, batch = fill_ds_config(raw, options, cfg.explicit, world_size, count_parameters(meta_model))

@@ -59,9 +59,9 @@ class RunLock:
                 holder = self._holder()
                 if not self._is_stale(holder):
                     raise UserError(
-                        f"--out {self.path.parent} is in use by another run (host {holder.get('host')}, pid "
-                        f"{holder.get('pid')}, since {holder.get('since')}); two runs cannot share --out. If that run "
-                        f"is gone, delete {self.path}"
+                        f"`out` {self.path.parent} is in use by another run (host {holder.get('host')}, pid "
+                        f"{holder.get('pid')}, since {holder.get('since')}); two runs cannot share `out`. If that run "
+                        f"is gone, delete {self.path}", params=("out",)
                     ) from None
                 note = f"took over the lock of a run that is gone (host {holder.get('host')}, pid {holder.get('pid')})"
                 self.path.unlink(missing_ok=True)
@@ -70,7 +70,7 @@ class RunLock:
                 json.dump(_owner(), stream)
             self.held = True
             return note
-        raise UserError(f"--out {self.path.parent}: could not take the lock {self.path}")
+        raise UserError(f"`out` {self.path.parent}: could not take the lock {self.path}", params=("out",))
 
     def _holder(self) -> dict[str, Any]:
         try:

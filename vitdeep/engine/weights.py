@@ -66,7 +66,7 @@ def _read_safetensors(path: Path, ema: bool) -> Weights:
         raise UserError(f"{path} is not a readable safetensors file: {error}") from error
     if read_export_metadata(path) is not None:
         if ema and metadata.get("ema") != "true":
-            raise UserError(f"{path} was exported without --ema; load it without --ema")
+            raise UserError(f"{path} was exported without `ema`; load it without `ema`", params=("ema",))
         return Weights(
             {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()},
             str(path), "vitdeep export", metadata["model"], json.loads(metadata["model_kwargs"]),
@@ -89,7 +89,7 @@ def _unwrap(raw: Any, path: Path, ema: bool) -> dict[str, torch.Tensor]:
     if ema:
         raw = next((raw[k] for k in ("model_ema", "state_dict_ema") if isinstance(raw, dict) and isinstance(raw.get(k), dict)), None)
         if raw is None:
-            raise UserError(f"{path} holds no EMA weights (no model_ema / state_dict_ema); drop --ema")
+            raise UserError(f"{path} holds no EMA weights (no model_ema / state_dict_ema); drop `ema`", params=("ema",))
     while isinstance(raw, dict) and not _is_state_dict(raw):
         inner = next((raw[k] for k in WRAPPER_KEYS if isinstance(raw.get(k), dict)), None)
         if inner is None:
@@ -123,7 +123,7 @@ def build_model(weights: Weights, model_name: str | None = None, **overrides: An
         name = get_spec(model_name).name
         saved = options_in_state_dict(weights.state_dict, name)
     else:
-        raise UserError(f"{weights.source} is a plain state dict: name its model with model_name", params=("model_name",))
+        raise UserError(f"{weights.source} is a plain state dict: name its model with `model_name`", params=("model_name",))
     kwargs = {**saved, **{k: v for k, v in overrides.items() if v is not None}}
     if "num_classes" not in kwargs and "head.weight" in weights.state_dict:
         kwargs["num_classes"] = weights.state_dict["head.weight"].shape[0]

@@ -1,0 +1,98 @@
+"""`vitdeep eval`: exact top-1 / top-5 / loss of any loadable source over a sharded set, on however
+many ranks launched it (the loop itself is `vitdeep.engine.evaluate.evaluate`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from rich.table import Table
+
+from vitdeep.data.options import MAX_BAD_FRACTION
+from vitdeep.data.pipeline import BatchPreprocessor, eval_loader, read_dataset_info
+from vitdeep.engine.checkpoint import write_json_atomic
+from vitdeep.engine.deepspeed import init_distributed
+from vitdeep.engine.evaluate import EvalResult, evaluate
+from vitdeep.engine.weights import build_model, read_weights
+from vitdeep.errors import UserError
+from vitdeep.monitor import make_console, progress_bar
+from vitdeep.paths import check_output_file
+
+
+def run_eval(
+    checkpoint: str,
+    data: str,
+    *,
+    out: Path,
+    model_name: str | None = None,
+    img_size: int | None = None,
+    crop_ratio: float,
+    ema: bool = False,
+    batch_size: int = 128,
+    workers: int = 4,
+    split: str = "val",
+    num_samples: int | None = None,
+    max_bad_fraction: float = MAX_BAD_FRACTION,
+    dist_timeout: float = 30.0,
+) -> EvalResult:
+    """`vitdeep eval`: exact top-1 / top-5 / loss of any loadable source over a sharded set, on
+    however many ranks launched it; prints a table and writes `out` (JSON) on rank 0.
+
+    Every check runs before the evaluation: the output path, the shards, the weights. Too much
+    bad or missing data (over all ranks) is an error after it, and `out` is not written.
+    """
+    check_output_file(out, "--out", "eval.json")
+    if not 0.0 <= max_bad_fraction <= 1.0:
+        raise UserError(f"--max-bad-fraction must be in [0, 1], got {max_bad_fraction:g}")
+    if batch_size < 1 or workers < 0:
+        raise UserError(f"--batch-size must be >= 1 and --workers >= 0, got {batch_size} and {workers}")
+    info = read_dataset_info(data, num_samples=num_samples, split=split)
+    weights = read_weights(checkpoint, ema=ema)
+    model, report = build_model(weights, model_name, img_size=img_size)
+    if info.num_classes and info.num_classes != model.num_classes:
+        raise UserError(f"{checkpoint} predicts {model.num_classes} classes; {data} has {info.num_classes}")
+    dist_info = init_distributed(dist_timeout)
+    model = model.to(dist_info.device).eval()
+    loader = eval_loader(
+        info, micro_batch=batch_size, img_size=model.img_size, crop_ratio=crop_ratio, rank=dist_info.rank,
+        world_size=dist_info.world_size, num_workers=workers, num_classes=model.num_classes, max_bad_fraction=None,
+    )
+    preprocess = BatchPreprocessor(None, dist_info.device, torch.float32)
+    console = make_console()
+    for line in report.lines():
+        console.print(line)
+    with progress_bar() as progress:
+        task = progress.add_task("eval", total=loader.samples_rank, info=f"rank 0 of {dist_info.world_size}")
+        result = evaluate(
+            model, loader, lambda images: preprocess(images, train=False), model.num_classes, dist_info.device,
+            img_size=model.img_size, on_batch=lambda n: progress.advance(task, n),
+        )
+    error = result.bad_data_error(max_bad_fraction)
+    if error is not None:
+        raise error
+    if dist_info.is_main:
+        _print_result(console, result, checkpoint, ema)
+        classes = info.class_names or [str(i) for i in range(model.num_classes)]
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(Path(out), {
+            "checkpoint": str(checkpoint), "ema": ema, "data": str(data), "img_size": model.img_size,
+            "crop_ratio": crop_ratio, "world_size": dist_info.world_size, **result.scalars(),
+            "images_per_s": result.images_per_s, **result.accounting(),
+            "per_class": [
+                {"class": i, "name": classes[i] if i < len(classes) else str(i), "top1": top1, "count": count}
+                for i, (top1, count) in enumerate(zip(result.per_class_top1, result.per_class_count))
+            ],
+        })
+    return result
+
+
+def _print_result(console, result: EvalResult, checkpoint: str, ema: bool) -> None:
+    table = Table(title=f"vitdeep eval: {checkpoint}{' (EMA)' if ema else ''}")
+    for column in ("images", "top-1 %", "top-5 %", "loss", "images/s"):
+        table.add_column(column, justify="right")
+    table.add_row(f"{result.count:,}", f"{result.top1:.2f}", f"{result.top5:.2f}", f"{result.loss:.4f}", f"{result.images_per_s:.0f}")
+    console.print(table)
+    if result.bad or result.missing:
+        causes = ", ".join(f"{count} {cause}" for cause, count in result.bad.items())
+        missing = f", {result.missing} missing (listed but not read)" if result.missing else ""
+        console.print(f"[yellow]{result.read:,} of {result.expected or result.read:,} samples read; bad: {causes or 'none'}{missing}")
