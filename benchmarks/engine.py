@@ -10,10 +10,11 @@ weights and runs the forward under `torch.autocast(bf16)`. Goal: engine images/s
 The autocast engine (`zero2_autocast_bf16`: fp32 weights and ZeRO masters, forward under
 DeepSpeed's `torch_autocast`) runs the plain loop's arithmetic; goal ≥ 0.95 × plain.
 
-Two fp32 rows separate the engine from the precision: the `cpu_fp32` config (ZeRO off) and the
-autocast engine with its autocast switched off (its ZeRO-2 optimizer path on fp32 masters), each
-against a plain fp32 loop. On a CPU without native bf16 matrix units the bf16 arithmetic itself
-dwarfs any engine cost, and these rows are where the engine's own overhead shows.
+On the CPU two fp32 rows separate the engine from the precision: the `cpu_fp32` config (ZeRO
+off) and the autocast engine with its autocast switched off (its ZeRO-2 optimizer path on fp32
+masters), each against a plain fp32 loop. On a CPU without native bf16 matrix units the bf16
+arithmetic itself dwarfs any engine cost, and these rows are where the engine's own overhead
+shows. (A GPU has bf16 tensor cores, and `make gpu-check` has 5 minutes: it runs the bf16 rows.)
 
 The process group is created in this process (gloo on CPU, NCCL on CUDA; rank 0 of 1, a free
 MASTER_PORT unless the environment sets one).
@@ -75,26 +76,33 @@ def plain_step(s: Shapes, dtype: torch.dtype, x: torch.Tensor, y: torch.Tensor):
 def run(s: Shapes) -> list[Row]:
     start_process_group()
     x, y = batch_for(s)
-    autocast_off = load_ds_config("zero2_autocast_bf16")
-    autocast_off["torch_autocast"]["enabled"] = False
     cases = {
         "plain bf16": plain_step(s, torch.bfloat16, x, y),
         "zero2_bf16": engine_step(s, load_ds_config("zero2_bf16"), x, y),
         "zero2_autocast_bf16": engine_step(s, load_ds_config("zero2_autocast_bf16"), x, y),
-        "plain fp32": plain_step(s, torch.float32, x, y),
-        "cpu_fp32": engine_step(s, load_ds_config("cpu_fp32"), x, y),
-        "zero2 fp32 masters": engine_step(s, autocast_off, x, y),
     }
+    if s.device == "cpu":
+        autocast_off = load_ds_config("zero2_autocast_bf16")
+        autocast_off["torch_autocast"]["enabled"] = False
+        cases.update({
+            "plain fp32": plain_step(s, torch.float32, x, y),
+            "cpu_fp32": engine_step(s, load_ds_config("cpu_fp32"), x, y),
+            "zero2 fp32 masters": engine_step(s, autocast_off, x, y),
+        })
     t = time_interleaved(cases, s.warmup, s.reps)
     ips = {name: s.batch / timing.median for name, timing in t.items()}
     where = f"{s.model}, {s.img_size} px, batch {s.batch}, 1 rank, vitdeep's AdamW"
-    return [
+    rows = [
         Row(GROUP, "DeepSpeed ZeRO-2 bf16 step vs plain loop with bf16 autocast", "plain + autocast", ips["plain bf16"],
             "ZeRO-2 bf16", ips["zero2_bf16"], "img/s", goal=(">=", 0.9),
             band=ratio_band(t["plain bf16"], t["zero2_bf16"], higher_is_better=True), note=where),
         Row(GROUP, "autocast-bf16 engine (zero2_autocast_bf16) vs plain loop with bf16 autocast", "plain + autocast",
             ips["plain bf16"], "autocast engine", ips["zero2_autocast_bf16"], "img/s", goal=(">=", 0.95),
             band=ratio_band(t["plain bf16"], t["zero2_autocast_bf16"], higher_is_better=True), note=where),
+    ]
+    if s.device != "cpu":
+        return rows
+    return rows + [
         Row(GROUP, "DeepSpeed engine fp32 (cpu_fp32, ZeRO off) vs plain fp32 loop", "plain fp32", ips["plain fp32"],
             "engine fp32", ips["cpu_fp32"], "img/s", band=ratio_band(t["plain fp32"], t["cpu_fp32"], higher_is_better=True)),
         Row(GROUP, "autocast engine with autocast off (ZeRO-2 on fp32 masters) vs plain fp32 loop", "plain fp32",

@@ -22,21 +22,25 @@ any stage failed or the whole check overran its budget, 2 if it cannot start):
 Results: `benchmarks/results/gpu-<card>.json` and `.md` (`--out` to change), logs and runs under
 `--work` (default `runs/gpu-check`).
 
-Budget on one H100 (estimates from published numbers, not yet measured: the first GPU run's
-per-stage seconds in the results file replace them). DeiT-S/24 costs 3 × 9.2 GFLOP per image
-per training step; at a modest 25-30 % of the 989 TFLOP/s bf16 peak that is ≈ 3,000 img/s, so
-the data loader (8 workers decoding 224-px PNGs with DeiT's crop and flip, RandAugment off; the
-vitdeep loader measured 430 img/s on 2 slow cores with RandAugment on) sets the pace at
-≈ 1,500 img/s: 200 steps × 64 images ≈ 9 s per run, `zero3_offload` ≈ 20 s (a CPU AdamW step on
-44 M parameters plus PCIe copies, ≈ 100 ms). Each launch adds ≈ 20 s (imports, NCCL, workers,
-a 0.7 GB checkpoint). Stages: shards 10 s, train 4 × 20 s + 50 s, finetune 30 s, eval 12 s, export
-12 s, bench ≈ 100 s (DeiT-B/24 models built 10 times, ≈ 25 timed steps each, and one inductor
-compile of DeiT-B/24's training step with the losses, ≈ 45 s) — ≈ 4.5 min in all. Hard stop: every
-stage's timeout is cut to end the check by 9 minutes, under the 10-minute limit of one command.
+Budget on one H100, estimated from published numbers (nothing here has run on a GPU yet: the
+first run's per-stage seconds in the results file replace these guesses). DeiT-S/24 costs
+3 × 9.2 GFLOP per image per training step; at 25-30 % of the 989 TFLOP/s bf16 peak that is
+≈ 3,000 img/s, so the data loader sets the pace (8 workers decoding 224-px PNGs with DeiT's crop,
+flip and colour jitter, RandAugment off; the vitdeep loader measured 430 img/s on 2 slow cores
+with RandAugment on): ≈ 1,500 img/s, 200 steps × 64 images ≈ 9 s per run, `zero3_offload` ≈ 20 s
+(a CPU AdamW step over 44 M parameters plus the PCIe copies, ≈ 100 ms). Each launch adds ≈ 17 s
+(imports, NCCL, workers, a 0.7 GB checkpoint). Stages: shards 8 s; train 26 + 26 + 30 + 40 s;
+finetune 25 s (one validation, raw and EMA); eval 10 s; export 12 s; bench ≈ 120 s (imports 8 s;
+DeiT-B/24 built 13 times at ≈ 1.5 s; ≈ 11 timed steps per case at 45-80 ms; the first inductor
+compile of DeiT-B/12's training step with the losses ≈ 40 s: B/24's would be ≈ 80 s). In all
+≈ 300 s: tight. `--train-steps N` is the knob if a run overshoots (the check then fails with
+"over the 300 s budget" and says which stage took the time). Hard stop: every stage's timeout is
+cut so the check ends by 9 minutes, under the 10-minute limit of one device command.
 
 `--cpu-smoke` runs the CPU-safe subset at tiny shapes (16-px digits, a 2-block width-64 DeiT,
-2 CPU ranks, a few steps; bf16 and fp32 configs only — the NaN goes into the `zero2_bf16` run —
-and the benchmarks' `--smoke` shapes without group 2), so `make test` keeps this script working.
+2 CPU ranks, a few steps; `zero2_bf16` with the NaN, `zero3_bf16`, the autocast finetune — no
+fp16, no offload — and the benchmarks' `--smoke` shapes without group 2), so `make test` keeps
+this script working.
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -79,22 +83,27 @@ class Profile:
     finetune_steps: int
     #: micro-batch index (on the last rank) whose loss becomes NaN in the run with `inject`
     inject_at: int
+    #: validate the finetuning run at its epoch's end (raw and EMA: `PartitionedEma.applied()`)
+    finetune_val: bool
     trains: tuple[TrainSpec, ...]
     finetune_ds: str
     bench_args: tuple[str, ...]
     budget_s: int | None
+    #: every stage's timeout is cut to end the check by then (None: the stages' own timeouts)
+    hard_stop_s: int | None
     workers: int
-    timeouts: dict[str, int] = field(default_factory=dict)
+    timeouts: dict[str, int]
 
 
 GPU = Profile(
     name="gpu", img_size=224, finetune_size=384,
-    run_args=("--model", "deit_small_24", "--global-batch", "64", "--micro-batch", "64", "--lr", "5e-4",
+    run_args=("--model", "deit_small_24", "--global-batch", "64", "--micro-batch", "64", "--lr", "3e-4",
               "--warmup-steps", "20", "--mixup", "0", "--cutmix", "0", "--rand-augment", "", "--log-every", "10"),
-    ranks=1, steps=200, finetune_steps=30, inject_at=100,
+    ranks=1, steps=200, finetune_steps=30, inject_at=100, finetune_val=True,
     trains=(TrainSpec("zero2_bf16"), TrainSpec("zero2_fp16", inject=True), TrainSpec("zero3_bf16"),
             TrainSpec("zero3_offload", timeout_s=150)),
-    finetune_ds="zero2_autocast_bf16", bench_args=("--quick", "--only", "1,2,3,4,8"), budget_s=BUDGET_S, workers=8,
+    finetune_ds="zero2_autocast_bf16", bench_args=("--quick", "--only", "1,2,3,4,8"), budget_s=BUDGET_S,
+    hard_stop_s=HARD_STOP_S, workers=8,
     timeouts={"shards": 60, "finetune": 120, "eval": 60, "export": 60, "bench": 300},
 )
 SMOKE = Profile(
@@ -102,9 +111,10 @@ SMOKE = Profile(
     run_args=("--model", "deit_tiny_12", "--depth", "2", "--embed-dim", "64", "--num-heads", "4", "--patch-size", "4",
               "--global-batch", "32", "--micro-batch", "16", "--lr", "2e-3", "--warmup-steps", "2", "--mixup", "0",
               "--cutmix", "0", "--rand-augment", "", "--reprob", "0", "--log-every", "1"),
-    ranks=2, steps=4, finetune_steps=2, inject_at=3,
+    ranks=2, steps=4, finetune_steps=2, inject_at=3, finetune_val=False,
     trains=(TrainSpec("zero2_bf16", inject=True, timeout_s=300), TrainSpec("zero3_bf16", timeout_s=300)),
-    finetune_ds="zero2_autocast_bf16", bench_args=("--smoke", "--only", "1,3,4,8"), budget_s=None, workers=1,
+    finetune_ds="zero2_autocast_bf16", bench_args=("--smoke", "--only", "1,3,4,8"), budget_s=None,
+    hard_stop_s=None, workers=1,
     timeouts={"shards": 120, "finetune": 300, "eval": 120, "export": 120, "bench": 400},
 )
 
@@ -130,14 +140,16 @@ class Check:
         self.start = time.perf_counter()
         self.stages: list[Stage] = []
         self.python = sys.executable
-        self.torchrun = str(Path(sys.executable).parent / "torchrun")
         self.shards = work / "shards"
         (work / "logs").mkdir(parents=True, exist_ok=True)
 
     # -- running -----------------------------------------------------------------------------
 
-    def remaining(self) -> float:
-        return HARD_STOP_S - (time.perf_counter() - self.start)
+    def timeout(self, seconds: int) -> int:
+        """`seconds`, cut to end by the profile's hard stop."""
+        if self.p.hard_stop_s is None:
+            return seconds
+        return max(1, min(seconds, int(self.p.hard_stop_s - (time.perf_counter() - self.start))))
 
     def stage(self, name: str, fn, *args) -> Stage:
         stage = Stage(name)
@@ -160,7 +172,7 @@ class Check:
     def command(self, name: str, cmd: list[str], timeout: int, **env: str) -> None:
         """Run `cmd` (its output into logs/NAME.log); a timeout kills its whole process group."""
         log = self.work / "logs" / f"{re.sub(r'[^a-z0-9]+', '_', name.lower())}.log"
-        timeout = max(1, min(timeout, int(self.remaining())))
+        timeout = self.timeout(timeout)
         with log.open("w") as handle:
             process = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env={**os.environ, **env},
                                        start_new_session=True)
@@ -179,7 +191,8 @@ class Check:
         ranks start, 15-20 s here; it has its own tests)."""
         from vitdeep.engine.deepspeed import free_port
 
-        return [self.torchrun, "--nproc_per_node", str(self.p.ranks), "--master_port", str(free_port()), str(RUNNER), *args]
+        return [self.python, "-m", "torch.distributed.run", "--nproc_per_node", str(self.p.ranks), "--master_port",
+                str(free_port()), str(RUNNER), *args]
 
     # -- stages ------------------------------------------------------------------------------
 
@@ -252,13 +265,21 @@ class Check:
         args = ["finetune", "--from", str(source), "--data", str(self.shards), "--out", str(out), *self.p.run_args,
                 "--img-size", str(self.p.finetune_size), "--steps", str(self.p.finetune_steps),
                 "--workers", str(self.p.workers), "--ds-config", self.p.finetune_ds]
+        if self.p.finetune_val:
+            args += ["--val", str(self.shards)]
         self.command("finetune", self.launch(args), self.p.timeouts["finetune"], VITDEEP_CHECK_RECORD=str(out / "record"))
         facts = self.check_run(out, self.p.finetune_steps, TrainSpec(self.p.finetune_ds))
         from vitdeep.engine.checkpoint import complete_checkpoints, read_marker
 
-        size = read_marker(complete_checkpoints(out)[-1])["model_kwargs"]["img_size"]
-        if size != self.p.finetune_size:
-            raise CheckFailed(f"the finetuned checkpoint is at {size} px")
+        marker = read_marker(complete_checkpoints(out)[-1])
+        if marker["model_kwargs"]["img_size"] != self.p.finetune_size:
+            raise CheckFailed(f"the finetuned checkpoint is at {marker['model_kwargs']['img_size']} px")
+        if self.p.finetune_val:
+            val = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+            val = [row for row in val if row["kind"] == "val"]
+            if not val or not {"top1", "ema_top1"} <= set(val[0]):
+                raise CheckFailed("the finetuning run logged no validation of the model and its EMA")
+            facts.update(val_top1=val[0]["top1"], val_ema_top1=val[0]["ema_top1"])
         return facts
 
     def evaluate(self) -> dict:
@@ -368,6 +389,8 @@ def main() -> int:
     parser.add_argument("--cpu-smoke", action="store_true", help="the CPU-safe subset at tiny shapes on 2 CPU ranks")
     parser.add_argument("--work", type=Path, default=Path("runs/gpu-check"), help="runs, shards and logs")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results; smoke: --work)")
+    parser.add_argument("--train-steps", type=int, default=None, help="steps of each training run (GPU default 200): "
+                        "the knob to rebalance the budget with")
     args = parser.parse_args()
 
     import torch
@@ -376,6 +399,8 @@ def main() -> int:
         print("error: no CUDA GPU here; run `bash benchmarks/gpu_check.sh --cpu-smoke` for the CPU subset", file=sys.stderr)
         return 2
     profile = SMOKE if args.cpu_smoke else GPU
+    if args.train_steps:
+        profile = replace(profile, steps=args.train_steps, inject_at=min(profile.inject_at, args.train_steps // 2))
     check = Check(profile, args.work.resolve())
     check.run()
     json_path, md_path = write_results(check, args.out or (args.work if args.cpu_smoke else HERE / "results"))
