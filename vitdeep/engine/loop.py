@@ -278,11 +278,9 @@ class Trainer:
             self.bad_in_a_row += 1
             self.console.print(f"[yellow]non-finite loss at step {self.step}: micro-batch skipped ({self.bad_in_a_row} in a row)")
             if self.bad_in_a_row >= self.cfg.run.max_bad_steps:
-                raise TrainingStopped(
-                    f"{self.bad_in_a_row} non-finite losses in a row at step {self.step}; stopped. The last good checkpoint "
-                    f"(step {self._saved_step}) is untouched; lower --lr or enable --clip-grad and resume from it",
-                    shared=True,
-                )
+                kept = (f"The last good checkpoint (step {self._saved_step}) is untouched; lower --lr or enable "
+                        f"--clip-grad and resume from it") if self._saved_path else "No checkpoint was saved yet; lower --lr or enable --clip-grad"
+                raise TrainingStopped(f"{self.bad_in_a_row} non-finite losses in a row at step {self.step}; stopped. {kept}", shared=True)
             return False
         self.bad_in_a_row = 0
         self.engine.backward(loss)
