@@ -1,5 +1,6 @@
 # vitdeep: `make demo` runs the main job on built-in data, `make test` runs the test suite,
-# `make bench` prints the benchmark tables. Each creates .venv on first use.
+# `make bench` prints the benchmark tables, `make gpu-check` runs the prepared GPU check (≤ 5 min on
+# one CUDA GPU; results in benchmarks/results/gpu-<card>.*). Each creates .venv on first use.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -7,7 +8,7 @@ READY := $(VENV)/.ready
 # DeepSpeed picks the CPU accelerator on machines without a GPU.
 export DS_ACCELERATOR ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu)
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench gpu-check clean
 
 setup: $(READY)
 
@@ -25,6 +26,9 @@ test: $(READY)
 
 bench: $(READY)
 	$(PY) benchmarks/run_all.py
+
+gpu-check: $(READY)
+	PYTHON=$(PY) bash benchmarks/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

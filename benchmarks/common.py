@@ -96,12 +96,15 @@ class Shapes:
     """Sizes for one machine. CPU: small and fp32 (bf16 where a row is about bf16); CUDA: the paper's."""
 
     device: str
-    #: rows 1, 2 and 4: the model, image size, batch and compute dtype (autocast on CUDA)
+    #: rows 1, 2, 4 and 8 (8 with its own model, below): the model, image size, batch and compute
+    #: dtype (autocast on CUDA)
     model: str
     img_size: int
     batch: int
     dtype: torch.dtype
     num_classes: int
+    #: row 1: image size → batch (vitdeep against timm's twin at each size)
+    speed_batches: dict[int, int]
     #: row 3: one attention module (width, heads) and a batch per token count
     attn_dim: int
     attn_heads: int
@@ -116,30 +119,43 @@ class Shapes:
     #: timing: warm-up calls and timed rounds
     warmup: int
     reps: int
+    #: row 8: the model (compile time grows with depth: on CUDA a 12-block one keeps `make
+    #: gpu-check` in its 5 minutes) and the torch.compile backend (the smoke traces with "eager")
+    compile_model: str
+    compile_backend: str = "inductor"
 
     @property
     def autocast(self) -> bool:
         return self.dtype != torch.float32
 
 
-def shapes(quick: bool = False) -> Shapes:
-    """The shapes of this machine; `quick` shortens the timing for a smoke run."""
+def shapes(quick: bool = False, smoke: bool = False) -> Shapes:
+    """The shapes of this machine; `quick` shortens the timing (CUDA: enough rounds to still
+    give a ratio); `smoke` is tiny shapes on the CPU that only check the code runs
+    (`benchmarks/gpu_check.sh --cpu-smoke`)."""
+    if smoke:
+        return Shapes(
+            device="cpu", model="deit_tiny_12", img_size=32, batch=4, dtype=torch.float32, num_classes=10,
+            speed_batches={32: 4}, attn_dim=64, attn_heads=2, attn_batch={17: 2, 65: 1},
+            depth_model="deit_tiny_12", depth_img_size=32, depth_batch=4, depths=(2, 4),
+            zero_model="deit_tiny_12", warmup=1, reps=2, compile_model="deit_tiny_12", compile_backend="eager",
+        )
     if on_cuda():
         s = Shapes(
-            device="cuda", model="deit_base_12", img_size=224, batch=64, dtype=torch.bfloat16, num_classes=1000,
-            attn_dim=768, attn_heads=12, attn_batch={197: 64, 577: 16},
+            device="cuda", model="deit_base_24", img_size=224, batch=64, dtype=torch.bfloat16, num_classes=1000,
+            speed_batches={224: 64, 384: 32}, attn_dim=768, attn_heads=12, attn_batch={577: 16, 1025: 8},
             depth_model="deit_small_12", depth_img_size=224, depth_batch=64, depths=(12, 24, 48),
-            zero_model="deit_base_12", warmup=5, reps=20,
+            zero_model="deit_base_12", warmup=5, reps=20, compile_model="deit_base_12",
         )
     else:
         s = Shapes(
             device="cpu", model="deit_small_12", img_size=64, batch=16, dtype=torch.float32, num_classes=100,
-            attn_dim=384, attn_heads=6, attn_batch={197: 4, 577: 1},
+            speed_batches={64: 16}, attn_dim=384, attn_heads=6, attn_batch={197: 4, 577: 1},
             depth_model="deit_tiny_12", depth_img_size=64, depth_batch=16, depths=(12, 24, 48),
-            zero_model="deit_small_12", warmup=2, reps=9,
+            zero_model="deit_small_12", warmup=2, reps=9, compile_model="deit_small_12",
         )
     if quick:
-        s = replace(s, warmup=1, reps=3)
+        s = replace(s, warmup=3, reps=8) if s.device == "cuda" else replace(s, warmup=1, reps=3)
     return s
 
 

@@ -9,13 +9,17 @@ Groups (each also runs alone: `.venv/bin/python benchmarks/<module>.py`):
 5. utilisation.py   training FLOP/s over the measured matmul peak at depths 12/24/48
 6. memory.py        activation checkpointing at depth 24/48; ZeRO stages per rank on 2 ranks
 7. data_throughput  vitdeep's WebDataset loaders vs torchvision ImageFolder
+8. compile_speed.py a training step through the engine with engine.compile() (`--compile`) vs eager
 
 Every row is a ratio against a baseline measured in the same process (the ZeRO rows: the same
 2-rank run), with both absolute numbers beside it; times are medians of interleaved rounds after
 warm-up, and the ratio's inter-quartile range over the rounds is printed with it. CPU machines
 use small shapes (the whole run takes a few minutes on 2 cores), CUDA machines the paper's.
 
-    .venv/bin/python benchmarks/run_all.py [--quick] [--threads N] [--only 1,3] [--out DIR]
+    .venv/bin/python benchmarks/run_all.py [--quick] [--smoke] [--threads N] [--only 1,3] [--out DIR] [--json FILE]
+
+`--smoke` runs tiny shapes that only check the code (`benchmarks/gpu_check.sh --cpu-smoke`);
+`--json FILE` writes the rows of any selection there (`gpu_check.sh` collects them).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ if not torch.cuda.is_available():
 
 import attnscale  # noqa: E402
 import common  # noqa: E402
+import compile_speed  # noqa: E402
 import data_throughput  # noqa: E402
 import engine  # noqa: E402
 import memory  # noqa: E402
@@ -77,10 +82,11 @@ GROUPS = {
     "5": ("5 utilisation", utilisation.run),
     "6": ("6 memory", memory.run),
     "7": (DATA_GROUP, data_rows),
+    "8": ("8 compile", compile_speed.run),
 }
-#: Run order: the in-process DeepSpeed engine last but one (it starts a process group and
-#: touches global state), the data loaders (worker processes) last.
-ORDER = ("1", "2", "3", "5", "6", "4", "7")
+#: Run order: the in-process DeepSpeed engines after the plain models (they start a process
+#: group and touch global state), the data loaders (worker processes) last.
+ORDER = ("1", "2", "3", "5", "6", "4", "8", "7")
 
 
 def markdown(rows: list[Row], info: dict, date: str, seconds: float, s: Shapes) -> str:
@@ -112,11 +118,13 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="fewer timed rounds (a smoke run; results not written)")
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads on CPU (default 1)")
     parser.add_argument("--only", default="", help="comma-separated group numbers, e.g. 1,3 (results not written)")
+    parser.add_argument("--smoke", action="store_true", help="tiny CPU shapes that only check the code runs (results not written)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where the results files go")
+    parser.add_argument("--json", type=Path, default=None, help="also write this selection's rows to this JSON file")
     args = parser.parse_args()
 
     common.configure_threads(args.threads)
-    s = common.shapes(args.quick)
+    s = common.shapes(args.quick, smoke=args.smoke)
     info = machine()
     out = console()
     selected = [g for g in ORDER if not args.only or g in args.only.split(",")]
@@ -143,13 +151,15 @@ def main() -> int:
     date = dt.date.today().isoformat()
     print_rows(rows, f"vitdeep benchmarks — {info['name']} — {date} — {total / 60:.1f} min", out)
 
-    if not args.quick and not args.only:
+    record = {
+        "machine": info, "date": date, "total_seconds": total, "group_seconds": seconds, "failed": failed,
+        "shapes": {k: str(v) for k, v in common.asdict_shallow(s).items()},
+        "rows": [r.to_dict() for r in rows],
+    }
+    if args.json:
+        args.json.write_text(json.dumps(record, indent=1, default=str, ensure_ascii=False) + "\n")
+    if not args.quick and not args.only and not args.smoke:
         args.out.mkdir(parents=True, exist_ok=True)
-        record = {
-            "machine": info, "date": date, "total_seconds": total, "group_seconds": seconds, "failed": failed,
-            "shapes": {k: str(v) for k, v in common.asdict_shallow(s).items()},
-            "rows": [r.to_dict() for r in rows],
-        }
         (args.out / f"{info['slug']}.json").write_text(json.dumps(record, indent=1, default=str, ensure_ascii=False) + "\n")
         (args.out / f"{info['slug']}.md").write_text(markdown(rows, info, date, total, s))
         out.print(f"written: {args.out / (info['slug'] + '.json')} and .md")

@@ -67,6 +67,7 @@ class ModelFields:
     pos_drop: float = option(0.0, "Dropout on the embeddings once the position embedding is added.")
     init_values: Optional[float] = option(None, "LayerScale init (DeiT: off unless set; CaiT: by depth).")
     grad_checkpointing: bool = option(False, "Activation checkpointing (recompute blocks in backward).")
+    compile: bool = option(False, "torch.compile the model through DeepSpeed's engine.compile() (off by default: not yet measured on a GPU).")
 
     def __post_init__(self) -> None:
         check_range(self, {"depth": AT_LEAST_1, "embed_dim": AT_LEAST_1, "num_heads": AT_LEAST_1, "img_size": AT_LEAST_1,
@@ -139,7 +140,7 @@ class OptimConfig:
 @dataclass
 class RunConfig:
     out: str = option("", "Output directory: config.json, checkpoints/, tb/, metrics.jsonl.")
-    ds_config: str = option("zero2_bf16", "DeepSpeed config: a file, or a name from ds_configs/ (zero1_bf16, zero2_bf16, zero3_bf16, zero2_fp16, zero3_offload, cpu_fp32).")
+    ds_config: str = option("zero2_bf16", "DeepSpeed config: a file, or a name from ds_configs/ (zero1_bf16, zero2_bf16, zero2_autocast_bf16, zero3_bf16, zero2_fp16, zero3_offload, cpu_fp32).")
     seed: int = option(0, "Random seed (data order, augmentation, init).")
     resume: Optional[str] = option(None, "'auto' (newest complete checkpoint in --out) or a checkpoint directory.")
     save_every: int = option(1000, "Save a checkpoint every N optimizer steps (and at the end).")

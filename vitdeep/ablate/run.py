@@ -162,13 +162,17 @@ def check_same_grid(ablation: Ablation) -> None:
 
 
 def check_plans(ablation: Ablation) -> None:
-    """Each cell's full run plan (model, data, batch arithmetic over the ranks, DeepSpeed config),
-    as `vitdeep train` would check it, before any cell starts."""
+    """Each unfinished cell's full run plan (model, data, batch arithmetic over the ranks, DeepSpeed
+    config, its folder), as `vitdeep train` will check it, before any cell starts."""
     from vitdeep.config import resolve_config
     from vitdeep.engine.plan import make_plan
 
     for run in ablation.runs:
-        options = {**run.options, "data": ablation.data, "val": ablation.val, "out": str(ablation.cell_dir(run.name))}
+        folder = ablation.cell_dir(run.name)
+        if is_finished(folder):
+            continue
+        options = {**run.options, "data": ablation.data, "val": ablation.val, "out": str(folder),
+                   **({"resume": "auto"} if folder.exists() else {})}  # as the cell will run
         try:
             make_plan(resolve_config(options, ablation.recipe), ablation.ranks)
         except UserError as error:

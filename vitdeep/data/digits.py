@@ -26,11 +26,12 @@ def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     return images, digits.target.astype(np.int64)
 
 
-def write_digits_imagefolder(out: str | Path, limit: int | None = None) -> dict[str, int]:
+def write_digits_imagefolder(out: str | Path, limit: int | None = None, size: int | None = None) -> dict[str, int]:
     """Write `out/train/<digit>/<index>.png` and `out/val/<digit>/<index>.png`.
 
     The split is fixed (seeded), so every machine builds the same held-out set. `limit` keeps
-    only the first images of each split (for quick tests). Returns the count per split.
+    only the first images of each split (for quick tests); `size` upscales the scans (bicubic) to
+    `size`×`size` px, so the files decode like full-size images. Returns the count per split.
     """
     images, labels = load_digits_arrays()
     order = np.random.default_rng(SPLIT_SEED).permutation(len(images))
@@ -41,6 +42,9 @@ def write_digits_imagefolder(out: str | Path, limit: int | None = None) -> dict[
         for index in indices:
             folder = Path(out) / split / str(labels[index])
             folder.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(images[index]).save(folder / f"{index:04d}.png")
+            image = Image.fromarray(images[index])
+            if size:
+                image = image.resize((size, size), Image.Resampling.BICUBIC)
+            image.save(folder / f"{index:04d}.png")
         counts[split] = len(indices)
     return counts

@@ -262,13 +262,25 @@ def _beside(info: dict, sizes: dict[str, int], source: str) -> _Beside:
     return _Beside(sizes, source, names, info.get("num_classes"))
 
 
+#: Seconds to wait for a remote `_info.json` / `sizes.json` (a missing one must not stall a run).
+REMOTE_INFO_TIMEOUT = 10
+
+
 def _fetch_json(url: str) -> dict | None:
-    """A JSON object read through webdataset's `gopen` (curl, gsutil, …), or None."""
+    """A JSON object read over HTTP(S) (one try, `REMOTE_INFO_TIMEOUT`), or through webdataset's
+    `gopen` for its other schemes (gsutil, …); None when it is not there or not JSON. (webdataset's
+    curl retries a missing file for a minute, which is right for shards, not for an optional file.)"""
+    import urllib.request
+
     from webdataset.gopen import gopen
 
     try:
-        with gopen(url) as stream:
-            data = json.loads(stream.read())
+        if url.startswith(("http://", "https://")):
+            with urllib.request.urlopen(url, timeout=REMOTE_INFO_TIMEOUT) as response:
+                data = json.loads(response.read())
+        else:
+            with gopen(url) as stream:
+                data = json.loads(stream.read())
     except Exception:  # not there, unreachable, or not JSON: the caller says so
         return None
     return data if isinstance(data, dict) else None

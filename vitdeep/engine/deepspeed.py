@@ -265,15 +265,32 @@ def load_ds_config(name_or_path: str) -> dict[str, Any]:
     return config
 
 
+#: `torch_autocast.dtype` spellings DeepSpeed accepts → vitdeep's precision name.
+_AUTOCAST_DTYPES = {"bf16": "bf16", "bfloat16": "bf16", "torch.bfloat16": "bf16",
+                    "fp16": "fp16", "float16": "fp16", "half": "fp16", "torch.float16": "fp16"}
+
+
 def precision(ds_config: dict[str, Any]) -> str:
-    """'bf16', 'fp16' or 'fp32', from the ds_config."""
-    if ds_config.get("bf16", {}).get("enabled") and ds_config.get("fp16", {}).get("enabled"):
-        raise UserError("ds-config enables both bf16 and fp16; choose one")
-    if ds_config.get("bf16", {}).get("enabled"):
-        return "bf16"
-    if ds_config.get("fp16", {}).get("enabled"):
-        return "fp16"
-    return "fp32"
+    """'bf16', 'fp16', 'fp32', or 'autocast-bf16' / 'autocast-fp16', from the ds_config.
+
+    The autocast modes (DeepSpeed's `torch_autocast` section) keep the weights and the ZeRO
+    master copies in fp32 and run the forward pass under `torch.autocast`.
+    """
+    enabled = [name for name in ("bf16", "fp16", "torch_autocast") if ds_config.get(name, {}).get("enabled")]
+    if len(enabled) > 1:
+        raise UserError(f"ds-config enables {' and '.join(enabled)}; choose one")
+    if enabled == ["torch_autocast"]:
+        dtype = str(ds_config["torch_autocast"].get("dtype", ""))
+        if dtype not in _AUTOCAST_DTYPES:
+            raise UserError(f"ds-config torch_autocast.dtype={dtype!r}: use bfloat16 or float16")
+        return f"autocast-{_AUTOCAST_DTYPES[dtype]}"
+    return enabled[0] if enabled else "fp32"
+
+
+def autocast_dtype(ds_config: dict[str, Any]) -> torch.dtype | None:
+    """The dtype the engine's forward runs in under `torch_autocast`, else None."""
+    mode = precision(ds_config)
+    return {"autocast-bf16": torch.bfloat16, "autocast-fp16": torch.float16}.get(mode)
 
 
 def zero_stage(ds_config: dict[str, Any]) -> int:
@@ -369,7 +386,7 @@ def _walk(config: dict[str, Any], prefix: str = ""):
 
 def check_precision_supported(ds_config: dict[str, Any]) -> None:
     """fp16 needs a GPU (DeepSpeed's loss scaling is refused on the CPU accelerator)."""
-    if precision(ds_config) == "fp16" and not torch.cuda.is_available():
+    if precision(ds_config).endswith("fp16") and not torch.cuda.is_available():
         raise UserError("fp16 needs a GPU; this machine has none (use a bf16 or fp32 ds-config)")
     offload = ds_config.get("zero_optimization", {})
     if not torch.cuda.is_available() and ("offload_optimizer" in offload or "offload_param" in offload):
@@ -405,4 +422,5 @@ def initialize(model: nn.Module, optimizer: torch.optim.Optimizer, ds_config: di
 
 
 def engine_dtype(ds_config: dict[str, Any]) -> torch.dtype:
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision(ds_config)]
+    """The dtype of the engine's weights, and so of its inputs (fp32 under autocast)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision(ds_config), torch.float32)

@@ -15,6 +15,7 @@ import json
 import os
 import random
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ from vitdeep.engine.checkpoint import (
 )
 from vitdeep.engine.deepspeed import (
     DistInfo,
+    autocast_dtype,
     build_optimizer,
     engine_dtype,
     init_distributed,
@@ -106,6 +108,7 @@ class Trainer:
         self.out = Path(cfg.run.out)
         self.device = dist_info.device
         self.dtype = engine_dtype(plan.ds_config)
+        self.autocast_dtype = autocast_dtype(plan.ds_config)
         self.objective = Objective(cfg.loss)
 
         self.console = make_console()
@@ -120,6 +123,8 @@ class Trainer:
         self.teacher = load_teacher(cfg.run.teacher, plan, self.device, self.dtype) if self.objective.needs_teacher else None
         optimizer = build_optimizer(model, cfg.optim.weight_decay, cfg.optim.layer_decay, plan.schedule.lr_at(0))
         self.engine = initialize(model, optimizer, plan.ds_config)
+        if cfg.model.compile:
+            self.engine.compile()
         self.ema = PartitionedEma(self.engine, cfg.optim.ema_decay, cfg.optim.ema_warmup) if cfg.optim.ema_decay > 0 else None
         self._seed_rank_rngs()
 
@@ -273,11 +278,9 @@ class Trainer:
             self.bad_in_a_row += 1
             self.console.print(f"[yellow]non-finite loss at step {self.step}: micro-batch skipped ({self.bad_in_a_row} in a row)")
             if self.bad_in_a_row >= self.cfg.run.max_bad_steps:
-                raise TrainingStopped(
-                    f"{self.bad_in_a_row} non-finite losses in a row at step {self.step}; stopped. The last good checkpoint "
-                    f"(step {self._saved_step}) is untouched; lower --lr or enable --clip-grad and resume from it",
-                    shared=True,
-                )
+                kept = (f"The last good checkpoint (step {self._saved_step}) is untouched; lower --lr or enable "
+                        f"--clip-grad and resume from it") if self._saved_path else "No checkpoint was saved yet; lower --lr or enable --clip-grad"
+                raise TrainingStopped(f"{self.bad_in_a_row} non-finite losses in a row at step {self.step}; stopped. {kept}", shared=True)
             return False
         self.bad_in_a_row = 0
         self.engine.backward(loss)
@@ -291,7 +294,17 @@ class Trainer:
 
     @torch.no_grad()
     def _teacher_logits(self, x: torch.Tensor) -> torch.Tensor | None:
-        return self.teacher(x).float() if self.teacher is not None else None
+        if self.teacher is None:
+            return None
+        with self._autocast():
+            return self.teacher(x).float()
+
+    def _autocast(self):
+        """The engine's forward precision for the passes that bypass `engine(x)` (teacher,
+        evaluation, probes): under `torch_autocast` the weights stay fp32 and autocast does the rest."""
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def _finite_on_all_ranks(self, loss: torch.Tensor) -> bool:
         """The micro-step's one host sync: every rank learns whether any rank's loss is non-finite."""
@@ -368,8 +381,12 @@ class Trainer:
             module.train()
 
     def _run_eval(self, module, loader) -> EvalResult:
+        def forward(images: torch.Tensor) -> torch.Tensor:
+            with self._autocast():
+                return module(images)
+
         return evaluate(
-            module,
+            forward,
             loader,
             lambda images: self.preprocess(images, train=False),
             self.plan.num_classes,
@@ -410,7 +427,8 @@ class Trainer:
     def _log_oversmoothing(self) -> None:
         """Layer-wise CosSim / attention std on a fixed small batch (every rank: ZeRO-3 collectives)."""
         images = self.preprocess(self._probe_images.to(self.device), train=False)
-        metrics = oversmoothing_metrics(self.engine.module, images)
+        with self._autocast():
+            metrics = oversmoothing_metrics(self.engine.module, images)
         names = sorted(metrics)
         values = self._sum_over_ranks(torch.tensor([metrics[n] for n in names], dtype=torch.float64, device=self.device))
         self.logger.scalars(self.step, dict(zip(names, (values / self.dist.world_size).tolist())), kind="oversmoothing")
