@@ -222,29 +222,12 @@ def time_interleaved(cases: dict[str, Callable[[], object]], warmup: int, reps: 
 
 
 def peak_memory(fn: Callable[[], object]) -> int:
-    """Peak bytes of tensors allocated by `fn` above what was live when it started.
+    """Peak bytes of tensors allocated by `fn` above what was live when it started, on the
+    benchmark's device (`vitdeep.engine.measure.peak_above_start`: on a CPU, tensor storage as the
+    profiler's allocation events add up; oneDNN scratch space and the Python heap are not counted)."""
+    from vitdeep.engine.measure import peak_above_start
 
-    CUDA: `torch.cuda.max_memory_allocated`. CPU: torch has no allocator statistics there, so
-    the profiler records every tensor allocation and free and the running sum gives the peak
-    (tensor storage only: oneDNN scratch space and the Python heap are not counted).
-    """
-    if on_cuda():
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
-    live = peak = 0
-    for _, nbytes in events:
-        live += nbytes
-        peak = max(peak, live)
-    return peak
+    return peak_above_start(fn, torch.device("cuda" if on_cuda() else "cpu"))
 
 
 def storages(tensors: Iterable[torch.Tensor | None]) -> dict[tuple[int, str], int]:

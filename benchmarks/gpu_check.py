@@ -201,7 +201,7 @@ class Check:
         from vitdeep.data.shards import write_shards
 
         counts = write_digits_imagefolder(self.work / "images", size=self.p.img_size)
-        write_shards(self.work / "images", self.shards, shard_size="100", workers=8, overwrite=True, show=False)
+        write_shards(self.work / "images", self.shards, shard_size="100", workers=8, overwrite=True)
         return {"images": counts, "img_size": self.p.img_size}
 
     def train(self, spec: TrainSpec) -> dict:
@@ -296,7 +296,7 @@ class Check:
         import timm
         import torch
 
-        from vitdeep.models.checkpoints import build_model, read_weights
+        from vitdeep.engine.weights import build_model, read_weights
 
         path = self.work / "export.safetensors"
         self.command("export", [self.python, "-m", "vitdeep", "export", str(self.work / "finetune"), str(path), "--ema"],

@@ -56,7 +56,7 @@ def test_autocast_mode_keeps_fp32_weights_and_resumes_exports_and_evaluates(digi
     resumed = recorded_train(digit_shards, tmp_path, *args, "--steps", "6", "--resume", "auto")
     assert "at step 4" in resumed["output"] and resumed["steps"] == 6
     assert read_marker(complete_checkpoints(tmp_path)[-1])["precision"] == "autocast-bf16"
-    from vitdeep.models.checkpoints import read_weights
+    from vitdeep.engine.weights import read_weights
 
     raw, ema = read_weights(tmp_path).state_dict, read_weights(tmp_path, ema=True).state_dict
     assert set(raw) == set(ema) and any(not torch.equal(raw[k], ema[k]) for k in raw)
