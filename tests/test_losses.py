@@ -130,7 +130,7 @@ def test_objective_contrastive_takes_the_patch_embedding_before_position(name, p
     objective = Objective(ObjectiveConfig(contrastive_weight=1.0, patch_mix_weight=0.0))
     _, terms = objective(model(x, aux=True), torch.tensor([0, 1, 2, 3]))
 
-    e = model.patch_embed(x).detach().double()  # [B, n, D], before the position embedding
+    e = model.patch_embed(x).detach().double().flatten(1, -2)  # [B, n, D], before the position embedding
     h = model.forward_features(x)[:, 1:].detach().double()  # last layer, after the final norm, patches only
     positive = (e * h).sum(-1)
     negative = (e * h.mean(1, keepdim=True)).sum(-1)
