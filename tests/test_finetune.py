@@ -18,6 +18,7 @@ from vitdeep.engine.checkpoint import complete_checkpoints, read_marker
 from vitdeep.engine.weights import build_model, read_weights
 from vitdeep.errors import UserError
 from vitdeep.models import create_model
+from vitdeep.models.checkpoints import adapt_state_dict
 from vitdeep.models.layers import TalkingHeadsAttention
 
 #: SMALL at 32 px: an 8×8 patch grid.
@@ -276,6 +277,27 @@ def test_gong_checkpoint_with_their_talking_heads_loads(tmp_path):
     ema, _ = build_model(read_weights(path, ema=True), "deit_tiny_12", img_size=32)
     with torch.no_grad():
         assert torch.equal(ema.eval()(x), model(x))
+
+
+def test_heads_the_model_lacks_are_left_out_and_reported():
+    """A checkpoint trained with ℓ_token (a patch head) finetunes into a model without one, and any
+    checkpoint loads into a head-less feature model (timm's num_classes=0); other extra parameters
+    stay an error."""
+    source = create_model("deit_tiny_12", img_size=32, patch_size=8, num_classes=10, patch_head=True)
+    state = source.state_dict()
+    plain = create_model("deit_tiny_12", img_size=32, patch_size=8, num_classes=10)
+    fitted, report = adapt_state_dict(dict(state), plain, "run", "vitdeep")
+    plain.load_state_dict(fitted)
+    assert report.dropped == ["patch_head.bias", "patch_head.weight"]
+    assert any("left out: patch_head" in line for line in report.lines())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(plain.eval()(x), source.eval()(x))
+    features = create_model("deit_tiny_12", img_size=32, patch_size=8, num_classes=0)
+    fitted, report = adapt_state_dict(dict(state), features, "run", "vitdeep")
+    assert set(report.dropped) == {"head.bias", "head.weight", "patch_head.bias", "patch_head.weight"}
+    with pytest.raises(UserError, match="has parameters this model lacks: dist_token"):
+        adapt_state_dict({**state, "dist_token": torch.zeros(1, 1, 192)}, plain, "run", "vitdeep")
 
 
 def test_timm_vit_large_loads_as_deit_large_24_with_depth_and_width_checks(tmp_path):

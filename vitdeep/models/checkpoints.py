@@ -4,8 +4,9 @@ Position embeddings are resampled to the model's grid (prefix slots kept); the a
 names are mapped to ours (Gong et al.'s bias-free talking heads `proj_pre` / `proj_post`, Wang et
 al.'s `lamb` / `lamb1` / `lamb2`); parameters the source lacks start at their identity values (ω = 0,
 λ = 0, γ = 1, talking heads = identity) or, for a new classifier / patch head, at their initial
-values, and are listed in the report; anything else that does not fit is an error, never a silent
-skip. Reading files and building models from them is `vitdeep.engine.weights`' job.
+values, and are listed in the report; a classifier / patch head the model does not have (a
+finetune without ℓ_token, `num_classes=0`) is left out and listed too; anything else that does not
+fit is an error, never a silent skip. Reading files and building models from them is `vitdeep.engine.weights`' job.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class LoadReport:
     identity: list[str] = field(default_factory=list)
     fresh: list[str] = field(default_factory=list)
     converted: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
     resampled: str | None = None
 
     def lines(self) -> list[str]:
@@ -43,6 +45,8 @@ class LoadReport:
             lines.append(f"  not in the source, set to identity: {_summarise(self.identity)}")
         if self.fresh:
             lines.append(f"  not in the source, freshly initialised: {_summarise(self.fresh)}")
+        if self.dropped:
+            lines.append(f"  heads the model does not have, left out: {_summarise(self.dropped)}")
         return lines
 
 
@@ -124,6 +128,10 @@ def adapt_state_dict(state_dict: dict[str, torch.Tensor], model: nn.Module, sour
         )
 
     unexpected = sorted(set(state) - set(target))
+    report.dropped = [key for key in unexpected if _is_classifier(key)]
+    for key in report.dropped:  # as timm drops a head the new model lacks (a patch head, num_classes=0)
+        del state[key]
+    unexpected = [key for key in unexpected if key not in report.dropped]
     if unexpected:
         raise UserError(f"{source} has parameters this model lacks: {_summarise(unexpected)} ({_architecture_hint(state, model)})")
 
