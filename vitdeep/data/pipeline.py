@@ -9,7 +9,10 @@ torch.distributed or webdataset's node splitter who we are. Batches leave the wo
 
 from __future__ import annotations
 
+import atexit
+import functools
 import math
+import multiprocessing
 import os
 import signal
 from collections import Counter
@@ -68,6 +71,23 @@ def _ignore_stop_signals(worker_id: int) -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
+@functools.cache
+def _kill_workers_at_exit() -> None:
+    """Registered once, before a loader starts its first workers (atexit runs the newest first).
+
+    A process leaving on an exception still holds its loader in the traceback, so the workers are
+    never told to stop; multiprocessing's own exit handler then sends them SIGTERM, which they
+    ignore (above), and waits for them forever, and the other ranks wait for this one until
+    `--dist-timeout`. SIGKILL ends them at once: they hold nothing to save."""
+    def kill() -> None:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the DataLoader's handler would report each kill
+        for child in multiprocessing.active_children():
+            if child.daemon:
+                child.kill()
+
+    atexit.register(kill)
+
+
 class _Loader:
     """A DataLoader over one of our streams: tallies the workers' `ReadStats`, turns a reader's
     fatal error or too much bad data into one `UserError` in the main process.
@@ -85,6 +105,8 @@ class _Loader:
         # caller's global stream (our streams seed themselves per batch).
         self._loader = DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
                                   generator=torch.Generator(), worker_init_fn=_ignore_stop_signals)
+        if num_workers:
+            _kill_workers_at_exit()
 
     @property
     def bad_samples(self) -> int:
