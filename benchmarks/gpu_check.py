@@ -240,7 +240,7 @@ class Check:
             problems.append(f"weights are {rank0['weights_dtype']} under {rank0['precision']}")
         if rank0["backend"] != ("nccl" if cuda else "gloo"):
             problems.append(f"process group backend {rank0['backend']}")
-        if cuda and not (rank0["fused_adamw"] and rank0["first_batch_pinned"]):
+        if not rank0["fused_adamw"] or (cuda and not rank0["first_batch_pinned"]):
             problems.append(f"fused AdamW {rank0['fused_adamw']}, pinned batches {rank0['first_batch_pinned']}")
         if "offload" in spec.ds_config and not (rank0["masters_device"] == "cpu" and rank0["masters_pinned"]):
             problems.append(f"offloaded fp32 masters on {rank0['masters_device']}, pinned {rank0['masters_pinned']}")

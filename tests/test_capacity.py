@@ -21,10 +21,10 @@ from vitdeep.engine.capacity import (
     Zero,
     build_report,
     check_fits,
+    fp32_gradient_bytes,
     gradient_path,
     micro_batch_options,
     model_state_lines,
-    optimizer_step_bytes,
 )
 from vitdeep.engine.cluster import Cluster
 from vitdeep.engine.measure import peak_above_start
@@ -72,7 +72,7 @@ def test_zero2_states_match_deepspeeds_estimator(name, capsys):
     zero, model = Zero.from_ds_config(plan.ds_config), meta_model(name, num_classes=1000)
     counts = ParamCounts.of(model, zero, 16)
     ours = sum(line.nbytes for line in model_state_lines(counts, zero, 16))
-    ours += gradient_path(counts, zero, 16).partition_grads + optimizer_step_bytes(counts, zero, 16, "cuda")
+    ours += gradient_path(counts, zero, 16).partition_grads + fp32_gradient_bytes(counts, zero, 16)
     printed = deepspeed_gpu_estimate(estimate_zero2_model_states_mem_needs_all_cold, capsys, "offload_optimizer=none",
                                      total_params=counts.total, num_gpus_per_node=8, num_nodes=2)
     _, exact = estimate_zero2_model_states_mem_needs(counts.total, num_gpus_per_node=8, num_nodes=2, cpu_offload=False)
@@ -93,7 +93,7 @@ def test_zero3_states_match_deepspeeds_estimator_up_to_named_terms(name, capsys)
     plan = plan_of(16, model=name, ds_config="zero3_bf16")
     zero, model = Zero.from_ds_config(plan.ds_config), meta_model(name, num_classes=1000)
     counts = ParamCounts.of(model, zero, 16)
-    ours = sum(line.nbytes for line in model_state_lines(counts, zero, 16)) + optimizer_step_bytes(counts, zero, 16, "cuda")
+    ours = sum(line.nbytes for line in model_state_lines(counts, zero, 16)) + fp32_gradient_bytes(counts, zero, 16)
     # DeepSpeed's model_to_params tells parameters apart by data_ptr, which a meta model lacks: count as it would
     largest_layer = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
     printed = deepspeed_gpu_estimate(estimate_zero3_model_states_mem_needs_all_cold, capsys,

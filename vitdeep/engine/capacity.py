@@ -22,7 +22,7 @@ Memory per GPU = model states + EMA + the peak of one micro-step on top of them 
 - **One micro-step** above the states: activations of forward + backward traced on fake tensors
   through the real model and `Objective` (`memtrace.py`), with the gradients in flight and
   DeepSpeed's reduction buckets / gathered ZeRO-3 parameters on the same timeline, then the
-  optimizer step's own temporaries (fp32 gradient partition; CPU AdamW's scratch tensors).
+  optimizer step's own temporaries (the fp32 gradient partition; the fused AdamW makes none).
 - **Framework allowance**: CUDA context, cuBLAS / cuDNN workspaces and NCCL buffers (a fixed
   `FRAMEWORK_BYTES`), plus `FRAGMENTATION` of the tensor peak for the caching allocator's
   fragmentation. Neither is a tensor, so neither is traced; the constants are stated, not measured.
@@ -46,7 +46,7 @@ from typing import Any
 import torch
 
 from vitdeep.engine.cluster import Cluster
-from vitdeep.engine.deepspeed import fill_ds_config, load_ds_config, param_groups
+from vitdeep.engine.deepspeed import fill_ds_config, load_ds_config
 from vitdeep.engine.memtrace import GradientPath, StepMemory, StepTracer
 from vitdeep.engine.plan import RunPlan
 from vitdeep.errors import UserError
@@ -135,27 +135,17 @@ class ParamCounts:
     partition: int
     #: ZeRO-3: elements of the parameters small enough to stay gathered (persistent)
     persistent: int
-    #: elements of the largest tensor the inner optimizer updates in one piece
-    largest_update: int
 
     @classmethod
-    def of(cls, blueprint: torch.nn.Module, zero: Zero, world_size: int, weight_decay: float = 0.05,
-           layer_decay: float | None = None) -> "ParamCounts":
-        """Counts of `blueprint` (frozen parameters marked); `weight_decay` and `layer_decay` decide
-        AdamW's parameter groups, which ZeRO partitions one by one."""
+    def of(cls, blueprint: torch.nn.Module, zero: Zero, world_size: int) -> "ParamCounts":
+        """Counts of `blueprint` (frozen parameters marked)."""
         params = list(blueprint.parameters())
         trainable = [p for p in params if p.requires_grad]
-        groups = [sum(p.numel() for p in g["params"]) for g in param_groups(blueprint, weight_decay, layer_decay)]
-        if zero.stage == 0:
-            largest = max((p.numel() for p in trainable), default=0)
-        else:
-            largest = max((math.ceil(g / world_size) for g in groups), default=0)
         return cls(
             total=sum(p.numel() for p in params),
             trainable=sum(p.numel() for p in trainable),
             partition=sum(math.ceil(p.numel() / world_size) for p in params),
             persistent=sum(p.numel() for p in params if p.numel() <= zero.persistence_threshold),
-            largest_update=largest,
         )
 
 
@@ -242,22 +232,25 @@ def gradient_path(counts: ParamCounts, zero: Zero, world_size: int, accumulating
     return GradientPath(keep_grads=False, gathered_forward=b * (gathered + prefetch), gathered_backward=b * gathered)
 
 
-def optimizer_step_bytes(counts: ParamCounts, zero: Zero, world_size: int, device: str) -> int:
+def optimizer_step_bytes(counts: ParamCounts, zero: Zero, world_size: int) -> int:
     """Bytes the optimizer step allocates on top of what backward left (the gradients of ZeRO-0,
-    ZeRO-1/2's gradient partition: `StepMemory.after_backward`)."""
+    ZeRO-1/2's gradient partition: `StepMemory.after_backward`); the fused AdamW itself none."""
     if zero.offload_optimizer:
         return 0
-    b, psi = zero.bytes_per_param, counts.trainable
-    # non-fused AdamW (the CPU's) makes two scratch tensors the size of the largest tensor it
-    # updates; CUDA's fused kernel none
-    scratch = 2 * 4 * counts.largest_update if device != "cuda" else 0
-    if zero.stage == 0:
-        return (4 * psi if zero.precision != "fp32" else 0) + scratch  # fp16/bf16: fp32 copies of the gradients
-    partition = math.ceil(psi / world_size)
-    if zero.stage == 3:
-        return 4 * partition + scratch  # fp32 copy of the gradient partition
-    # fp32 copy of the gradient partition, which then frees the low-precision one
-    return 4 * partition + max(0, scratch - b * partition)
+    return fp32_gradient_bytes(counts, zero, world_size) + reflattened_partition_bytes(counts, zero, world_size)
+
+
+def fp32_gradient_bytes(counts: ParamCounts, zero: Zero, world_size: int) -> int:
+    """The gradients (ZeRO: this rank's partition) cast to fp32 for the fp32 masters."""
+    if zero.precision == "fp32":
+        return 0
+    return 4 * (counts.trainable if zero.stage == 0 else math.ceil(counts.trainable / world_size))
+
+
+def reflattened_partition_bytes(counts: ParamCounts, zero: Zero, world_size: int) -> int:
+    """ZeRO flattens the gradient partition once more, beside the gradients, before casting it
+    (measured at b·partition on 2 CPU ranks for ZeRO-1, 2 and 3; DeepSpeed's estimators leave it out)."""
+    return 0 if zero.stage == 0 else zero.bytes_per_param * math.ceil(counts.trainable / world_size)
 
 
 @dataclass
@@ -296,7 +289,7 @@ class MemoryEstimate:
             Line(f"micro-step: forward + backward (micro-batch {self.micro_batch})", self.step.peak,
                  f"activations {checkpointing} checkpointing, gradients in flight, DeepSpeed buckets / gathered parameters (traced)"),
             Line("micro-step: optimizer step", self.step.after_backward + self.optimizer_step,
-                 "gradients kept for the step + fp32 gradient partition + optimizer scratch; after backward, not on top of it"),
+                 "gradients kept for the step + fp32 gradient partition; after backward, not on top of it"),
             Line("framework allowance", self.framework,
                  f"CUDA context, workspaces, NCCL ({gb(FRAMEWORK_BYTES):.1f} GB) + {FRAGMENTATION:.0%} allocator fragmentation"),
         ]
@@ -349,8 +342,7 @@ class MemoryModel:
         zero = Zero.from_ds_config(ds_config)
         world = self.cluster.world_size
         accumulating = self.plan.batch.global_batch > micro_batch * world
-        optim = self.plan.cfg.optim
-        counts = ParamCounts.of(self._counted, zero, world, optim.weight_decay, optim.layer_decay)
+        counts = ParamCounts.of(self._counted, zero, world)
         path = gradient_path(counts, zero, world, accumulating)
         key = (path, zero.precision, micro_batch, grad_checkpointing)
         if key not in self._traces:
@@ -362,7 +354,7 @@ class MemoryModel:
             states=model_state_lines(counts, zero, world, accumulating),
             ema=ema_line(counts, zero, world, self.plan.cfg.optim.ema_decay),
             step=self._traces[key],
-            optimizer_step=optimizer_step_bytes(counts, zero, world, self.cluster.device),
+            optimizer_step=optimizer_step_bytes(counts, zero, world),
         )
 
     def _tracer(self, zero: Zero) -> StepTracer:
