@@ -95,6 +95,13 @@ def test_bundled_grids_resolve(name):
                 assert all(a.options[k] == b.options[k] for k in a.options if k not in a.cell.options and k not in b.cell.options)
 
 
+def test_demo_cells_validate_after_their_last_epoch_unless_told_otherwise():
+    grid = load_grid("gong-table1")
+    assert {run.config.run.val_every for run in resolve_cells(grid, {}, RECIPE)} == {0}
+    assert {run.config.run.val_every for run in resolve_cells(grid, {"val_every": 5}, RECIPE)} == {5}
+    assert {run.config.run.val_every for run in resolve_cells(grid, {})} == {1}  # the train default off --demo
+
+
 def test_gong_table1_is_the_papers_seven_loss_combinations():
     grid = load_grid("gong-table1")
     weights = {cell.name: (cell.options["cos_weight"], cell.options["contrastive_weight"], cell.options["patch_mix_weight"])

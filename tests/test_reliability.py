@@ -426,6 +426,7 @@ def test_bad_validation_data_never_discards_training(digit_shards, val_with_bad_
         (["--log-every", "0"], "--log-every must be >= 1, got 0"),
         (["--max-bad-fraction", "2"], "--max-bad-fraction must be in [0, 1], got 2"),
         (["--workers", "-1"], "--workers must be >= 0, got -1"),
+        (["--val-every", "-1"], "--val-every must be >= 0, got -1"),
         (["--distill", "hard"], "--distill needs a --teacher"),
         (["--distill", "soft", "--teacher", "no_such_model"], "--teacher no_such_model is neither a file nor a timm model name"),
         (["--steps", "0"], "--steps must be >= 1, got 0"),

@@ -93,6 +93,15 @@ def test_single_process_fp32(digit_shards, tmp_path):
     assert marker["world_size"] == 1 and marker["precision"] == "fp32" and marker["step"] == 4
 
 
+def test_val_every_validates_every_nth_epoch_and_after_the_last(digit_shards, tmp_path):
+    """1,500 digits at global batch 64: 23 steps an epoch. `--val-every 2` over 3 epochs validates
+    after the second epoch and after the last, and saves a checkpoint only before validating."""
+    run(single_cmd(train_args(digit_shards, tmp_path, "--epochs", "3", "--ds-config", "cpu_fp32", "--val", str(digit_shards),
+                              "--val-every", "2", "--save-every", "1000")))
+    assert sorted(metrics(tmp_path, "val")) == [46, 69]
+    assert [read_marker(path)["step"] for path in complete_checkpoints(tmp_path)] == [46, 69]
+
+
 def _start(cmd: list[str]) -> subprocess.Popen:
     return subprocess.Popen(cmd, env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 

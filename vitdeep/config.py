@@ -147,6 +147,7 @@ class RunConfig:
     keep_last: int = option(3, "Checkpoints kept besides the best by validation top-1.")
     log_every: int = option(20, "Log losses, lr and images/s every N optimizer steps.")
     oversmoothing_every: int = option(500, "Log layer-wise CosSim / attention std every N steps (0 = off).")
+    val_every: int = option(1, "Validate (after saving a checkpoint) every N epochs; 0 = only after the last epoch.")
     max_bad_steps: int = option(5, "Stop after this many non-finite losses in a row.")
     dist_timeout: float = option(30.0, "Minutes a collective may wait before the run fails (a lost node).")
     teacher: Optional[str] = option(None, "Distillation teacher: a vitdeep checkpoint / export, TIMM_NAME=FILE, or a timm name (its pretrained weights).")
@@ -157,7 +158,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         check_range(self, {"save_every": AT_LEAST_1, "keep_last": AT_LEAST_1, "log_every": AT_LEAST_1,
-                           "oversmoothing_every": AT_LEAST_0, "max_bad_steps": AT_LEAST_1})
+                           "oversmoothing_every": AT_LEAST_0, "val_every": AT_LEAST_0, "max_bad_steps": AT_LEAST_1})
         if self.dist_timeout <= 0:
             raise UserError(f"`dist_timeout` must be > 0 minutes, got {self.dist_timeout:g}", params=("dist_timeout",))
         if self.resume is not None and self.overwrite:

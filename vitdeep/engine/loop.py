@@ -325,9 +325,16 @@ class Trainer:
         progress, task = self._progress
         progress.update(task, completed=self.step)
 
+    def _validates_now(self) -> bool:
+        """At the end of every `val_every`-th epoch and of the last one (0: the last one only)."""
+        if self.plan.val_info is None or self._validated_step == self.step:
+            return False
+        every = self.cfg.run.val_every
+        return self.step >= self.plan.total_steps or (every > 0 and (self.epoch + 1) % every == 0)
+
     def _end_epoch(self) -> None:
         """Save, then validate: a validation that fails (bad data) or is stopped loses no training."""
-        if self.plan.val_info is not None and self._validated_step != self.step:
+        if self._validates_now():
             if self._saved_step != self.step:
                 self.save()
             self.last_val = self.validate()
