@@ -289,7 +289,7 @@ class MemoryEstimate:
             Line(f"micro-step: forward + backward (micro-batch {self.micro_batch})", self.step.peak,
                  f"activations {checkpointing} checkpointing, gradients in flight, DeepSpeed buckets / gathered parameters (traced)"),
             Line("micro-step: optimizer step", self.step.after_backward + self.optimizer_step,
-                 "gradients kept for the step + fp32 gradient partition; after backward, not on top of it"),
+                 "gradients kept for the step + their fp32 copy (+ ZeRO's re-flattened partition); after backward, not on top of it"),
             Line("framework allowance", self.framework,
                  f"CUDA context, workspaces, NCCL ({gb(FRAMEWORK_BYTES):.1f} GB) + {FRAGMENTATION:.0%} allocator fragmentation"),
         ]
