@@ -286,6 +286,17 @@ def ablate_command(
     run_command(grid, options, ranks=ranks, emit=emit, dry_run=dry_run, demo=demo, collect=collect, list_grids=list_grids)
 
 
+@app.command("train-cells", hidden=True)
+def train_cells_command(
+    launch: Path = typer.Argument(..., metavar="LAUNCH.json", help="The cells `vitdeep ablate` wrote for this launch."),
+) -> None:
+    """The ranks' side of `vitdeep ablate` on one machine: train, evaluate and analyse a grid's
+    cells one after another in one DeepSpeed launch."""
+    from vitdeep.ablate.launch import train_cells
+
+    train_cells(launch)
+
+
 def _strip_launcher_args(args: list[str]) -> list[str]:
     """Drop the `--local_rank=N` the deepspeed launcher appends; the rank comes from the env."""
     kept, skip_next = [], False

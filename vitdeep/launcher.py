@@ -10,7 +10,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -66,16 +66,19 @@ def deepspeed_command(args: list[str], ranks: int) -> list[str]:
             "--module", "vitdeep", *args]
 
 
-def run_logged(cmd: list[str], log: Path) -> tuple[int, str | None]:
+def run_logged(cmd: list[str], log: Path, switch: Callable[[str], Path | None] | None = None) -> tuple[int, str | None]:
     """Run `cmd` with its output shown here as it comes and kept in `log`; returns the exit code
-    and its error line (the last `error: …` line, else the last exception line), if any.
+    and the error line of what it wrote (the last `error: …` line, else the last exception line).
 
+    `switch` sees every output line (without colour codes, redraws joined); where it names another
+    log, that line and what follows go there, and the error line is the last log's (one launch
+    running several jobs).
     On a terminal the command gets a pseudo-terminal of its own, so its progress bars stay live.
     """
-    log.parent.mkdir(parents=True, exist_ok=True)
     out = sys.stdout
     out.flush()
-    with open(log, "ab") as kept:
+    kept = _KeptOutput(log, switch)
+    try:
         if out.isatty():
             code = _run_on_pty(cmd, kept)
         else:
@@ -84,16 +87,54 @@ def run_logged(cmd: list[str], log: Path) -> tuple[int, str | None]:
                 for chunk in iter(lambda: process.stdout.read1(65536), b""):
                     _forward(chunk, kept)
                 code = process.wait()
-    return code, error_line(log.read_bytes().decode(errors="replace"))
+    finally:
+        kept.close()
+    return code, kept.error_line()
 
 
-def _forward(chunk: bytes, kept) -> None:
+class _KeptOutput:
+    """A command's output appended to its log file, or to the log `switch` names from a line on."""
+
+    def __init__(self, log: Path, switch: Callable[[str], Path | None] | None) -> None:
+        self.switch, self.partial = switch, b""
+        self._open(log)
+
+    def _open(self, log: Path) -> None:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        self.path, self.file = log, open(log, "ab")
+        self.start = self.file.tell()
+
+    def write(self, chunk: bytes) -> None:
+        if self.switch is None:
+            self.file.write(chunk)
+            return
+        *lines, self.partial = (self.partial + chunk).split(b"\n")
+        for line in lines:
+            log = self.switch(_ANSI.sub("", line.decode(errors="replace")).replace("\r", " ").strip())
+            if log is not None and log != self.path:
+                self.file.close()
+                self._open(log)
+            self.file.write(line + b"\n")
+
+    def close(self) -> None:
+        self.file.write(self.partial)
+        self.partial = b""
+        self.file.close()
+
+    def error_line(self) -> str | None:
+        """The error line of what this command wrote into the (last) log."""
+        with open(self.path, "rb") as kept:
+            kept.seek(self.start)
+            return error_line(kept.read().decode(errors="replace"))
+
+
+def _forward(chunk: bytes, kept: _KeptOutput) -> None:
     sys.stdout.buffer.write(chunk)
     sys.stdout.buffer.flush()
     kept.write(chunk)
 
 
-def _run_on_pty(cmd: list[str], kept) -> int:
+def _run_on_pty(cmd: list[str], kept: _KeptOutput) -> int:
     import pty
     import shutil
 

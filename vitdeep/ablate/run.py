@@ -1,18 +1,21 @@
 """Running a grid on this machine: every cell a normal vitdeep run under the DeepSpeed launcher,
-one after another, resumable, a failing cell recorded and passed over.
+one after another (in one launch, `vitdeep.ablate.launch`), resumable, a failing cell recorded
+and passed over.
 
 Layout of the grid's folder:
 
     DIR/grid.json              the grid as run: its table layout, every cell's train options
     DIR/cells/<name>/          the cell's vitdeep run, then eval.json (eval_ema.json) and analysis/
     DIR/status/<name>.json     attempts, wall time, and the error line of a failed attempt
+    DIR/launch.json            the cells the last launch was asked to run
     DIR/logs/<name>.log        the cell's console output
     DIR/shards/                the digits (--demo)
     DIR/results.{json,md,png}  the table (vitdeep.ablate.results)
 
 A cell is trained once its run wrote `summary.json` and finished once it was evaluated and
-analysed. Rerunning skips finished cells, finishes trained ones, and relaunches the others with
-`--resume auto` wherever their folder exists (from the newest complete checkpoint, or afresh).
+analysed (by the launch's ranks right after training). Rerunning skips finished cells, finishes
+trained ones, and launches the others with `--resume auto` wherever their folder exists (from the
+newest complete checkpoint, or afresh).
 """
 
 from __future__ import annotations
@@ -49,14 +52,18 @@ class Ablation:
     def cell_dir(self, name: str) -> Path:
         return cell_dir(self.out, name)
 
+    def cell_options(self, run: CellRun) -> dict[str, Any]:
+        """The cell's full train options: its own and the shared ones, its data and folder, and
+        `resume: auto` once its folder exists."""
+        folder = self.cell_dir(run.name)
+        return {"data": self.data, "val": self.val, "out": str(folder), **run.options,
+                **({"resume": "auto"} if folder.exists() else {})}
+
     def train_args(self, run: CellRun) -> list[str]:
-        """`vitdeep train …` of one cell; `--resume auto` once its folder exists."""
+        """`vitdeep train …` of one cell, as its options say."""
         from vitdeep.launcher import option_flags
 
-        folder = self.cell_dir(run.name)
-        args = ["train", *(["--config", str(self.recipe)] if self.recipe else []), "--data", self.data, "--val", self.val,
-                "--out", str(folder), *option_flags(run.options)]
-        return args + (["--resume", "auto"] if folder.exists() else [])
+        return ["train", *(["--config", str(self.recipe)] if self.recipe else []), *option_flags(self.cell_options(run))]
 
     def record(self) -> dict[str, Any]:
         """`grid.json`: the layout `--collect` needs, and each cell's options (a rerun must match them)."""
@@ -112,9 +119,13 @@ def is_finished(folder: Path) -> bool:
 
 def finish_cell(folder: Path) -> None:
     """Evaluate a trained cell on its validation shards (raw and EMA) and analyse its
-    over-smoothing there, with the crop ratio it was validated at."""
+    over-smoothing there, with the crop ratio it was validated at: in one process, or on every
+    rank of a launch (the evaluation split between them, the analysis on rank 0)."""
+    import torch.distributed as dist
+
     from vitdeep.commands.analyze import run_analyze
     from vitdeep.commands.eval import run_eval
+    from vitdeep.monitor import is_main_process
 
     config = read_json(folder / "config.json")
     if config is None:
@@ -125,7 +136,10 @@ def finish_cell(folder: Path) -> None:
     run_eval(str(folder), val, out=folder / "eval.json", crop_ratio=crop_ratio, workers=workers)
     if config["optim"]["ema_decay"] > 0:
         run_eval(str(folder), val, out=folder / "eval_ema.json", crop_ratio=crop_ratio, workers=workers, ema=True)
-    run_analyze(model=None, checkpoint=folder, images=None, data=val, out=folder / "analysis", crop_ratio=crop_ratio)
+    if is_main_process():
+        run_analyze(model=None, checkpoint=folder, images=None, data=val, out=folder / "analysis", crop_ratio=crop_ratio)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
 
 
 def update_status(out: Path, name: str, **changes: Any) -> dict[str, Any]:
@@ -171,10 +185,8 @@ def check_plans(ablation: Ablation) -> None:
         folder = ablation.cell_dir(run.name)
         if is_finished(folder):
             continue
-        options = {**run.options, "data": ablation.data, "val": ablation.val, "out": str(folder),
-                   **({"resume": "auto"} if folder.exists() else {})}  # as the cell will run
         try:
-            make_plan(resolve_config(options, ablation.recipe), ablation.ranks)
+            make_plan(resolve_config(ablation.cell_options(run), ablation.recipe), ablation.ranks)
         except UserError as error:
             raise UserError(f"grid {ablation.grid.name}, cell {run.name}: {error}") from None
 
@@ -190,46 +202,107 @@ def write_record(ablation: Ablation) -> None:
 
 
 def run_grid(ablation: Ablation) -> dict[str, Any]:
-    """Run every unfinished cell, then write the results; returns them."""
+    """Run every unfinished cell, then write the results; returns them.
+
+    Trained cells are finished here; the others train in one launch, and after a cell that
+    fails, the cells behind it in a new one."""
     from vitdeep.ablate.results import collect
     from vitdeep.monitor import make_console
 
     console = make_console()
     write_record(ablation)
+    waiting = []
     for index, run in enumerate(ablation.runs):
-        if is_finished(ablation.cell_dir(run.name)):
+        folder = ablation.cell_dir(run.name)
+        if is_finished(folder):
             console.print(f"[green]{escape(run.name)}: finished earlier, skipped")
-            continue
-        _show_progress(console, ablation, index)
-        try:
-            error = _run_cell(console, ablation, run)
-        except KeyboardInterrupt:
-            raise TrainingStopped(f"interrupted in cell {run.name}: rerun the same command to resume the grid") from None
-        if error:
-            console.print(f"[red]{escape(run.name)} failed: {escape(error)}[/] (the grid goes on)", soft_wrap=True)
+        elif is_trained(folder):
+            _show_progress(console, ablation, index)
+            _finish_trained(console, ablation, run)
+        else:
+            waiting.append(run)
+    while waiting:
+        waiting = _launch(console, ablation, waiting)
     return collect(ablation.out, finish=False)
 
 
-def _run_cell(console, ablation: Ablation, run: CellRun) -> str | None:
-    """Train (or resume) one cell and finish it; records the attempt and returns its error line."""
+def _finish_trained(console, ablation: Ablation, run: CellRun) -> None:
+    """Finish a cell trained earlier (a grid stopped between its training and its evaluation)."""
+    before = read_json(status_file(ablation.out, run.name)) or {}
+    update_status(ablation.out, run.name, status="running", attempts=before.get("attempts", 0) + 1)
+    start = time.perf_counter()
+    error = finish_or_error(console, ablation.cell_dir(run.name))
+    _record_end(console, ablation, run, error, before.get("wall_s", 0.0) + time.perf_counter() - start)
+
+
+def _launch(console, ablation: Ablation, runs: list[CellRun]) -> list[CellRun]:
+    """Train, evaluate and analyse `runs` in one DeepSpeed launch; returns the cells it did not
+    reach because one before them failed."""
+    from vitdeep.ablate.launch import write_launch
     from vitdeep.launcher import deepspeed_command, run_logged
 
-    out, folder = ablation.out, ablation.cell_dir(run.name)
-    before = read_json(status_file(out, run.name)) or {}
-    update_status(out, run.name, status="running", attempts=before.get("attempts", 0) + 1)
-    start = time.perf_counter()
-    error = None
-    if not is_trained(folder):
-        cmd = deepspeed_command(ablation.train_args(run), ablation.ranks)
-        console.print(f"{run.name}: {shlex.join(cmd)}", soft_wrap=True, markup=False, highlight=False)
-        code, line = run_logged(cmd, log_file(out, run.name))
-        if code != 0:
-            error = line or f"the training run exited with code {code}"
-    if error is None:
-        error = finish_or_error(console, folder)
-    seconds = before.get("wall_s", 0.0) + time.perf_counter() - start
-    update_status(out, run.name, status="failed" if error else "done", error=error, wall_s=round(seconds, 1))
-    return error
+    cells = [{"index": ablation.runs.index(run) + 1, "name": run.name, "options": ablation.cell_options(run),
+              "command": shlex.join(["vitdeep", *ablation.train_args(run)])} for run in runs]
+    spec = write_launch(ablation.out, ablation.recipe, len(ablation.runs), cells)
+    cmd = deepspeed_command(["train-cells", str(spec)], ablation.ranks)
+    console.print(f"{len(runs)} cells in one launch: {shlex.join(cmd)}", soft_wrap=True, markup=False, highlight=False)
+    tracker = _LaunchTracker(console, ablation, runs)
+    try:
+        code, line = run_logged(cmd, log_file(ablation.out, runs[0].name), tracker.switch)
+    except KeyboardInterrupt:
+        raise TrainingStopped(f"interrupted in cell {tracker.current.name}: rerun the same command to resume the grid") from None
+    return tracker.end(code, line)
+
+
+class _LaunchTracker:
+    """Follows a launch's cells by rank 0's marker lines: each cell's log, attempts and wall time."""
+
+    def __init__(self, console, ablation: Ablation, runs: list[CellRun]) -> None:
+        self.console, self.ablation, self.runs = console, ablation, runs
+        self.positions = {ablation.runs.index(run) + 1: position for position, run in enumerate(runs)}  # grid's → launch's
+        self._begin(0)
+
+    @property
+    def current(self) -> CellRun:
+        return self.runs[self.position]
+
+    def _begin(self, position: int) -> None:
+        """Cell `position` starts (the first one as the launch starts)."""
+        self.position, self.started = position, time.perf_counter()
+        self.before = read_json(status_file(self.ablation.out, self.current.name)) or {}
+        update_status(self.ablation.out, self.current.name, status="running", attempts=self.before.get("attempts", 0) + 1)
+
+    def switch(self, line: str) -> Path | None:
+        """The log of the cell a marker line starts (and the previous cell recorded), else None."""
+        from vitdeep.ablate.launch import marked_index
+
+        position = self.positions.get(marked_index(line))
+        if position is None:
+            return None
+        if position != self.position:
+            self._end_current(None)
+            self._begin(position)
+        _show_progress(self.console, self.ablation, self.ablation.runs.index(self.current))
+        return log_file(self.ablation.out, self.current.name)
+
+    def _end_current(self, error: str | None) -> None:
+        folder = self.ablation.cell_dir(self.current.name)
+        if error is None and not is_finished(folder):
+            error = "the launch went on without this cell's evaluation and analysis"
+        wall = self.before.get("wall_s", 0.0) + time.perf_counter() - self.started
+        _record_end(self.console, self.ablation, self.current, error, wall)
+
+    def end(self, code: int, line: str | None) -> list[CellRun]:
+        """Record the last cell once the launch has exited; the cells behind a failed one."""
+        failed = code != 0 and not is_finished(self.ablation.cell_dir(self.current.name))
+        self._end_current((line or f"the launch exited with code {code}") if failed else None)
+        return self.runs[self.position + 1:]
+
+
+def _record_end(console, ablation: Ablation, run: CellRun, error: str | None, wall_s: float) -> None:
+    update_status(ablation.out, run.name, status="failed" if error else "done", error=error, wall_s=round(wall_s, 1))
+    if error:
+        console.print(f"[red]{escape(run.name)} failed: {escape(error)}[/] (the grid goes on)", soft_wrap=True)
 
 
 def finish_or_error(console, folder: Path) -> str | None:

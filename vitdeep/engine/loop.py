@@ -488,7 +488,9 @@ def train(plan: RunPlan) -> dict[str, Any]:
             trainer = Trainer(plan, dist_info, stop, resume_step)
             if resume_path is not None:
                 trainer.resume(resume_path)
-            return trainer.fit()
+            result = trainer.fit()
+            trainer.engine.destroy()  # its hooks, buffers and gc settings go with it: the process may train another run
+            return result
         except Exception as error:
             reason = lost_peer_reason(error)
             if reason is None:
