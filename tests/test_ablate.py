@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.launch import SMALL, cpu_env, refuses, run, single_cmd
+from tests.launch import SMALL, cpu_env, metrics, refuses, run, single_cmd
 from vitdeep.ablate import prepare
 from vitdeep.ablate.grid import bundled_grids, load_grid, parse_grid, resolve_cells
 from vitdeep.cli import main
 from vitdeep.demo import RECIPE
 from vitdeep.engine.checkpoint import MARKER
-from vitdeep.launcher import error_line, option_flags
+from vitdeep.launcher import error_line, option_flags, run_logged
 
 FAKE_SRUN = Path(__file__).resolve().parent / "scripts" / "fake_srun"
 TWO_AXES = "axes:\n  contrastive_weight: [0, 1]\n  attnscale: [false, true]\n"
@@ -163,6 +163,25 @@ def test_flags_and_error_lines_of_launched_runs():
     assert error_line("all fine\n") is None
 
 
+def test_a_launchs_output_goes_to_the_log_of_the_cell_its_marker_started(tmp_path, capfd):
+    """One launch, several cells: the output before the first marker and up to the next goes to
+    the first cell's log; each log is appended to; the error line is the last cell's, of this run."""
+    from vitdeep.ablate.launch import marked_index, marker_line
+
+    (tmp_path / "b.log").write_text("error: an earlier attempt's\n")
+    lines = ["launcher starts", marker_line(1, 2, "a", "vitdeep train --out a"), "a trains\ra trained",
+             "\x1b[1m" + marker_line(2, 2, "b", "vitdeep train --out b") + "\x1b[0m", "b trains"]
+    script = f"import sys; print({chr(10).join(lines)!r}); print('warning: x', file=sys.stderr, end='')"
+    logs = {1: tmp_path / "a.log", 2: tmp_path / "b.log"}
+    code, line = run_logged([sys.executable, "-u", "-c", script], logs[1], lambda text: logs.get(marked_index(text)))
+    assert code == 0 and line is None
+    assert (tmp_path / "a.log").read_bytes() == b"launcher starts\nablate cell 1 of 2 (a): vitdeep train --out a\na trains\ra trained\n"
+    assert (tmp_path / "b.log").read_bytes().endswith(b"b trains\nwarning: x") and b"(b): vitdeep train --out b" in (tmp_path / "b.log").read_bytes()
+    assert "launcher starts" in capfd.readouterr().out  # shown as it comes
+    _, line = run_logged([sys.executable, "-c", "print('error: b broke')"], tmp_path / "b.log")
+    assert line == "error: b broke"
+
+
 # -- Slurm ---------------------------------------------------------------------------------------
 
 
@@ -257,14 +276,32 @@ def test_grid_killed_mid_cell_resumes_then_reruns_without_training(digit_shards,
 
 
 @pytest.mark.slow
-def test_a_failing_cell_is_recorded_and_the_grid_goes_on(digit_shards, tmp_path):
-    """A cell whose run fails (its losses turn non-finite: every check before the run passes) is
-    recorded with its error line; the next cell still runs."""
-    grid = _grid(tmp_path, "cells:\n  - {name: diverges, lr: 1.0e+30, warmup_steps: 0, max_bad_steps: 1}\n  - {name: plain}\n")
+def test_cells_share_a_launch_and_a_failing_cell_ends_only_its_own(digit_shards, tmp_path):
+    """Cells train one after another in one launch, each exactly as alone: a cell trained after
+    another in the same ranks, and one trained first in a later launch, match the first cell to
+    the last digit. A cell whose run fails (its losses turn non-finite: every check before the run
+    passes) is recorded with its error line, and the cells behind it start in a new launch."""
+    grid = _grid(tmp_path, "cells:\n  - {name: plain}\n  - {name: again}\n"
+                           "  - {name: diverges, lr: 1.0e+30, warmup_steps: 0, max_bad_steps: 1}\n  - {name: after}\n")
     out = tmp_path / "ab"
-    result = run(single_cmd(_ablate(grid, digit_shards, out, "--steps", "2")))
+    result = run(single_cmd(_ablate(grid, digit_shards, out, "--steps", "3")))
+    assert result.stdout.count("deepspeed.launcher.runner") == 2
+    assert "4 cells in one launch" in result.stdout and "1 cells in one launch" in result.stdout
     cells = {cell["name"]: cell for cell in json.loads((out / "results.json").read_text())["cells"]}
-    assert cells["diverges"]["status"] == "failed" and cells["plain"]["status"] == "done"
+    assert {name: cell["status"] for name, cell in cells.items()} == {"plain": "done", "again": "done", "diverges": "failed", "after": "done"}
     assert cells["diverges"]["error"].startswith("error: 1 non-finite losses in a row at step 1; stopped"), cells["diverges"]["error"]
     assert "- diverges: error: 1 non-finite losses in a row" in (out / "results.md").read_text()
     assert "diverges failed" in result.stdout
+
+    def outcome(name: str) -> tuple:
+        folder = out / "cells" / name
+        evaluated = json.loads((folder / "eval.json").read_text())
+        losses = {step: row["loss"] for step, row in metrics(folder).items()}
+        return losses, evaluated["top1"], evaluated["loss"], cells[name]["cossim"], cells[name]["attn_std"]
+
+    assert len(outcome("plain")[0]) == 3
+    assert outcome("again") == outcome("plain") == outcome("after")
+    logs = {name: (out / "logs" / f"{name}.log").read_text() for name in cells}
+    assert "non-finite" in logs["diverges"] and not any("non-finite" in logs[name] for name in ("plain", "again", "after"))
+    assert all(f"({name}): vitdeep train " in logs[name] for name in cells)  # each log starts at its cell's marker
+    assert all(json.loads((out / "status" / f"{name}.json").read_text())["attempts"] == 1 for name in cells)
