@@ -178,7 +178,7 @@ def test_a_launchs_output_goes_to_the_log_of_the_cell_its_marker_started(tmp_pat
     assert (tmp_path / "a.log").read_bytes() == b"launcher starts\nablate cell 1 of 2 (a): vitdeep train --out a\na trains\ra trained\n"
     assert (tmp_path / "b.log").read_bytes().endswith(b"b trains\nwarning: x") and b"(b): vitdeep train --out b" in (tmp_path / "b.log").read_bytes()
     assert "launcher starts" in capfd.readouterr().out  # shown as it comes
-    _, line = run_logged([sys.executable, "-c", "print('error: b broke')"], tmp_path / "b.log")
+    _, line = run_logged([sys.executable, "-c", "print('error: b broke')"], tmp_path / "b.log", lambda text: None)
     assert line == "error: b broke"
 
 

@@ -66,14 +66,14 @@ def deepspeed_command(args: list[str], ranks: int) -> list[str]:
             "--module", "vitdeep", *args]
 
 
-def run_logged(cmd: list[str], log: Path, switch: Callable[[str], Path | None] | None = None) -> tuple[int, str | None]:
+def run_logged(cmd: list[str], log: Path, switch: Callable[[str], Path | None]) -> tuple[int, str | None]:
     """Run `cmd` with its output shown here as it comes and kept in `log`; returns the exit code
     and the error line of what it wrote (the last `error: …` line, else the last exception line).
 
     `switch` sees every output line (without colour codes, redraws joined); where it names another
     log, that line and what follows go there, and the error line is the last log's (one launch
-    running several jobs).
-    On a terminal the command gets a pseudo-terminal of its own, so its progress bars stay live.
+    running several jobs). On a terminal the command gets a pseudo-terminal of its own, so its
+    progress bars stay live.
     """
     out = sys.stdout
     out.flush()
@@ -93,9 +93,14 @@ def run_logged(cmd: list[str], log: Path, switch: Callable[[str], Path | None] |
 
 
 class _KeptOutput:
-    """A command's output appended to its log file, or to the log `switch` names from a line on."""
+    """A command's output appended to its log file, or to the log `switch` names from a line on.
 
-    def __init__(self, log: Path, switch: Callable[[str], Path | None] | None) -> None:
+    A line is held until it ends, up to `LINE_LIMIT` bytes: beyond that it is a progress bar
+    redrawn in place, written as it comes."""
+
+    LINE_LIMIT = 65536
+
+    def __init__(self, log: Path, switch: Callable[[str], Path | None]) -> None:
         self.switch, self.partial = switch, b""
         self._open(log)
 
@@ -105,9 +110,6 @@ class _KeptOutput:
         self.start = self.file.tell()
 
     def write(self, chunk: bytes) -> None:
-        if self.switch is None:
-            self.file.write(chunk)
-            return
         *lines, self.partial = (self.partial + chunk).split(b"\n")
         for line in lines:
             log = self.switch(_ANSI.sub("", line.decode(errors="replace")).replace("\r", " ").strip())
@@ -115,6 +117,9 @@ class _KeptOutput:
                 self.file.close()
                 self._open(log)
             self.file.write(line + b"\n")
+        if len(self.partial) > self.LINE_LIMIT:
+            self.file.write(self.partial)
+            self.partial = b""
 
     def close(self) -> None:
         self.file.write(self.partial)
