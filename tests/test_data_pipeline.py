@@ -5,6 +5,7 @@ rank is to the data layer (it never asks torch.distributed).
 """
 
 import itertools
+import os
 from pathlib import Path
 
 import pytest
@@ -13,9 +14,9 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision.transforms import functional as F
 from webdataset.writer import TarWriter
 
-from vitdeep.data.pipeline import BatchPreprocessor, eval_loader, read_dataset_info, train_loader
+from vitdeep.data.pipeline import BatchPreprocessor, StreamReplay, eval_loader, read_dataset_info, train_loader
 from vitdeep.data.shards import write_shards
-from vitdeep.data.streams import TrainPlan
+from vitdeep.data.streams import TrainPlan, TrainStream
 from vitdeep.data.transforms import AugmentConfig
 from vitdeep.errors import UserError
 
@@ -289,6 +290,63 @@ def test_batch_preprocessor_matches_timm_normalisation(digit_shards):
     assert torch.allclose(preprocess(images, train=False), expected, atol=1e-5), "no erasing outside training"
     changed = (preprocess(images, train=True) != expected).flatten(1).any(1)
     assert changed.all() and images.dtype == torch.uint8
+
+
+def _unread(monkeypatch):
+    """Reading a training stream in this process fails from here on."""
+    def refuse(self):
+        raise AssertionError("the stream was read")
+        yield
+    monkeypatch.setattr(TrainStream, "__iter__", refuse)
+
+
+def test_a_kept_epoch_is_replayed_exactly_without_reading(digit_shards, monkeypatch):
+    replay = StreamReplay()
+    loader = _train(digit_shards, num_workers=0, replay=replay)
+    read = _batches(loader)
+    read_stats = loader.stats
+    assert len(read) == 93 and replay.kept_bytes == sum(x.nbytes + y.nbytes for x, y in read)
+    _unread(monkeypatch)
+    again = _train(digit_shards, num_workers=0, replay=replay)
+    assert _same(_batches(again), read) and again.stats == read_stats and again.stats.samples == 93 * 8
+    assert _same(_batches(_train(digit_shards, num_workers=0, replay=replay, start_batch=40)), read[40:])
+    images, _ = next(iter(_train(digit_shards, num_workers=0, replay=replay)))
+    images.zero_()
+    assert _same(_batches(_train(digit_shards, num_workers=0, replay=replay)), read), "replays hand out copies"
+    for other in (dict(epoch=1), dict(seed=8), dict(rank=1), dict(micro_batch=4), dict(img_size=IMG + 8), dict(num_workers=2),
+                  dict(aug=AugmentConfig(hflip=0.5))):
+        with pytest.raises(AssertionError, match="the stream was read"):
+            next(iter(_train(digit_shards, **{"num_workers": 0, "replay": replay, **other})))
+
+
+def test_an_epoch_is_kept_only_when_read_whole_clean_unchanged_and_within_the_budget(digit_shards, damaged_shards, tmp_path):
+    replay = StreamReplay()
+    loader = _train(digit_shards, num_workers=0, replay=replay, start_batch=1)
+    _batches(loader)
+    assert replay.kept_bytes == 0 and loader.replay_key not in replay, "a resumed epoch is not whole"
+    partial = _train(digit_shards, num_workers=0, replay=replay)
+    list(itertools.islice(partial, 92))
+    assert partial.replay_key not in replay, "92 of 93 batches"
+    urls, _ = damaged_shards
+    dirty = _train(urls, world_size=1, num_samples=120, num_classes=10, max_bad_fraction=0.5, num_workers=0, replay=replay)
+    _batches(dirty)
+    assert dirty.stats.bad_samples and dirty.replay_key not in replay
+    small = StreamReplay(max_bytes=10 * 8 * 3 * IMG * IMG)
+    over = _train(digit_shards, num_workers=0, replay=small)
+    _batches(over)
+    assert over.replay_key not in small and small.kept_bytes == 0 and small.full
+    tiny = _train(digit_shards, num_workers=0, replay=small, num_samples=16)
+    _batches(tiny)
+    assert tiny.replay_key not in small, "once full, nothing more is kept"
+    shard = tmp_path / "one.tar"
+    shard.write_bytes((digit_shards / "train-000000.tar").read_bytes())
+    first = _train(str(shard), world_size=1, num_samples=50, num_workers=0, replay=replay)
+    _batches(first)
+    assert first.replay_key in replay
+    os.utime(shard, ns=(1, 1))
+    assert _train(str(shard), world_size=1, num_samples=50, num_workers=0, replay=replay).replay_key not in replay
+    piped = _train(f"pipe:cat {shard}", world_size=1, num_samples=50, num_workers=0, replay=replay)
+    assert piped.replay_key is None and piped.replay is None, "a stream that is not a local file is read each time"
 
 
 def test_dataset_info_passes_through(digit_shards):

@@ -44,13 +44,15 @@ def write_launch(out: Path, recipe: Path | None, total: int, cells: list[dict[st
 
 def train_cells(path: Path) -> None:
     """The ranks' side: each cell of `path` as `vitdeep train` would run it, then its evaluation
-    (on every rank) and analysis (on rank 0); an error ends the launch like the cell's own run."""
+    (on every rank) and analysis (on rank 0); an error ends the launch like the cell's own run.
+    The cells replay the training batches the first of them read (`vitdeep.data.replay`)."""
     import json
 
     import torch
 
     from vitdeep.ablate.run import finish_cell
     from vitdeep.config import resolve_config
+    from vitdeep.data.pipeline import StreamReplay
     from vitdeep.engine.capacity import check_fits
     from vitdeep.engine.loop import plan_from_env, train
     from vitdeep.monitor import is_main_process
@@ -59,12 +61,13 @@ def train_cells(path: Path) -> None:
         spec = json.loads(Path(path).read_text())
     except (OSError, ValueError) as error:
         raise UserError(f"cannot read the cells to train from {path}: {error}") from None
+    replay = StreamReplay()
     for cell in spec["cells"]:
         if is_main_process():
             print(marker_line(cell["index"], spec["total"], cell["name"], cell["command"]), flush=True)
         plan = plan_from_env(resolve_config(cell["options"], spec["recipe"]))
         check_fits(plan)
-        train(plan)
+        train(plan, replay)
         gc.collect()  # the cell's engine, optimizer and data before the next cell's
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -10,6 +10,7 @@ torch.distributed or webdataset's node splitter who we are. Batches leave the wo
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import functools
 import math
 import multiprocessing
@@ -25,6 +26,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from vitdeep.data.info import DatasetInfo, read_dataset_info
 from vitdeep.data.options import MAX_BAD_FRACTION
+from vitdeep.data.replay import StreamReplay, stream_key
 from vitdeep.data.samples import ReadStats
 from vitdeep.data.streams import EvalPlan, EvalStream, TrainPlan, TrainStream
 from vitdeep.data.transforms import AugmentConfig, Transform, eval_transform, train_transform
@@ -35,6 +37,7 @@ __all__ = [
     "DatasetInfo",
     "EvalLoader",
     "ReadStats",
+    "StreamReplay",
     "TrainLoader",
     "epoch_batches",
     "eval_loader",
@@ -132,13 +135,18 @@ class _Loader:
 
 class TrainLoader(_Loader):
     """One rank's training epoch. `len()` is the epoch's batch count, the same on every rank;
-    with `start_batch=b` iteration yields batches b … len()-1, exactly as a full run would."""
+    with `start_batch=b` iteration yields batches b … len()-1, exactly as a full run would.
+    With a `replay` and its `replay_key`, an epoch kept there is replayed instead of read, and
+    one read from its start is kept."""
 
     def __init__(self, plan: TrainPlan, info: DatasetInfo, transform: Transform, num_workers: int,
-                 max_bad_fraction: float, pin_memory: bool):
+                 max_bad_fraction: float, pin_memory: bool, replay: StreamReplay | None = None,
+                 replay_key: object = None):
         super().__init__(TrainStream(plan, transform), num_workers, max_bad_fraction, pin_memory)
         self.plan = plan
         self.info = info
+        self.replay = replay if replay_key is not None else None
+        self.replay_key = replay_key
 
     @property
     def start_batch(self) -> int:
@@ -148,7 +156,14 @@ class TrainLoader(_Loader):
         return self.plan.batches
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for images, labels, _ in self._items():
+        if self.replay is not None and self.replay_key in self.replay:
+            batches = self.replay.replay(self.replay_key, self.plan.start_batch)
+        else:
+            batches = ((images, labels, self.stats) for images, labels, _ in self._items())
+            if self.replay is not None and self.plan.start_batch == 0:
+                batches = self.replay.record(self.replay_key, batches, self.plan.batches)
+        for images, labels, stats in batches:
+            self.stats = stats
             yield images, labels
 
 
@@ -219,9 +234,11 @@ def train_loader(
     split: str = "train",
     num_classes: int | None = None,
     pin_memory: bool = False,
+    replay: StreamReplay | None = None,
 ) -> TrainLoader:
     """The training stream of rank `rank`: total_samples // (micro_batch × world_size) batches of
-    `(images uint8 [B,3,H,W], labels int64 [B])`, reproducible from (seed, epoch, rank, batch)."""
+    `(images uint8 [B,3,H,W], labels int64 [B])`, reproducible from (seed, epoch, rank, batch).
+    `replay` keeps the epochs read here for later loaders of the same stream in this process."""
     _check_ranks(rank, world_size, num_workers, micro_batch)
     if seed < 0 or epoch < 0:
         raise UserError(f"seed and epoch must be >= 0, got {seed} and {epoch}")
@@ -248,7 +265,8 @@ def train_loader(
         shuffle_buffer=shuffle_buffer,
         num_classes=num_classes or info.num_classes,
     )
-    return TrainLoader(plan, info, train_transform(aug, img_size), num_workers, max_bad_fraction, pin_memory)
+    key = stream_key(plan, (dataclasses.astuple(aug), img_size)) if replay is not None else None
+    return TrainLoader(plan, info, train_transform(aug, img_size), num_workers, max_bad_fraction, pin_memory, replay, key)
 
 
 def eval_loader(

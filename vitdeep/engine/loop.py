@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from vitdeep.analysis import oversmoothing_metrics
 from vitdeep.data.mixing import build_mixer
-from vitdeep.data.pipeline import STOP_SIGNALS, BatchPreprocessor, bad_data_error, eval_loader, too_many_bad, train_loader
+from vitdeep.data.pipeline import STOP_SIGNALS, BatchPreprocessor, StreamReplay, bad_data_error, eval_loader, too_many_bad, train_loader
 from vitdeep.engine.checkpoint import (
     load_checkpoint,
     prune_checkpoints,
@@ -102,8 +102,9 @@ def stream_changes(marker: dict[str, Any], plan: RunPlan) -> list[str]:
 class Trainer:
     """Owns the engine, the EMA, the objective and the data position of one run."""
 
-    def __init__(self, plan: RunPlan, dist_info: DistInfo, stop: StopFlag, resume_step: int | None = None) -> None:
-        self.plan, self.cfg, self.dist, self.stop = plan, plan.cfg, dist_info, stop
+    def __init__(self, plan: RunPlan, dist_info: DistInfo, stop: StopFlag, resume_step: int | None = None,
+                 replay: StreamReplay | None = None) -> None:
+        self.plan, self.cfg, self.dist, self.stop, self.replay = plan, plan.cfg, dist_info, stop, replay
         cfg = self.cfg
         self.out = Path(cfg.run.out)
         self.device = dist_info.device
@@ -223,6 +224,7 @@ class Trainer:
             max_bad_fraction=None,  # judged over all ranks in `_at_step_start`
             num_classes=plan.num_classes,
             pin_memory=self.device.type == "cuda",
+            replay=self.replay,
         )
         batches = iter(self._loader)
         while self.batch_in_epoch < plan.micro_per_epoch and self.step < plan.total_steps:
@@ -467,12 +469,13 @@ class Trainer:
         self._saved_step = self.step
 
 
-def train(plan: RunPlan) -> dict[str, Any]:
+def train(plan: RunPlan, replay: StreamReplay | None = None) -> dict[str, Any]:
     """Run a planned training job in this process (one rank of many, or alone).
 
     Before anything is written (`make_plan` has checked every option and found the checkpoint to
     resume), the process group is formed and rank 0 takes `--out`'s lock; then `--overwrite`
-    clears the old run, or a resume trims the old run's logs past its checkpoint.
+    clears the old run, or a resume trims the old run's logs past its checkpoint. `replay` is
+    shared by the runs of one process that read the same training stream (a grid's cells).
     """
     out = Path(plan.cfg.run.out)
     console = make_console()
@@ -485,7 +488,7 @@ def train(plan: RunPlan) -> dict[str, Any]:
         try:
             _claim_output(plan, dist_info, lock, console, resume_step)
             check_shared_output(out, dist_info)
-            trainer = Trainer(plan, dist_info, stop, resume_step)
+            trainer = Trainer(plan, dist_info, stop, resume_step, replay)
             if resume_path is not None:
                 trainer.resume(resume_path)
             result = trainer.fit()
