@@ -6,7 +6,8 @@ training recipe, or resize + centre crop for evaluation) with the same workers a
 and deliver normalised float batches: torchvision normalises and randomly erases each image in
 its workers (timm's standard transform); vitdeep ships uint8 batches and runs its
 BatchPreprocessor (normalise + random erasing) on them, counted here on the CPU. Each number is
-the best of a few full passes, worker start-up included.
+the best of a few full passes, worker start-up included. Training reads the lane order (any
+number of ranks); the per-rank order that runs started before it keep is measured beside it.
 
     .venv/bin/python benchmarks/data_throughput.py [--images 1280] [--workers 2] [--batch 64]
 
@@ -19,7 +20,6 @@ import argparse
 import tempfile
 import time
 from collections.abc import Callable, Iterable
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +31,8 @@ from timm.data import create_transform
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 
-from vitdeep.data.pipeline import BatchPreprocessor, eval_loader, train_loader
+from vitdeep.data.lane_layout import LaneLayout, choose_lanes
+from vitdeep.data.pipeline import BatchPreprocessor, eval_loader, lane_loader, train_loader
 from vitdeep.data.shards import write_shards
 from vitdeep.data.transforms import AugmentConfig, with_zero_bit_posterize
 from vitdeep.monitor import make_console
@@ -62,12 +63,12 @@ def make_photos(root: Path, count: int, seed: int = 0) -> dict:
     return {"count": count, "width": round(width), "height": round(height), "kbytes": round(nbytes / 1e3)}
 
 
-def _rate(batches: Iterable, prepare: Callable[[torch.Tensor], torch.Tensor] | None = None) -> float:
+def _rate(batches: Iterable, prepare: Callable[[object], torch.Tensor] = lambda batch: batch[0]) -> float:
     """Images per second over one full pass (worker start-up included). Each float batch is read
     once, as a model's first layer would read it."""
     start, images = time.perf_counter(), 0
     for batch in batches:
-        x = prepare(batch[0]) if prepare else batch[0]
+        x = prepare(batch)
         x.sum()
         images += len(x)
     return images / (time.perf_counter() - start)
@@ -96,19 +97,28 @@ def run(images: int = 1280, workers: int = 2, batch: int = 64, img_size: int = 2
         def torchvision(dataset, train: bool) -> float:
             return _rate(DataLoader(dataset, batch_size=batch, shuffle=train, drop_last=train, num_workers=workers))
 
-        def vitdeep(train: bool) -> float:
-            if train:
+        def vitdeep(kind: str) -> float:
+            if kind == "train":
+                layout = LaneLayout(choose_lanes(batch, 1, workers, paired=True), batch, paired=True)
+                loader = lane_loader(shards, layout=layout, micro_batch=batch, img_size=img_size, rank=0, world_size=1, seed=0,
+                                     epoch=0, num_workers=workers, aug=aug)
+                preprocess = BatchPreprocessor(aug, "cpu")
+                return _rate(loader, lambda b: preprocess(b.images, train=True, seeds=b.seeds))
+            if kind == "per-rank":
                 loader = train_loader(shards, micro_batch=batch, img_size=img_size, rank=0, world_size=1, seed=0,
                                       epoch=0, num_workers=workers, aug=aug)
-                return _rate(loader, partial(BatchPreprocessor(aug, "cpu"), train=True))
+                return _rate(loader, lambda b: BatchPreprocessor(aug, "cpu")(b[0], train=True))
             loader = eval_loader(shards, micro_batch=batch, img_size=img_size, crop_ratio=aug.crop_ratio, rank=0,
                                  world_size=1, num_workers=workers, split="train")
-            return _rate(loader, BatchPreprocessor(None, "cpu"))
+            preprocess = BatchPreprocessor(None, "cpu")
+            return _rate(loader, lambda b: preprocess(b[0]))
 
         rows = []
-        for name, dataset, train in (("train (DeiT augmentation)", folder_train, True), ("eval (resize + centre crop)", folder_eval, False)):
-            baseline = _best(passes, lambda: torchvision(dataset, train))
-            ours = _best(passes, lambda: vitdeep(train))
+        for name, dataset, kind in (("train (DeiT augmentation)", folder_train, "train"),
+                                    ("train, the per-rank order of runs before the lanes", folder_train, "per-rank"),
+                                    ("eval (resize + centre crop)", folder_eval, "eval")):
+            baseline = _best(passes, lambda: torchvision(dataset, kind != "eval"))
+            ours = _best(passes, lambda: vitdeep(kind))
             rows.append({"pipeline": name, "torchvision_img_s": baseline, "vitdeep_img_s": ours, "ratio": ours / baseline,
                          "images": photos, "workers": workers, "batch": batch, "img_size": img_size})
     return rows

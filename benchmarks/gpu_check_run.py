@@ -114,13 +114,13 @@ def record(trainer) -> dict:
 def wrap_trainer() -> None:
     fit, micro_batch = loop.Trainer.fit, loop.Trainer._train_micro_batch
 
-    def traced_micro_batch(self, images, labels):
+    def traced_micro_batch(self, images, labels, seeds):
         if not hasattr(self, "_first_batch_pinned"):
             self._first_batch_pinned = images.is_pinned()
             self._scale_around_injection = None
             self._micro_batches = 0
         index, before = self._micro_batches, loss_scale(self.engine)
-        stepped = micro_batch(self, images, labels)
+        stepped = micro_batch(self, images, labels, seeds)
         if index == INJECT:
             self._scale_around_injection = [before, loss_scale(self.engine)]
         self._micro_batches += 1

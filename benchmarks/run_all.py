@@ -10,6 +10,7 @@ Groups (each also runs alone: `.venv/bin/python benchmarks/<module>.py`):
 6. memory.py        activation checkpointing at depth 24/48; ZeRO stages per rank on 2 ranks
 7. data_throughput  vitdeep's WebDataset loaders vs torchvision ImageFolder
 8. compile_speed.py a training step through the engine with engine.compile() (`--compile`) vs eager
+9. sample_randomness.py erasing, mixing and drop path drawn per sample (elastic runs) vs timm's per batch
 
 Every row is a ratio against a baseline measured in the same process (the ZeRO rows: the same
 2-rank run), with both absolute numbers beside it; times are medians of interleaved rounds after
@@ -47,6 +48,7 @@ import engine  # noqa: E402
 import memory  # noqa: E402
 import model_speed  # noqa: E402
 import remedies  # noqa: E402
+import sample_randomness  # noqa: E402
 import utilisation  # noqa: E402
 from common import RESULTS, Row, Shapes, console, machine, print_rows  # noqa: E402
 
@@ -83,10 +85,11 @@ GROUPS = {
     "6": ("6 memory", memory.run),
     "7": (DATA_GROUP, data_rows),
     "8": ("8 compile", compile_speed.run),
+    "9": (sample_randomness.GROUP, sample_randomness.run),
 }
 #: Run order: the in-process DeepSpeed engines after the plain models (they start a process
 #: group and touch global state), the data loaders (worker processes) last.
-ORDER = ("1", "2", "3", "5", "6", "4", "8", "7")
+ORDER = ("1", "2", "9", "3", "5", "6", "4", "8", "7")
 
 
 def markdown(rows: list[Row], info: dict, date: str, seconds: float, s: Shapes) -> str:

@@ -138,3 +138,38 @@ def test_eval_transform_resizes_and_centre_crops_grayscale_digits(digits_dir):
 def test_augment_config_rejects_bad_values(overrides, needle):
     with pytest.raises(UserError, match=needle):
         AugmentConfig(**overrides)
+
+
+@pytest.mark.parametrize("img, patch, batch", [(32, 8, 8), (48, 16, 6)])
+def test_pairs_mixed_by_their_seeds_agree_with_pixels_and_targets(img, patch, batch):
+    """Mixing in pairs (2p, 2p+1), each from its own seed: CutMix boxes swap whole patches between
+    the two, Mixup blends them, and every target says so."""
+    mixer = build_mixer(MixConfig(mixup=0.8, cutmix=1.0, patch_aligned=True), 10, img, patch, label_smoothing=0.1)
+    grid = img // patch
+    kinds = set()
+    for seed in range(10):
+        images, labels = _batch(batch, img, seed)
+        seeds = torch.randint(-2**62, 2**62, (batch,), generator=torch.Generator().manual_seed(seed))
+        out = mixer(images.clone(), labels, seeds)
+        again = mixer(images.clone(), labels, seeds)
+        assert torch.equal(out.images, again.images) and torch.equal(out.targets, again.targets), "a seed decides"
+        assert torch.allclose(out.targets.sum(1), torch.ones(batch))
+        for b in range(batch):
+            partner = b ^ 1
+            # with smoothing 0.1 over 10 classes a sample's own label gets λ·0.9 + 0.01
+            lam = (out.targets[b, labels[b]].item() - 0.01) / 0.9 if labels[b] != labels[partner] else None
+            if out.patch_soft[b]:
+                kinds.add("mixup")
+                if lam is not None:
+                    assert torch.allclose(out.images[b], lam * images[b] + (1 - lam) * images[partner], atol=1e-5)
+                assert torch.equal(out.patch_labels[b], labels[b].repeat(grid * grid))
+                continue
+            for i, source in enumerate(out.patch_source[b].tolist()):
+                rows, cols = slice(i // grid * patch, (i // grid + 1) * patch), slice(i % grid * patch, (i % grid + 1) * patch)
+                assert torch.equal(out.images[b, :, rows, cols], images[source, :, rows, cols])
+                assert source in (b, partner)
+            own = (out.patch_source[b] == b).double().mean().item()
+            kinds.add("cutmix" if own < 1 else "unmixed")
+            if lam is not None:
+                assert lam == pytest.approx(own, abs=1e-6), "λ is the kept area"
+    assert {"mixup", "cutmix"} <= kinds

@@ -1,4 +1,4 @@
-"""The losses at the reference's known values (reference.md §1-§3), their gradients, and the Objective."""
+"""The losses at their known values (docs/method.md §1-§3), their gradients, and the Objective."""
 
 import dataclasses
 import math

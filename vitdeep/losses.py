@@ -2,7 +2,7 @@
 and DeiT distillation.
 
 Every function takes tensors, not models, and computes in float32 whatever the model's dtype
-(the contrastive dot products overflow bf16's precision). Formulas: reference.md §2 and §3.
+(the contrastive dot products overflow bf16's precision). Formulas: docs/method.md §2 and §3.
 """
 
 from __future__ import annotations
@@ -84,6 +84,18 @@ def patch_mixing_loss(patch_logits: torch.Tensor, targets: torch.Tensor, label_s
     return F.cross_entropy(patch_logits.reshape(-1, classes).float(), targets.reshape(-1), label_smoothing=label_smoothing)
 
 
+def pair_mixed_patch_loss(patch_logits: torch.Tensor, patch_labels: torch.Tensor, targets: torch.Tensor,
+                          soft: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """ℓ_token of a batch mixed in pairs: the patches of a sample that Mixup blended (`soft` [B])
+    take its soft image target (`targets` [B, C]), every other patch its source's label
+    (`patch_labels` [B, n], smoothed); the mean over all patches, as `patch_mixing_loss`."""
+    logp = F.log_softmax(patch_logits.float(), dim=-1)
+    off = label_smoothing / patch_logits.shape[-1]
+    hard = -(1.0 - label_smoothing) * logp.gather(-1, patch_labels.unsqueeze(-1)).squeeze(-1) - off * logp.sum(-1)
+    blended = -(logp * targets[:, None, :].float()).sum(-1)
+    return torch.where(soft[:, None], blended, hard).mean()
+
+
 def teacher_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: str = "soft", tau: float = 1.0) -> torch.Tensor:
     """The distillation term alone (DeiT): `soft` = τ²·KL(σ(t/τ) ‖ σ(z/τ)) summed over the batch
     and divided by the number of logits B·C, exactly as DeiT's code normalises it, so DeiT's α and τ
@@ -142,23 +154,28 @@ class Objective:
         targets: torch.Tensor,
         patch_labels: torch.Tensor | None = None,
         teacher_logits: torch.Tensor | None = None,
+        patch_soft: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         weights = self.weights
         terms = {
             "ce": lambda: classification_loss(out.logits, targets, self.cfg.label_smoothing),
             "cos": lambda: cosine_similarity_loss(out.patch_tokens(-1)),
             "contrastive": lambda: patch_contrastive_loss(out.patch_embeddings, out.patch_tokens(-1)),
-            "patch_mix": lambda: self._patch_mix(out, targets, patch_labels),
+            "patch_mix": lambda: self._patch_mix(out, targets, patch_labels, patch_soft),
             "distill": lambda: self._distill(out, teacher_logits),
         }
         values = {name: terms[name]() for name in weights}
         total = sum(weights[name] * value for name, value in values.items())
         return total, {name: value.detach() for name, value in values.items()}
 
-    def _patch_mix(self, out: AuxOutput, targets: torch.Tensor, patch_labels: torch.Tensor | None) -> torch.Tensor:
-        """Per-patch labels when the batch was patch-aligned-CutMix-ed, else the image's target."""
+    def _patch_mix(self, out: AuxOutput, targets: torch.Tensor, patch_labels: torch.Tensor | None,
+                   patch_soft: torch.Tensor | None) -> torch.Tensor:
+        """Per-patch labels when the batch was patch-aligned-CutMix-ed, else the image's target;
+        per sample when it was mixed in pairs (`patch_soft`: the samples Mixup blended)."""
         if out.patch_logits is None:
             raise UserError("patch_mix_weight > 0 needs a model built with patch_head=True")
+        if patch_soft is not None:
+            return pair_mixed_patch_loss(out.patch_logits, patch_labels, targets, patch_soft, self.cfg.label_smoothing)
         if patch_labels is None:
             patch_labels = targets if targets.is_floating_point() else targets[:, None].expand(out.patch_logits.shape[:2])
         return patch_mixing_loss(out.patch_logits, patch_labels, self.cfg.label_smoothing)

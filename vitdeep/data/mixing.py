@@ -3,18 +3,26 @@
 With `patch_aligned`, the CutMix box is drawn on the patch grid (timm's box sampler, in grid units)
 so every patch comes wholly from one image; the mixer then also returns, per patch, the batch index
 of its source image and that image's label. λ is always the exact kept area, so the mean over
-patches of "came from this image" equals the image-level λ (reference.md §2, ℓ_token).
+patches of "came from this image" equals the image-level λ (ℓ_token, docs/method.md §2).
+
+Two ways to draw: given each sample's seed (training runs in the lane order, `vitdeep.data.lanes`),
+the batch is mixed in *pairs* `(2p, 2p+1)`, each with its own λ, choice of Mixup or CutMix and box
+drawn by timm's samplers from the pair's seed, as timm's `pair` mode draws per pair; so mixing does
+not depend on the micro-batch a pair lands in. Without seeds (runs started before the lane order),
+timm's `batch` mode: one λ for the batch, each image mixed with the flipped batch.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from timm.data import Mixup
-from timm.data.mixup import cutmix_bbox_and_lam
+from timm.data.mixup import cutmix_bbox_and_lam, one_hot
 
 from vitdeep.data.options import MixConfig
+from vitdeep.data.seeding import MIX, derive
 from vitdeep.errors import UserError
 
 
@@ -28,6 +36,8 @@ class MixedBatch:
     patch_labels: torch.Tensor | None
     patch_source: torch.Tensor | None
     lam: float
+    #: Pair mixing: bool [B], the samples Mixup blended (their patches take the image's target).
+    patch_soft: torch.Tensor | None = None
 
 
 class _GridMixup(Mixup):
@@ -76,15 +86,81 @@ class Mixer:
             num_classes=num_classes,
         )
 
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> MixedBatch:
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, seeds: torch.Tensor | None = None) -> MixedBatch:
+        """Mix `images` in place; with `seeds` (int64 [B], one per sample) in pairs `(2p, 2p+1)`,
+        each drawn from the seed of its first sample, else as one batch."""
         if len(images) % 2:
             raise UserError(f"mixing needs an even micro-batch size (it pairs each image with the flipped batch), got {len(images)}")
+        if seeds is not None:
+            return self._mix_pairs(images, labels, seeds)
         images, targets = self._mixup(images, labels)
         patch_source = None
         if self.aligned and (self._mixup.box is not None or not self._mixup.mixed):
             patch_source = self._patch_source(len(images), labels.device)
         patch_labels = labels[patch_source] if patch_source is not None else None
         return MixedBatch(images, targets, patch_labels, patch_source, self._mixup.lam)
+
+    def _pair_draws(self, seeds: torch.Tensor, grid: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per pair: λ (the kept area for CutMix), CutMix or not, and the box in `grid` cells, drawn
+        by timm's samplers from numpy's generator seeded by the pair (the caller's state restored)."""
+        pair_seeds = derive(seeds[0::2].cpu(), MIX)
+        lams, cut, boxes = np.ones(len(pair_seeds)), np.zeros(len(pair_seeds), dtype=bool), np.zeros((len(pair_seeds), 4), dtype=np.int64)
+        saved = np.random.get_state()
+        try:
+            for p, seed in enumerate(pair_seeds.tolist()):
+                np.random.seed([seed & 0xFFFFFFFF, seed >> 32])
+                lam, use_cutmix = self._mixup._params_per_batch()
+                if lam != 1.0 and use_cutmix:
+                    boxes[p], lam = cutmix_bbox_and_lam(grid, lam, ratio_minmax=self._mixup.cutmix_minmax, correct_lam=True)
+                    cut[p] = True
+                lams[p] = lam
+        finally:
+            np.random.set_state(saved)
+        return lams, cut, boxes
+
+    def _mix_pairs(self, images: torch.Tensor, labels: torch.Tensor, seeds: torch.Tensor) -> MixedBatch:
+        """Mix each pair in place as timm's `pair` mode does: its CutMix box swapped between the two
+        (cell-aligned), or both blended by its λ."""
+        cell = self._mixup.cell
+        grid = (images.shape[-2] // cell, images.shape[-1] // cell)
+        lams, cut, boxes = self._pair_draws(seeds, grid)
+        device, batch = images.device, len(images)
+        for p in np.flatnonzero(cut).tolist():
+            y0, y1, x0, x1 = (int(v) * cell for v in boxes[p])
+            first = images[2 * p, :, y0:y1, x0:x1].clone()
+            images[2 * p, :, y0:y1, x0:x1] = images[2 * p + 1, :, y0:y1, x0:x1]
+            images[2 * p + 1, :, y0:y1, x0:x1] = first
+        blended = np.flatnonzero((lams != 1.0) & ~cut)
+        if len(blended):
+            first, second = torch.from_numpy(2 * blended).to(device), torch.from_numpy(2 * blended + 1).to(device)
+            lam = torch.from_numpy(lams[blended]).to(device=device, dtype=images.dtype).view(-1, 1, 1, 1)
+            a, b = images[first], images[second]
+            images[first] = a * lam + b * (1 - lam)
+            images[second] = b * lam + a * (1 - lam)
+        lam = torch.from_numpy(np.repeat(lams, 2)).to(device=device, dtype=torch.float32)
+        smoothing = self._mixup.label_smoothing
+        off = smoothing / self._mixup.num_classes
+        own = one_hot(labels, self._mixup.num_classes, on_value=1.0 - smoothing + off, off_value=off)
+        other = own.view(batch // 2, 2, -1).flip(1).reshape(own.shape)
+        targets = own * lam[:, None] + other * (1 - lam[:, None])
+        patch_source = patch_labels = patch_soft = None
+        if self.aligned:
+            in_box = self._box_mask(np.repeat(cut, 2), np.repeat(boxes, 2, axis=0), grid, device)
+            own_index = torch.arange(batch, device=device)
+            partner_index = own_index.view(-1, 2).flip(1).reshape(-1)
+            patch_source = torch.where(in_box, partner_index.view(-1, 1, 1), own_index.view(-1, 1, 1)).flatten(1)
+            patch_labels = labels[patch_source]
+            patch_soft = torch.from_numpy(np.repeat((lams != 1.0) & ~cut, 2)).to(device)
+        return MixedBatch(images, targets, patch_labels, patch_source, float(lams.mean()), patch_soft)
+
+    @staticmethod
+    def _box_mask(cut: np.ndarray, boxes: np.ndarray, grid: tuple[int, int], device: torch.device) -> torch.Tensor:
+        """bool [B, grid_h, grid_w]: the cells inside each sample's CutMix box (none without CutMix)."""
+        rows = torch.arange(grid[0], device=device).view(1, -1, 1)
+        cols = torch.arange(grid[1], device=device).view(1, 1, -1)
+        y0, y1, x0, x1 = (torch.from_numpy(boxes[:, i]).to(device).view(-1, 1, 1) for i in range(4))
+        inside = (rows >= y0) & (rows < y1) & (cols >= x0) & (cols < x1)
+        return inside & torch.from_numpy(cut).to(device).view(-1, 1, 1)
 
     def _patch_source(self, batch: int, device: torch.device) -> torch.Tensor:
         """Batch index of each patch's source, patches in row-major order (as ViT flattens them)."""

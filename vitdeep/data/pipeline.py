@@ -12,9 +12,11 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import functools
+import itertools
 import math
 import multiprocessing
 import os
+import random
 import signal
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -24,10 +26,15 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.data.random_erasing import RandomErasing
 from torch.utils.data import DataLoader, IterableDataset
 
+from vitdeep.data.children import die_with_parent
 from vitdeep.data.info import DatasetInfo, read_dataset_info
-from vitdeep.data.options import MAX_BAD_FRACTION
+from vitdeep.data.lane_layout import LaneLayout, lane_shuffle_buffer
+from vitdeep.data.lanes import EpochOrder, LaneStream, RankShare, TrainBatch
+from vitdeep.data.options import MAX_BAD_FRACTION, ReadPolicy
 from vitdeep.data.replay import StreamReplay, stream_key
 from vitdeep.data.samples import ReadStats
+from vitdeep.data.seeding import ERASE, derive
+from vitdeep.data.storage import read_policy, use_read_policy
 from vitdeep.data.streams import EvalPlan, EvalStream, TrainPlan, TrainStream
 from vitdeep.data.transforms import AugmentConfig, Transform, eval_transform, train_transform
 from vitdeep.errors import UserError
@@ -36,12 +43,16 @@ __all__ = [
     "BatchPreprocessor",
     "DatasetInfo",
     "EvalLoader",
+    "LaneLayout",
+    "LaneLoader",
     "ReadStats",
     "StreamReplay",
     "TrainLoader",
     "epoch_batches",
     "eval_loader",
     "read_dataset_info",
+    "TrainBatch",
+    "lane_loader",
     "too_many_bad",
     "train_loader",
 ]
@@ -68,10 +79,28 @@ def bad_data_error(bad: Counter, read: int, max_bad_fraction: float, *, shared: 
     )
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
-    """A worker killed by SIGTERM would fail the batch the run still needs to reach its checkpoint."""
+def _init_worker(parent: int, reads: ReadPolicy, worker_id: int) -> None:
+    """A loader worker ignores the stop signals: killed by SIGTERM, it would fail the batch the
+    run still needs to reach its checkpoint. It ignores them through a handler that does nothing,
+    not SIG_IGN, which the commands it starts (`pipe:`) would inherit and so survive SIGTERM.
+    It dies with the process that started it (blocked on a stalled read, it would never notice
+    that process was killed), and reads under that process's `ReadPolicy`."""
+    die_with_parent(parent)
     for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
+        signal.signal(sig, _ignore_signal)
+    use_read_policy(reads)
+
+
+def _ignore_signal(number: int, frame: object) -> None:
+    pass
+
+
+def kill_workers() -> None:
+    """SIGKILL this process's loader workers: they hold nothing to save, and ignore SIGTERM."""
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the DataLoader's handler would report each kill
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
 
 
 @functools.cache
@@ -82,13 +111,7 @@ def _kill_workers_at_exit() -> None:
     never told to stop; multiprocessing's own exit handler then sends them SIGTERM, which they
     ignore (above), and waits for them forever, and the other ranks wait for this one until
     `--dist-timeout`. SIGKILL ends them at once: they hold nothing to save."""
-    def kill() -> None:
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the DataLoader's handler would report each kill
-        for child in multiprocessing.active_children():
-            if child.daemon:
-                child.kill()
-
-    atexit.register(kill)
+    atexit.register(kill_workers)
 
 
 class _Loader:
@@ -107,7 +130,8 @@ class _Loader:
         # A private generator: the DataLoader draws its workers' base seed from it, not from the
         # caller's global stream (our streams seed themselves per batch).
         self._loader = DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                                  generator=torch.Generator(), worker_init_fn=_ignore_stop_signals)
+                                  generator=torch.Generator(),
+                                  worker_init_fn=functools.partial(_init_worker, os.getpid(), read_policy()))
         if num_workers:
             _kill_workers_at_exit()
 
@@ -116,16 +140,16 @@ class _Loader:
         return self.stats.bad_samples
 
     def _items(self) -> Iterator[tuple]:
+        """The workers' items without their `ReadStats`, which are tallied into `self.stats`."""
         latest: dict[int, ReadStats] = {}
         self.stats = ReadStats()
-        for images, labels, keys, stats in self._loader:
+        for *item, stats in self._loader:
             latest[stats.worker] = stats
             self.stats = sum(latest.values(), ReadStats())
             if stats.fatal:
                 raise UserError(stats.fatal)
             self._check_bad()
-            if images is not None:
-                yield images, labels, keys
+            yield item
         self._check_bad()
 
     def _check_bad(self) -> None:
@@ -134,19 +158,16 @@ class _Loader:
 
 
 class TrainLoader(_Loader):
-    """One rank's training epoch. `len()` is the epoch's batch count, the same on every rank;
-    with `start_batch=b` iteration yields batches b … len()-1, exactly as a full run would.
-    With a `replay` and its `replay_key`, an epoch kept there is replayed instead of read, and
-    one read from its start is kept."""
+    """One rank's training epoch in the per-rank order of runs started before the lane order
+    (`TrainStream`; such a run resumes only on its own world size). `len()` is the epoch's batch
+    count, the same on every rank; with `start_batch=b` iteration yields batches b … len()-1,
+    exactly as a full run would."""
 
     def __init__(self, plan: TrainPlan, info: DatasetInfo, transform: Transform, num_workers: int,
-                 max_bad_fraction: float, pin_memory: bool, replay: StreamReplay | None = None,
-                 replay_key: object = None):
+                 max_bad_fraction: float, pin_memory: bool):
         super().__init__(TrainStream(plan, transform), num_workers, max_bad_fraction, pin_memory)
         self.plan = plan
         self.info = info
-        self.replay = replay if replay_key is not None else None
-        self.replay_key = replay_key
 
     @property
     def start_batch(self) -> int:
@@ -156,15 +177,9 @@ class TrainLoader(_Loader):
         return self.plan.batches
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        if self.replay is not None and self.replay_key in self.replay:
-            batches = self.replay.replay(self.replay_key, self.plan.start_batch)
-        else:
-            batches = ((images, labels, self.stats) for images, labels, _ in self._items())
-            if self.replay is not None and self.plan.start_batch == 0:
-                batches = self.replay.record(self.replay_key, batches, self.plan.batches)
-        for images, labels, stats in batches:
-            self.stats = stats
-            yield images, labels
+        for images, labels, _ in self._items():
+            if images is not None:
+                yield images, labels
 
 
 class EvalLoader(_Loader):
@@ -198,7 +213,8 @@ class EvalLoader(_Loader):
 
     def __iter__(self) -> Iterator[tuple]:
         for images, labels, keys in self._items():
-            yield (images, labels, keys) if self.with_keys else (images, labels)
+            if images is not None:
+                yield (images, labels, keys) if self.with_keys else (images, labels)
 
 
 def epoch_batches(num_samples: int, micro_batch: int, world_size: int) -> int:
@@ -234,11 +250,10 @@ def train_loader(
     split: str = "train",
     num_classes: int | None = None,
     pin_memory: bool = False,
-    replay: StreamReplay | None = None,
 ) -> TrainLoader:
-    """The training stream of rank `rank`: total_samples // (micro_batch × world_size) batches of
-    `(images uint8 [B,3,H,W], labels int64 [B])`, reproducible from (seed, epoch, rank, batch).
-    `replay` keeps the epochs read here for later loaders of the same stream in this process."""
+    """The per-rank training stream of runs started before the lane order (`lane_loader`):
+    total_samples // (micro_batch × world_size) batches of `(images uint8 [B,3,H,W], labels int64
+    [B])`, reproducible from (seed, epoch, rank, batch)."""
     _check_ranks(rank, world_size, num_workers, micro_batch)
     if seed < 0 or epoch < 0:
         raise UserError(f"seed and epoch must be >= 0, got {seed} and {epoch}")
@@ -265,8 +280,7 @@ def train_loader(
         shuffle_buffer=shuffle_buffer,
         num_classes=num_classes or info.num_classes,
     )
-    key = stream_key(plan, (dataclasses.astuple(aug), img_size)) if replay is not None else None
-    return TrainLoader(plan, info, train_transform(aug, img_size), num_workers, max_bad_fraction, pin_memory, replay, key)
+    return TrainLoader(plan, info, train_transform(aug, img_size), num_workers, max_bad_fraction, pin_memory)
 
 
 def eval_loader(
@@ -317,6 +331,7 @@ def eval_loader(
         by_shards=sharding == "shards" or (sharding == "auto" and enough),
         num_classes=num_classes or info.num_classes,
         log_bad=log_bad,
+        shard_sizes=info.shard_sizes,
     )
     transform = eval_transform(img_size, crop_ratio, interpolation)
     return EvalLoader(plan, info, transform, num_workers, max_bad_fraction, pin_memory, with_keys)
@@ -342,9 +357,109 @@ class BatchPreprocessor:
         if aug is not None and aug.reprob > 0:
             self.erase = RandomErasing(aug.reprob, mode=aug.remode, max_count=aug.recount, device=self.device)
 
-    def __call__(self, images: torch.Tensor, train: bool = False) -> torch.Tensor:
-        """`train=True` adds random erasing (when the config has it)."""
+    def __call__(self, images: torch.Tensor, train: bool = False, seeds: torch.Tensor | None = None) -> torch.Tensor:
+        """`train=True` adds random erasing (when the config has it): from each sample's own seed
+        when `seeds` (int64 [B]) are given, else from the global generators as timm does."""
         x = images.to(self.device, non_blocking=True).float().sub_(self.mean).mul_(self.inv_std)
         if train and self.erase is not None:
-            x = self.erase(x)
+            if seeds is None:
+                x = self.erase(x)
+            else:
+                self._erase_per_sample(x, seeds)
         return x.to(self.dtype)
+
+    def _erase_per_sample(self, x: torch.Tensor, seeds: torch.Tensor) -> None:
+        """timm's erasing of each image with Python's and torch's generators seeded by the image
+        (the boxes come from `random`, the noise from torch); the callers' states are restored."""
+        python_state = random.getstate()
+        on_gpu = self.device.type == "cuda"
+        generator = torch.cuda.default_generators[self.device.index or 0] if on_gpu else torch.default_generator
+        with torch.random.fork_rng(devices=[self.device] if on_gpu else []):
+            for image, seed in zip(x, derive(seeds.cpu(), ERASE).tolist()):
+                random.seed(seed)
+                generator.manual_seed(seed)  # the device's own generator: torch.manual_seed seeds every device (90 µs)
+                self.erase._erase(image, *image.shape, image.dtype)
+        random.setstate(python_state)
+
+
+class LaneLoader(_Loader):
+    """One rank's share of a training epoch in the lane order (`vitdeep.data.lanes`): yields
+    `TrainBatch`es of `share.micro_batch` samples from the epoch's step `start_step` on, each put
+    together from the pieces its readers made. `len()` is the number of micro-batches left."""
+
+    def __init__(self, share: RankShare, info: DatasetInfo, transform: Transform, num_workers: int,
+                 max_bad_fraction: float | None, pin_memory: bool, replay: StreamReplay | None = None,
+                 replay_key: object = None):
+        super().__init__(LaneStream(share, transform), num_workers, max_bad_fraction, pin_memory)
+        self.pin_memory = pin_memory
+        self.share = share
+        self.info = info
+        self.replay = replay if replay_key is not None else None
+        self.replay_key = replay_key
+
+    def __len__(self) -> int:
+        return self.share.micro_batches
+
+    def __iter__(self) -> Iterator[TrainBatch]:
+        share = self.share
+        if self.replay is not None and self.replay_key in self.replay:
+            batches = self.replay.replay(self.replay_key, share.start_step * share.micro_per_step)
+        else:
+            batches = self._assembled()
+            if self.replay is not None and share.start_step == 0:
+                batches = self.replay.record(self.replay_key, batches, share.micro_batches)
+        for batch in batches:
+            self.stats = batch.stats
+            yield batch
+
+    def _assembled(self) -> Iterator[TrainBatch]:
+        share = self.share
+        items = self._items()
+        micro = share.start_step * share.micro_per_step
+        for parts in iter(lambda: list(itertools.islice(items, share.readers)), []):
+            yield TrainBatch.assemble([part for part, in parts if part is not None], share.micro_batch,
+                                      share.positions(micro), self.stats, self.pin_memory)
+            micro += 1
+
+
+def lane_loader(
+    urls: str | os.PathLike | Sequence[str] | DatasetInfo,
+    *,
+    layout: LaneLayout,
+    micro_batch: int,
+    img_size: int,
+    rank: int,
+    world_size: int,
+    seed: int,
+    epoch: int,
+    num_workers: int,
+    aug: AugmentConfig,
+    shuffle_buffer: int | None = None,
+    start_step: int = 0,
+    max_bad_fraction: float | None = MAX_BAD_FRACTION,
+    split: str = "train",
+    num_classes: int | None = None,
+    pin_memory: bool = False,
+    replay: StreamReplay | None = None,
+) -> LaneLoader:
+    """Rank `rank`'s share of training epoch `epoch` in the world-independent lane order, from step
+    `start_step` on: the same global batches whatever `world_size`, `micro_batch` and
+    `num_workers` (any that `layout` fits). `shuffle_buffer` is per lane (default: by the lanes).
+    `replay` keeps the epochs read here for later loaders of the same stream in this process."""
+    _check_ranks(rank, world_size, num_workers, micro_batch)
+    if seed < 0 or epoch < 0:
+        raise UserError(f"seed and epoch must be >= 0, got {seed} and {epoch}")
+    layout.check(world_size, num_workers, micro_batch)
+    info = read_dataset_info(urls, None, split)
+    if info.shard_sizes is None:
+        raise UserError(f"the training order needs every shard's sample count, unknown for {info.urls[0]} …: put an "
+                        "_info.json (as `vitdeep shards` writes) or sizes.json beside the shards")
+    order = EpochOrder(info.urls, info.shard_sizes, seed, epoch, layout, aug.repeated_aug,
+                       shuffle_buffer if shuffle_buffer is not None else lane_shuffle_buffer(layout.lanes))
+    if order.steps == 0:
+        raise UserError(f"{sum(info.shard_sizes)} training samples make no global batch of {layout.global_batch}")
+    if not 0 <= start_step <= order.steps:
+        raise UserError(f"start step {start_step} is outside the epoch of {order.steps} steps")
+    share = RankShare(order, rank, world_size, micro_batch, max(num_workers, 1), start_step, num_classes or info.num_classes)
+    key = stream_key(share, (dataclasses.astuple(aug), img_size)) if replay is not None else None
+    return LaneLoader(share, info, train_transform(aug, img_size), num_workers, max_bad_fraction, pin_memory, replay, key)

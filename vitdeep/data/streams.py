@@ -1,5 +1,8 @@
 """The sample streams that run inside the DataLoader workers (one reader per worker).
 
+Training runs read the lane order of `vitdeep.data.lanes`; `TrainStream` is the per-rank order of
+runs started before it, kept so that their checkpoints resume exactly (on their own world size).
+
 Training (`TrainStream`). Rank r's epoch is `batches` batches; batch i is made by reader i mod R,
 as its local batch i div R (R readers per rank), which is the order in which a DataLoader
 collects batches from its workers. A reader's stream is a sequence of stretches, one whole shard
@@ -17,7 +20,10 @@ without consuming it. Each yielded item carries the reader's running `ReadStats`
 
 Evaluation (`EvalStream`): every sample exactly once over all ranks and readers, either by giving
 each reader whole shards, or (fewer shards than readers) by every reader reading all shards and
-keeping the samples whose position is its index modulo the number of readers.
+keeping the samples whose position is its index modulo the number of readers. A shard whose read
+fails counts the samples it promised and lost as missing (`shard_slots`); reading every shard, a
+reader counts the lost positions that were its share, so positions stay aligned across readers
+even when a stall hits one reader and not another, and the counts add up exactly.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.filters import shuffle
 
-from vitdeep.data.samples import BadDataLog, BadSample, ReadStats, count_samples, decode_sample, shard_samples
+from vitdeep.data.samples import BadDataLog, BadSample, ReadStats, count_samples, decode_sample, shard_samples, shard_slots
 from vitdeep.data.transforms import Transform
 
 # Purposes mixed into every seed, so no two random streams share one.
@@ -48,20 +54,32 @@ def stream_seed(*parts: int) -> int:
     return int(np.random.SeedSequence(list(parts)).generate_state(1, np.uint64)[0])
 
 
-@contextmanager
-def seeded(seed: int) -> Iterator[None]:
-    """Seed Python's, numpy's and torch's CPU generators (timm's transforms draw from all three),
-    restoring them afterwards so a reader in the main process leaves the caller's streams alone."""
-    saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
+def reseed(seed: int) -> None:
+    """Seed Python's, numpy's and torch's CPU generators (timm's transforms draw from all three)."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.default_generator.manual_seed(seed)
+
+
+@contextmanager
+def preserved_rngs() -> Iterator[None]:
+    """Restore Python's, numpy's and torch's CPU generators afterwards, so a reader in the main
+    process leaves the caller's streams alone."""
+    saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
     try:
         yield
     finally:
         random.setstate(saved[0])
         np.random.set_state(saved[1])
         torch.set_rng_state(saved[2])
+
+
+@contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """`reseed(seed)` inside the block, the caller's generators restored afterwards."""
+    with preserved_rngs():
+        reseed(seed)
+        yield
 
 
 class NoData(Exception):
@@ -170,7 +188,7 @@ class TrainStream(IterableDataset):
         plan = self.plan
         shards, _ = plan.reader_shards(reader)
         sizes: dict[str, int] = {}
-        empty = 0
+        empty: set[str] = set()  # the shards that gave nothing since the last that gave a sample
         for stretch, url in plan.stretches(reader):
             if skip and url not in sizes:
                 sizes[url] = count_samples(url)
@@ -185,8 +203,8 @@ class TrainStream(IterableDataset):
                         skip -= 1
                     else:
                         yield sample
-            empty = 0 if size else empty + 1
-            if empty >= len(shards):
+            empty = set() if size else empty | {url}
+            if len(empty) >= len(set(shards)):
                 raise NoData(
                     f"no readable sample in any of the {len(shards)} shards of rank {plan.rank}, reader {reader} (e.g. {url})"
                 )
@@ -234,6 +252,9 @@ class EvalPlan:
     by_shards: bool
     num_classes: int | None
     log_bad: bool = True
+    #: Samples per shard (from `_info.json`, sizes.json or the tar headers), when known: what a
+    #: failed read of each is counted against.
+    shard_sizes: tuple[int, ...] | None = None
 
     @property
     def consumers(self) -> int:
@@ -278,10 +299,17 @@ class EvalStream(IterableDataset):
 
     def _samples(self, me: int, bad: BadDataLog) -> Iterator[dict]:
         plan = self.plan
+        sizes = plan.shard_sizes or (None,) * len(plan.urls)
         if plan.by_shards:
-            return itertools.chain.from_iterable(shard_samples(url, bad) for url in plan.urls[me :: plan.consumers])
-        every = itertools.chain.from_iterable(shard_samples(url, bad) for url in plan.urls)
-        return itertools.islice(every, me, None, plan.consumers)
+            mine = range(me, len(plan.urls), plan.consumers)
+            yield from itertools.chain.from_iterable(shard_samples(plan.urls[i], bad, sizes[i]) for i in mine)
+            return
+        every = itertools.chain.from_iterable(shard_slots(url, bad, size) for url, size in zip(plan.urls, sizes))
+        for sample in itertools.islice(every, me, None, plan.consumers):
+            if sample is None:
+                bad.missing()
+            else:
+                yield sample
 
     @staticmethod
     def _collate(batch: list[tuple]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
@@ -290,5 +318,11 @@ class EvalStream(IterableDataset):
 
 
 class _SampleErrorsOnly(BadDataLog):
+    """Counts bad samples and its share of missing ones, leaving the shards' own errors (which
+    every reader meets) to reader 0."""
+
     def read_error(self, error: Exception) -> bool:
         return True
+
+    def shard_failed(self, url: str, reason: str, read: int, lost: int) -> None:
+        pass

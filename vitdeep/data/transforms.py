@@ -1,7 +1,7 @@
 """DeiT's augmentation, built from timm's transform factory.
 
 `AugmentConfig` (in `vitdeep.data.options`, free of torch) is the one place the recipe's defaults
-live (reference.md §4). The per-image transforms run in the loader workers and stop at uint8
+live (docs/method.md §4). The per-image transforms run in the loader workers and stop at uint8
 tensors (timm's "prefetcher" mode); normalisation and random erasing run on the whole batch on the
 device (`pipeline.BatchPreprocessor`).
 """

@@ -13,6 +13,8 @@ says at which values it changes nothing (`identity_state`), for loading checkpoi
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import partial
 from typing import Callable, Optional
 
@@ -192,6 +194,49 @@ def attention_layer(*, talking_heads: bool = False, attnscale: bool = False, fea
     )
 
 
+class SampleDropPath(DropPath):
+    """timm's DropPath whose per-sample keep decisions can come from given draws.
+
+    timm draws each sample's mask from the global generator, so a sample's masks depend on the
+    rank and the batch it lands in. With `draws` set (`sample_drop_paths`: one U[0, 1) number per
+    sample, drawn from the sample's own seed), sample i is kept when `draws[i] < 1 - drop_prob`:
+    the same distribution, the same decision wherever the sample is, and the same in a
+    recomputation under activation checkpointing.
+    """
+
+    def __init__(self, drop_prob: float = 0.0, scale_by_keep: bool = True) -> None:
+        super().__init__(drop_prob, scale_by_keep)
+        self.draws: Optional[torch.Tensor] = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.draws is None or not self.training or self.drop_prob == 0.0:
+            return super().forward(x)
+        keep = 1.0 - self.drop_prob
+        mask = (self.draws < keep).to(x.dtype).view(-1, *(1,) * (x.ndim - 1))
+        return x * (mask / keep if self.scale_by_keep else mask)
+
+
+def drop_path_layers(model: nn.Module) -> list[SampleDropPath]:
+    """The model's drop-path layers, in a fixed order (the order of `model.modules()`)."""
+    return [module for module in model.modules() if isinstance(module, SampleDropPath)]
+
+
+@contextmanager
+def sample_drop_paths(model: nn.Module, draws: torch.Tensor) -> Iterator[None]:
+    """Inside the block, drop-path layer k keeps sample i when `draws[i, k] < keep` (draws
+    `[batch, len(drop_path_layers(model))]` on the model's device); timm's random draws after."""
+    layers = drop_path_layers(model)
+    if draws.shape[1] != len(layers):
+        raise ValueError(f"draws for {draws.shape[1]} drop-path layers, the model has {len(layers)}")
+    for k, layer in enumerate(layers):
+        layer.draws = draws[:, k]
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.draws = None
+
+
 class Block(nn.Module):
     """Pre-norm transformer block (timm's ViT block) around `attn_layer`.
 
@@ -218,11 +263,11 @@ class Block(nn.Module):
         self.norm1 = norm_layer(dim)
         self.attn = attn_layer(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop)
         self.ls1 = LayerScale(dim, init_values=init_values) if init_values else nn.Identity()
-        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.drop_path1 = SampleDropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
         self.ls2 = LayerScale(dim, init_values=init_values) if init_values else nn.Identity()
-        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.drop_path2 = SampleDropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def scale_attn_branch(self, x: torch.Tensor) -> torch.Tensor:
         return self.ls1(x)
