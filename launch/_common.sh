@@ -63,6 +63,17 @@ vitdeep_args() {
     return 0
 }
 
+# fit_world: when OUT holds a run, lower NNODES / GPUS_PER_NODE to the most ranks it goes on on (its
+# lanes decide which numbers fit, `vitdeep fit-world`), which says so on stderr; with none that
+# fits, one line and exit 2. A run stopped on 16 ranks and requeued on 3 nodes × 8 resumes on 2 × 8.
+fit_world() {
+    local vitdeep fit
+    vitdeep=$(find_tool vitdeep VITDEEP)
+    fit=$("$vitdeep" fit-world "$(absolute "$OUT")" --nodes "$NNODES" --gpus-per-node "$GPUS_PER_NODE") || exit 2
+    read -r NNODES GPUS_PER_NODE <<< "$fit"
+    export NNODES GPUS_PER_NODE
+}
+
 # show_command CMD...: print the command (shell-quoted, ready to copy); with DRY_RUN=1 stop there.
 show_command() {
     printf '+'

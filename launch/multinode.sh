@@ -22,6 +22,8 @@
 #   MASTER_PORT              free TCP port on node 0 (default 29500)
 #   NNODES                   use only the first NNODES hosts of HOSTFILE (default: all)
 #   GPUS_PER_NODE            ranks per node (default: each host's slots)
+# A run already in OUT goes on on the most of these ranks its lanes fit (`vitdeep fit-world`): the
+# hostfile may name fewer or more hosts than the run started on.
 #   NODE_RANK                start only this node's ranks, without ssh (see above)
 #   ENV_VARS                 more variable names for ./.deepspeed_env (NCCL_*, GLOO_*, TORCH_NCCL_*,
 #                            WDS_*, TORCH_EXTENSIONS_DIR, OMP_NUM_THREADS, DS_ACCELERATOR go there anyway)
@@ -39,6 +41,7 @@ ENV_MARKER="VITDEEP_ENV_FILE=written-by-launch/multinode.sh"
 [[ -n "${HOSTFILE:-}" ]] || die "$SCRIPT: no hostfile: set HOSTFILE to a file of 'HOST slots=GPUS' lines, one per node (see launch/hostfile.example)"
 [[ -f "$HOSTFILE" ]] || die "$SCRIPT: HOSTFILE=$HOSTFILE does not exist (see launch/hostfile.example)"
 HOSTS=()
+SLOTS=()
 while IFS= read -r line || [[ -n "$line" ]]; do
     line="${line#"${line%%[![:space:]]*}"}"
     [[ -z "$line" || "$line" == \#* ]] && continue
@@ -49,6 +52,7 @@ while IFS= read -r line || [[ -n "$line" ]]; do
         [[ "$seen" != "$host" ]] || die "$SCRIPT: HOSTFILE=$HOSTFILE names $host twice"
     done
     HOSTS+=("$host")
+    SLOTS+=("${BASH_REMATCH[2]}")
 done < "$HOSTFILE"
 (( ${#HOSTS[@]} > 0 )) || die "$SCRIPT: HOSTFILE=$HOSTFILE lists no host (lines 'HOST slots=GPUS')"
 
@@ -60,11 +64,26 @@ MASTER_ADDR=${MASTER_ADDR:-${HOSTS[0]}}
 MASTER_PORT=${MASTER_PORT:-29500}
 require_int MASTER_PORT 1
 vitdeep_args
+# A run in OUT goes on on the most ranks of these hosts its lanes fit (fewer or more hosts than it
+# started on): NNODES and GPUS_PER_NODE are lowered to them, and said.
+ALL_NODES=$NNODES
+GIVEN_GPUS=${GPUS_PER_NODE:-}
+if [[ -z "$GIVEN_GPUS" ]]; then
+    GPUS_PER_NODE=$(printf '%s\n' "${SLOTS[@]:0:$NNODES}" | sort -n | head -n 1)
+    (( GPUS_PER_NODE > 0 )) || die "$SCRIPT: HOSTFILE=$HOSTFILE gives a host slots=0"
+fi
+BEFORE="$NNODES $GPUS_PER_NODE"
+fit_world
+[[ -n "$GIVEN_GPUS" || "$NNODES $GPUS_PER_NODE" != "$BEFORE" ]] || GPUS_PER_NODE=""  # else each host's slots
+if [[ -n "${NODE_RANK:-}" ]] && [[ "$NODE_RANK" =~ ^[0-9]+$ ]] && (( NODE_RANK >= NNODES && NODE_RANK < ALL_NODES )); then
+    echo "$SCRIPT: node $NODE_RANK is not needed: the run goes on on the first $NNODES node(s)"
+    exit 0
+fi
 DEEPSPEED_BIN=$(find_tool deepspeed DEEPSPEED)
 
 LAUNCHER=("$DEEPSPEED_BIN" --hostfile "$(absolute "$HOSTFILE")" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT")
 (( NNODES == ${#HOSTS[@]} )) || LAUNCHER+=(--num_nodes "$NNODES")
-[[ -z "${GPUS_PER_NODE:-}" ]] || LAUNCHER+=(--num_gpus "$GPUS_PER_NODE")
+[[ -z "$GPUS_PER_NODE" ]] || LAUNCHER+=(--num_gpus "$GPUS_PER_NODE")
 
 if [[ -n "${NODE_RANK:-}" ]]; then
     # --- once on every node: DeepSpeed reads no .deepspeed_env in this mode, so take it here

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from vitdeep.engine.deepspeed import free_port
+from vitdeep.launcher import RANK_VARIABLES
 
 BIN = Path(sys.executable).parent
 
@@ -57,7 +58,10 @@ def refuses(argv: list[str], capsys, needle: str, out: Path | None = None) -> st
 
 
 def cpu_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    # an in-process `vitdeep eval` of an earlier test joined a process group of its own and left its
+    # rank variables in this process's environment: no child inherits them
+    env = {k: v for k, v in os.environ.items() if k not in RANK_VARIABLES}
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env.update(extra)
     return env
 

@@ -360,7 +360,7 @@ def test_samples_lost_after_a_tar_error_are_counted_the_same_on_1_and_2_ranks(st
     one, two = results
     for result in results:
         assert result["expected"] == 297 and result["read"] + result["missing"] == 297
-        assert result["missing"] > 50 and result["bad"].get("unreadable tar data", 0) >= 2
+        assert result["missing"] > 50 and not result["bad"], "the shards' lost samples count as missing, nothing else"
         assert result["count"] == result["read"] - sum(result["bad"].values())
     assert {k: one[k] for k in ("count", "top1", "expected", "read", "missing", "bad")} == \
         {k: two[k] for k in ("count", "top1", "expected", "read", "missing", "bad")}

@@ -16,7 +16,7 @@ import torch
 
 #: Variables a launcher sets for its ranks; a parent that joined a process group of its own (an
 #: in-process evaluation) must not hand them on to the next launcher.
-_RANK_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
+RANK_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07")
 #: What a failed run's own words look like, most telling first: vitdeep's one line (rank 0's, then
 #: another rank's), then the last line of a traceback.
@@ -52,7 +52,7 @@ def option_flags(options: dict[str, Any]) -> list[str]:
 
 def launcher_env() -> dict[str, str]:
     """This process's environment for a launcher: CPU ranks without a GPU, no stale rank variables."""
-    env = {key: value for key, value in os.environ.items() if key not in _RANK_VARIABLES}
+    env = {key: value for key, value in os.environ.items() if key not in RANK_VARIABLES}
     if not on_gpu():
         env.setdefault("DS_ACCELERATOR", "cpu")
     return env

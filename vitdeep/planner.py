@@ -43,7 +43,13 @@ def plan_for_cluster(cfg: TrainConfig, world_size: int) -> tuple[RunPlan, list[s
     notes = [data_note]
     if cfg.loss.distill != "none":
         notes.append("the distillation teacher's weights and forward pass are not counted")
-    return make_plan(cfg, world_size, train_info=info, check_host=False), notes
+    plan = make_plan(cfg, world_size, train_info=info, check_host=False)
+    layout = plan.layout
+    notes.append(f"training order: {layout.lanes} lanes (`--lanes`), so the run can stop and go on on "
+                 f"{', '.join(map(str, layout.world_sizes()))} ranks; on {world_size}: up to "
+                 f"{layout.worker_counts(world_size)[-1]} workers, micro-batch "
+                 f"{', '.join(map(str, layout.micro_batches(world_size)))}")
+    return plan, notes
 
 
 def run_plan(
@@ -55,15 +61,21 @@ def run_plan(
     mfu: float,
     json_path: Path | None,
     measure: bool,
+    config: Path | None = None,
 ) -> dict[str, Any]:
     """Plan, print, and (--json) write; with `measure`, also run and measure one step on this
-    launch's ranks. Returns what --json writes (on rank 0; other ranks return {})."""
+    launch's ranks. Returns what --json writes (on rank 0; other ranks return {}). The JSON file
+    is never the `config` file or inside the shards' folder, and replaces a file only with `overwrite`."""
     import torch
 
     from vitdeep.engine.deepspeed import world_from_env
+    from vitdeep.paths import claim_outputs, data_folders
 
     if json_path is not None and not json_path.parent.is_dir():
         raise UserError(f"--json {json_path}: folder {json_path.parent} does not exist")
+    if json_path is not None:
+        claim_outputs([json_path], [*data_folders(cfg.data.data), *([config] if config else [])], flag="--json",
+                      overwrite=cfg.run.overwrite)
     on_gpu = torch.cuda.is_available()
     memory = parse_memory(gpu_memory) if gpu_memory else None
     nodes = 1 if nodes is None else nodes

@@ -30,13 +30,19 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from vitdeep.engine.markers import (
+    CHECKPOINTS,
+    MARKER,
+    MARKER_FIELDS,
+    complete_checkpoints,
+    first_line,
+    marked,
+    marker_problem,
+    read_marker,
+    tag_for,
+)
 from vitdeep.errors import TrainingStopped, UserError
 
-MARKER = "vitdeep.json"
-CHECKPOINTS = "checkpoints"
-#: Marker fields every checkpoint has, with their types (a marker without them is damaged).
-MARKER_FIELDS = {"step": int, "epoch": int, "batch_in_epoch": int, "model": str, "model_kwargs": dict,
-                 "zero_stage": int, "world_size": int, "config": dict}
 #: DeepSpeed objects inside its checkpoint files (loss scaler, ZeRO stage, fragment addresses).
 SAFE_GLOBAL_NAMES = (
     "deepspeed.runtime.fp16.loss_scaler.LossScaler",
@@ -48,10 +54,6 @@ SAFE_GLOBAL_NAMES = (
 
 class DamagedCheckpoint(UserError):
     """A checkpoint file that is missing, truncated, unreadable or holds objects we do not load."""
-
-
-def tag_for(step: int) -> str:
-    return f"step_{step:08d}"
 
 
 def rank_file(path: Path, rank: int) -> Path:
@@ -95,14 +97,9 @@ def load_safely(path: str | Path, map_location: Any = "cpu", mmap: bool = False)
         if "Weights only load failed" in str(error):
             refused = next((line.strip() for line in str(error).splitlines() if "Unsupported" in line), "a code-running object")
             raise DamagedCheckpoint(f"{path} holds objects vitdeep does not unpickle ({refused}); refusing to load it") from None
-        raise DamagedCheckpoint(f"{path} is not a readable checkpoint file ({_first_line(error)})") from None
+        raise DamagedCheckpoint(f"{path} is not a readable checkpoint file ({first_line(error)})") from None
     except (RuntimeError, OSError, EOFError, ValueError) as error:
-        raise DamagedCheckpoint(f"{path} is damaged or truncated ({_first_line(error)})") from None
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:200] if text else type(error).__name__
+        raise DamagedCheckpoint(f"{path} is damaged or truncated ({first_line(error)})") from None
 
 
 @functools.cache
@@ -135,27 +132,6 @@ def use_safe_checkpoint_engine(engine: Any) -> None:
 # -- markers and intact checkpoints ------------------------------------------------------------
 
 
-def marker_problem(path: Path) -> tuple[dict[str, Any] | None, str | None]:
-    """(marker, None) for a well-formed marker, else (None, what is wrong with it)."""
-    try:
-        marker = json.loads((Path(path) / MARKER).read_text())
-    except FileNotFoundError:
-        return None, f"no {MARKER} (an interrupted save?)"
-    except (OSError, json.JSONDecodeError) as error:
-        return None, f"{MARKER} is unreadable ({_first_line(error)})"
-    if not isinstance(marker, dict):
-        return None, f"{MARKER} is not a JSON object"
-    wrong = [name for name, kind in MARKER_FIELDS.items() if not isinstance(marker.get(name), kind) or isinstance(marker.get(name), bool)]
-    if wrong:
-        return None, f"{MARKER} lacks {', '.join(wrong)}"
-    return marker, None
-
-
-def read_marker(path: Path) -> dict[str, Any] | None:
-    """The marker of a checkpoint directory when it is well formed, else None."""
-    return marker_problem(path)[0]
-
-
 def checkpoint_problem(path: Path) -> str | None:
     """Why a checkpoint directory cannot be used (None when it is intact).
 
@@ -186,20 +162,6 @@ def checkpoint_problem(path: Path) -> str | None:
             except DamagedCheckpoint as error:
                 return str(error)
     return None
-
-
-def _marked(out: Path) -> list[tuple[Path, dict[str, Any]]]:
-    """(directory, marker) of each checkpoint with a well-formed marker under `out/checkpoints`, oldest first."""
-    root = Path(out) / CHECKPOINTS
-    if not root.is_dir():
-        return []
-    found = [(p, read_marker(p)) for p in root.iterdir() if p.is_dir()]
-    return sorted(((p, m) for p, m in found if m is not None), key=lambda pm: pm[1]["step"])
-
-
-def complete_checkpoints(out: Path) -> list[Path]:
-    """Checkpoints whose save finished (well-formed marker) under `out/checkpoints`, oldest first."""
-    return [path for path, _ in _marked(out)]
 
 
 def newest_intact(out: Path, on_skip: Callable[[Path, str], None] | None = None) -> Path | None:
@@ -291,7 +253,7 @@ def _any_rank_failed(error: OSError | None) -> list[str]:
     if not failed.item():
         return []
     messages: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(messages, None if error is None else f"rank {dist.get_rank()}: {_first_line(error)}")
+    dist.all_gather_object(messages, None if error is None else f"rank {dist.get_rank()}: {first_line(error)}")
     return [m for m in messages if m]
 
 
@@ -354,15 +316,15 @@ def _save_failed_message(step: int, failures: list[str], out: Path) -> str:
 def prune_checkpoints(out: Path, keep_last: int) -> None:
     """Keep the newest `keep_last` complete checkpoints and the best by validation top-1;
     remove the rest and the remains of interrupted saves older than the newest complete one."""
-    marked = _marked(out)
-    if not marked:
+    found = marked(out)
+    if not found:
         return
-    complete = [path for path, _ in marked]
+    complete = [path for path, _ in found]
     keep = set(complete[-max(keep_last, 1):])
-    scored = [(marker["val_top1"], path) for path, marker in marked if marker.get("val_top1") is not None]
+    scored = [(marker["val_top1"], path) for path, marker in found if marker.get("val_top1") is not None]
     if scored:
         keep.add(max(scored, key=lambda sp: sp[0])[1])
-    newest_step = marked[-1][1]["step"]
+    newest_step = found[-1][1]["step"]
     for path in (Path(out) / CHECKPOINTS).iterdir():
         if not path.is_dir() or path in keep:
             continue
@@ -396,33 +358,63 @@ def load_checkpoint(engine: Any, path: Path, rank: int) -> tuple[dict[str, Any],
     return marker, extra
 
 
-def consolidate(path: Path, zero_stage: int, ema: bool = False) -> dict[str, torch.Tensor]:
+#: The Adam moments `consolidate` merges like the weights (`part`).
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def consolidate(path: Path, zero_stage: int, ema: bool = False, part: str | None = None) -> dict[str, torch.Tensor]:
     """One fp32 state dict from a checkpoint directory (every ZeRO stage), read safely.
 
     ZeRO partitions are merged by DeepSpeed's own `zero_to_fp32` code, fed with files read here.
-    The EMA is kept as per-rank partitions with the same layout as the fp32 master weights, so
-    it goes through the same merge with the partitions swapped in.
+    The EMA is kept as per-rank partitions with the same layout as the fp32 master weights, and so
+    are the Adam moments (`part` "exp_avg" / "exp_avg_sq", ZeRO 1-3): they go through the same
+    merge with the partitions swapped in, a copy without casts or sums.
     """
+    part = part or ("ema" if ema else "weights")
     if zero_stage == 0:
+        if part in MOMENTS:
+            raise ValueError("without ZeRO the optimizer state is saved whole, not in partitions")
         module = load_safely(path / "mp_rank_00_model_states.pt")["module"]
         state = {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
-        if ema:
+        if part == "ema":
             saved = ema_state(path, 0)
             state.update({name: t.float() for name, t in zip(saved["names"], saved["partitions"])})
         return state
     from deepspeed.utils import zero_to_fp32 as z
 
     model_states = [_zero_model_state(z, load_safely(f)) for f in z.get_model_state_files(str(path))]
-    stage, world_size, flat_groups, paddings = _zero_optim_states(z, path)
-    if ema:
+    stage, world_size, states = _zero_optim_states(z, path)
+    if part == "ema":
         flat_groups = [ema_state(path, rank)["partitions"] for rank in range(world_size)]
+    elif part in MOMENTS:
+        flat_groups = [_moment_partitions(state, stage, part) for state in states]
+    else:
+        flat_groups = [state["single_partition_of_fp32_groups" if stage <= 2 else "fp32_flat_groups"] for state in states]
     with contextlib.redirect_stdout(None):
         if stage <= 2:
-            state = z._get_fp32_state_dict_from_zero2_checkpoint(world_size, flat_groups, model_states, False, paddings)
+            merged = z._get_fp32_state_dict_from_zero2_checkpoint(world_size, flat_groups, model_states, False,
+                                                                 states[0].get("param_alignment_paddings"))
         else:
-            state = z._get_fp32_state_dict_from_zero3_checkpoint(world_size, flat_groups, model_states, False)
+            merged = z._get_fp32_state_dict_from_zero3_checkpoint(world_size, flat_groups, model_states, False)
     # frozen parameters have no fp32 master: they come back in the training precision
-    return {k: v.float() if v.is_floating_point() else v for k, v in z.to_torch_tensor(state).items()}
+    return {k: v.float() if v.is_floating_point() else v for k, v in z.to_torch_tensor(merged).items()}
+
+
+def _moment_partitions(state: dict[str, Any], stage: int, key: str) -> list[torch.Tensor]:
+    """One rank's partition of an Adam moment per flat group (the base optimizer's state)."""
+    base = state["base_optimizer_state" if stage <= 2 else "optimizer_state_dict"]["state"]
+    return [base[group][key] for group in sorted(base)]
+
+
+def saved_optimizer_step(path: Path, zero_stage: int) -> torch.Tensor | None:
+    """The Adam step count a ZeRO checkpoint's optimizer saved (None without ZeRO)."""
+    if zero_stage == 0:
+        return None
+    from deepspeed.utils import zero_to_fp32 as z
+
+    stage, _, states = _zero_optim_states(z, path)
+    base = states[0]["base_optimizer_state" if stage <= 2 else "optimizer_state_dict"]["state"]
+    return base[min(base)]["step"].clone() if base else None
 
 
 def read_run_weights(src: str | Path, ema: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any], str, Path]:
@@ -450,16 +442,16 @@ def _zero_model_state(z: Any, state: dict[str, Any]) -> Any:
     )
 
 
-def _zero_optim_states(z: Any, path: Path) -> tuple[int, int, list, Any]:
-    """(stage, world size, fp32 flat groups per rank, alignment paddings) as `parse_optim_states`."""
+def _zero_optim_states(z: Any, path: Path) -> tuple[int, int, list[dict[str, Any]]]:
+    """(stage, world size, every rank's optimizer state) as `parse_optim_states` reads them (the
+    tensors stay on disk until used)."""
     files = z.get_optim_files(str(path))
     states = [load_safely(f, mmap=True)["optimizer_state_dict"] for f in files]
     stage, world_size = int(states[0]["zero_stage"]), states[0]["partition_count"]
     world_size = max(world_size) if isinstance(world_size, list) else world_size
     if world_size != len(files):
         raise DamagedCheckpoint(f"{path} holds {len(files)} optimizer partitions, written by {world_size} ranks")
-    key = "single_partition_of_fp32_groups" if stage <= 2 else "fp32_flat_groups"
-    return stage, world_size, [s[key] for s in states], states[0].get("param_alignment_paddings")
+    return stage, world_size, states
 
 
 def ema_state(path: Path, rank: int) -> dict[str, Any]:

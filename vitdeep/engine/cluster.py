@@ -9,6 +9,7 @@ import re
 from dataclasses import dataclass
 
 from vitdeep.errors import UserError
+from vitdeep.fields import FRACTION, MAX_RANKS, Checked, above, at_least, option, shown
 
 #: An 80 GB A100 / H100. GB are decimal: such a GPU reports 85.0·10⁹ bytes (79.2 GiB) to torch,
 #: so the default leaves a margin beside the framework allowance (pass 79GiB for the exact size).
@@ -21,6 +22,9 @@ DEFAULT_GPUS_PER_NODE = 8
 IMAGENET_TRAIN_SAMPLES = 1_281_167
 IMAGENET_CLASSES = 1000
 
+#: The most memory (1 PiB) and peak TFLOP/s one GPU may be said to have.
+MAX_GPU_MEMORY, MAX_TFLOPS = 2**50, 1e6
+
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
@@ -28,29 +32,24 @@ def parse_memory(text: str) -> int:
     """'80GB' → 80·10⁹ bytes, '79GiB' → 79·2³⁰ (GB decimal, GiB binary)."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]+)\s*", str(text))
     if not match or match.group(2).lower() not in _UNITS or float(match.group(1)) <= 0:
-        raise UserError(f"`gpu_memory` must be a size such as 80GB or 79GiB, got {text!r}", params=("gpu_memory",))
-    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+        raise UserError(f"`gpu_memory` must be a size such as 80GB or 79GiB, got {shown(text)}", params=("gpu_memory",))
+    size = float(match.group(1)) * _UNITS[match.group(2).lower()]
+    if size > MAX_GPU_MEMORY:  # also inf, from hundreds of digits
+        raise UserError(f"`gpu_memory` must be at most 1PiB, got {shown(text)}", params=("gpu_memory",))
+    return int(size)
 
 
 @dataclass(frozen=True)
-class Cluster:
+class Cluster(Checked):
     """`nodes` × `gpus_per_node` GPUs of `gpu_memory` bytes and `gpu_tflops` peak each, run at
     `mfu`; `device` is where the optimizer runs (CUDA's fused AdamW, or the CPU's)."""
 
-    nodes: int = 1
-    gpus_per_node: int = DEFAULT_GPUS_PER_NODE
-    gpu_memory: int = parse_memory(DEFAULT_GPU_MEMORY)
-    gpu_tflops: float = DEFAULT_GPU_TFLOPS
-    mfu: float = DEFAULT_MFU
-    device: str = "cuda"
-
-    def __post_init__(self) -> None:
-        if self.nodes < 1 or self.gpus_per_node < 1:
-            raise UserError(f"`nodes` and `gpus_per_node` must be >= 1, got {self.nodes} and {self.gpus_per_node}", params=("nodes", "gpus_per_node"))
-        if self.gpu_tflops <= 0:
-            raise UserError(f"`gpu_tflops` must be > 0, got {self.gpu_tflops}", params=("gpu_tflops",))
-        if not 0 < self.mfu <= 1:
-            raise UserError(f"`mfu` must be in (0, 1], got {self.mfu}", params=("mfu",))
+    nodes: int = option(1, "Nodes.", at_least(1, MAX_RANKS))
+    gpus_per_node: int = option(DEFAULT_GPUS_PER_NODE, "GPUs per node.", at_least(1, MAX_RANKS))
+    gpu_memory: int = option(parse_memory(DEFAULT_GPU_MEMORY), "Bytes of one GPU's memory.", at_least(1, MAX_GPU_MEMORY))
+    gpu_tflops: float = option(DEFAULT_GPU_TFLOPS, "Peak TFLOP/s of one GPU.", above(0, MAX_TFLOPS))
+    mfu: float = option(DEFAULT_MFU, "Model FLOPs utilisation.", FRACTION)
+    device: str = option("cuda", "Where the optimizer runs.")
 
     @property
     def world_size(self) -> int:

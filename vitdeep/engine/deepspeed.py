@@ -7,7 +7,6 @@ DeepSpeed itself is imported lazily: `--dry-run` and the checks run without star
 from __future__ import annotations
 
 import copy
-import json
 import os
 import re
 import socket
@@ -20,6 +19,8 @@ import torch
 from torch import nn
 
 from vitdeep.errors import UserError
+from vitdeep.fields import check_number, range_of
+from vitdeep.ranks import read_ranks
 
 DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
 
@@ -37,8 +38,10 @@ class DistInfo:
 
 
 def world_from_env() -> tuple[int, int, int]:
-    """(rank, world size, local rank) as set by deepspeed / torchrun / SLURM mapping; 1 process otherwise."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+    """(rank, world size, local rank) as set by deepspeed / torchrun / SLURM mapping; 1 process
+    otherwise. A malformed or half-set environment is a `UserError` (`vitdeep.ranks`)."""
+    ranks = read_ranks()
+    return ranks.rank, ranks.world_size, ranks.local_rank
 
 
 def free_port() -> int:
@@ -56,11 +59,13 @@ def init_distributed(timeout_minutes: float) -> DistInfo:
     import deepspeed
     import torch.distributed as dist
 
+    rank, world_size, local_rank = world_from_env()  # a half-set launch environment is refused before it is filled in
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
-    rank, world_size, local_rank = world_from_env()
     on_gpu = torch.cuda.is_available()
+    if on_gpu and local_rank >= torch.cuda.device_count():
+        raise UserError(f"the environment sets LOCAL_RANK={local_rank} but this machine has {torch.cuda.device_count()} GPU(s)")
     if on_gpu:
         torch.cuda.set_device(local_rank)
     else:
@@ -68,9 +73,8 @@ def init_distributed(timeout_minutes: float) -> DistInfo:
     timeout = timedelta(minutes=timeout_minutes)
     _set_default_group_timeout(timeout)
     if not dist.is_initialized():
+        _skip_shm_comm_op()
         deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", timeout=timeout, verbose=False)
-        if not on_gpu:
-            _unlink_shm_allreduce_buffer(rank, world_size)
     device = torch.device("cuda", local_rank) if on_gpu else torch.device("cpu")
     return DistInfo(rank, world_size, local_rank, device)
 
@@ -83,26 +87,22 @@ def _share_cpu_cores() -> None:
     """
     if "OMP_NUM_THREADS" in os.environ:
         return
-    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", 1)))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local_ranks, 1)))
+    local_ranks = read_ranks().local_world_size or 1
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
 
 
-def _unlink_shm_allreduce_buffer(rank: int, world_size: int) -> None:
-    """Remove this rank's name of DeepSpeed's CPU all-reduce buffer once every rank has mapped it.
+def _skip_shm_comm_op() -> None:
+    """Keep DeepSpeed from compiling its shared-memory comm op when it joins the process group.
 
-    With all ranks on one machine (the launcher's LOCAL_SIZE equals the world size) DeepSpeed's
-    shared-memory all-reduce creates a 66 MB file per rank in /dev/shm and never unlinks it, so
-    every run, finished or killed, left its files in RAM; a test suite filled 24 GiB and was
-    killed. Each rank maps its peers' files before `init_distributed` returns, so after a barrier
-    the names can go while the mappings live on until the processes exit.
+    DeepSpeed's torch backend builds that C++ op (gcc + ninja, ~80 s on 2 cores, again in every
+    environment that shares the torch extensions cache) for `inference_all_reduce` alone: training
+    reduces through torch.distributed, which is what the op's absence falls back to. Without it no
+    66 MB all-reduce buffer per rank lands in /dev/shm either.
     """
-    import torch.distributed as dist
+    import importlib
 
-    if os.environ.get("LOCAL_SIZE") != str(world_size):
-        return
-    address, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
-    dist.barrier()
-    Path("/dev/shm", f"deepspeed_allreduce_buffer_{os.getuid()}_{address}_{port}_{rank}").unlink(missing_ok=True)
+    # `import deepspeed.comm.torch as m` would bind `torch`, which deepspeed.comm imports by that name
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
 
 def _set_default_group_timeout(timeout: timedelta) -> None:
@@ -253,15 +253,18 @@ def find_ds_config(name_or_path: str) -> Path:
 
 
 def load_ds_config(name_or_path: str) -> dict[str, Any]:
+    from vitdeep.config import OptimConfig
+    from vitdeep.documents import read_document
+
     path = find_ds_config(name_or_path)
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise UserError(f"ds-config {path} is not valid JSON: {error}") from error
+    config = read_document(path, "ds-config", as_json=True)
     if not isinstance(config, dict):
         raise UserError(f"ds-config {path} must hold a JSON object")
     if "optimizer" in config or "scheduler" in config:
         raise UserError(f"ds-config {path}: remove the 'optimizer'/'scheduler' blocks; vitdeep passes its own AdamW and schedule")
+    for key, name in _AUTO_KEYS.items():  # a value here replaces the option's: the same range holds
+        if config.get(key, "auto") != "auto":
+            check_number(key, config[key], range_of(OptimConfig, name), f"ds-config {path}", flag=False)
     return config
 
 
@@ -330,6 +333,21 @@ _AUTO_KEYS = {
 ZERO_BUCKETS = {"reduce_bucket_size": 500_000_000, "allgather_bucket_size": 500_000_000, "stage3_prefetch_bucket_size": 50_000_000}
 
 
+def adopted_ds_values(ds_config: dict[str, Any], options: dict[str, Any], explicit: frozenset[str]) -> dict[str, Any]:
+    """The batch / clipping options an explicit ds_config value sets (it wins over a vitdeep
+    default); a value contradicting an option the user set is an error naming both."""
+    adopted: dict[str, Any] = {}
+    for key, name in _AUTO_KEYS.items():
+        value = ds_config.get(key, "auto")
+        if value == "auto":
+            continue
+        if name in explicit and value != options[name]:
+            flag = "--" + name.replace("_", "-")
+            raise UserError(f"ds-config sets {key}={value} but {flag}={options[name]}; remove one of them")
+        adopted[name] = type(options[name])(value) if options[name] is not None else value
+    return adopted
+
+
 def fill_ds_config(
     ds_config: dict[str, Any], options: dict[str, Any], explicit: frozenset[str], world_size: int, num_parameters: int
 ) -> tuple[dict[str, Any], dict[str, Any], BatchPlan]:
@@ -343,15 +361,7 @@ def fill_ds_config(
     model of 2e7 parameters multiplied the per-rank peak memory by 3-5 (benchmarks, row 6).
     """
     filled = copy.deepcopy(ds_config)
-    adopted: dict[str, Any] = {}
-    for key, name in _AUTO_KEYS.items():
-        value = filled.get(key, "auto")
-        if value == "auto":
-            continue
-        if name in explicit and value != options[name]:
-            flag = "--" + name.replace("_", "-")
-            raise UserError(f"ds-config sets {key}={value} but {flag}={options[name]}; remove one of them")
-        adopted[name] = type(options[name])(value) if options[name] is not None else value
+    adopted = adopted_ds_values(filled, options, explicit)
     merged = {**options, **adopted}
     plan = plan_batches(merged["global_batch"], merged["micro_batch"], world_size)
     accum = filled.get("gradient_accumulation_steps", "auto")

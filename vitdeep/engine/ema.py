@@ -34,6 +34,50 @@ def optimizer_kind(optimizer: Any) -> str:
     raise NotImplementedError(f"model EMA does not support the DeepSpeed optimizer {type(optimizer).__name__}")
 
 
+def master_weights(engine: Any) -> list[torch.Tensor]:
+    """This rank's fp32 master tensors: its ZeRO partition of each flat group, or without ZeRO
+    the trainable parameters themselves."""
+    optimizer = engine.optimizer
+    kind = optimizer_kind(optimizer)
+    if kind == ZERO_3:
+        return list(optimizer.fp32_partitioned_groups_flat)
+    if kind == ZERO_1_2:
+        return list(optimizer.single_partition_of_fp32_groups)
+    return [p for p in engine.module.parameters() if p.requires_grad]
+
+
+@torch.no_grad()
+def write_working_copy(engine: Any, source: list[torch.Tensor]) -> None:
+    """Make the weights the model computes with (the low-precision copy under ZeRO; all ranks
+    take part) equal `source`, tensors laid out as `master_weights(engine)`; the masters stay."""
+    optimizer = engine.optimizer
+    kind = optimizer_kind(optimizer)
+    if kind == PLAIN:
+        for param, value in zip(master_weights(engine), source):
+            param.copy_(value)
+    elif kind == ZERO_3:
+        for i, value in enumerate(source):
+            optimizer.fp16_partitioned_groups_flat[i].copy_(value)
+            optimizer._unflatten_partitioned_parameters(i)
+        # drop every gathered copy (persistent and cached ones too): the next forward
+        # gathers the new partitions
+        engine.empty_partition_cache()
+    else:
+        from deepspeed.runtime.utils import all_gather_dp_groups
+        import torch.distributed as dist
+
+        for i, value in enumerate(source):
+            partition_id = dist.get_rank(group=optimizer.real_dp_process_group[i])
+            optimizer.parallel_partitioned_bit16_groups[i][partition_id].copy_(value)
+        all_gather_dp_groups(
+            groups_flat=optimizer.bit16_groups_flat,
+            partitioned_param_groups=optimizer.parallel_partitioned_bit16_groups,
+            dp_process_group=optimizer.real_dp_process_group,
+            start_alignment_factor=optimizer.nccl_start_alignment_factor,
+            allgather_bucket_size=optimizer.allgather_bucket_size,
+        )
+
+
 class PartitionedEma:
     """EMA of this rank's master weights; `decay` per optimizer step, optional warm-up
     (`decay_t = min(decay, (1 + t) / (10 + t))`, as timm's ModelEmaV3)."""
@@ -47,12 +91,7 @@ class PartitionedEma:
         self.shadow = [t.detach().float().clone() for t in self._masters()]
 
     def _masters(self) -> list[torch.Tensor]:
-        optimizer = self.engine.optimizer
-        if self.kind == ZERO_3:
-            return list(optimizer.fp32_partitioned_groups_flat)
-        if self.kind == ZERO_1_2:
-            return list(optimizer.single_partition_of_fp32_groups)
-        return [p for p in self.engine.module.parameters() if p.requires_grad]
+        return master_weights(self.engine)
 
     def current_decay(self) -> float:
         if not self.warmup:
@@ -75,38 +114,11 @@ class PartitionedEma:
         the parameters are the masters, so they are copied aside first.
         """
         backup = [p.detach().clone() for p in self._masters()] if self.kind == PLAIN else None
-        self._write_working_copy(self.shadow)
+        write_working_copy(self.engine, self.shadow)
         try:
             yield
         finally:
-            self._write_working_copy(backup if backup is not None else self._masters())
-
-    def _write_working_copy(self, source: list[torch.Tensor]) -> None:
-        optimizer = self.engine.optimizer
-        if self.kind == PLAIN:
-            for param, value in zip(self._masters(), source):
-                param.copy_(value)
-        elif self.kind == ZERO_3:
-            for i, value in enumerate(source):
-                optimizer.fp16_partitioned_groups_flat[i].copy_(value)
-                optimizer._unflatten_partitioned_parameters(i)
-            # drop every gathered copy (persistent and cached ones too): the next forward
-            # gathers the new partitions
-            self.engine.empty_partition_cache()
-        else:
-            from deepspeed.runtime.utils import all_gather_dp_groups
-            import torch.distributed as dist
-
-            for i, value in enumerate(source):
-                partition_id = dist.get_rank(group=optimizer.real_dp_process_group[i])
-                optimizer.parallel_partitioned_bit16_groups[i][partition_id].copy_(value)
-            all_gather_dp_groups(
-                groups_flat=optimizer.bit16_groups_flat,
-                partitioned_param_groups=optimizer.parallel_partitioned_bit16_groups,
-                dp_process_group=optimizer.real_dp_process_group,
-                start_alignment_factor=optimizer.nccl_start_alignment_factor,
-                allgather_bucket_size=optimizer.allgather_bucket_size,
-            )
+            write_working_copy(self.engine, backup if backup is not None else self._masters())
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"kind": self.kind, "num_updates": self.num_updates, "partitions": [t.cpu() for t in self.shadow]}

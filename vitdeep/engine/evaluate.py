@@ -23,6 +23,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from vitdeep.data.pipeline import EvalLoader, bad_data_error, too_many_bad
+from vitdeep.data.samples import MISSING
 from vitdeep.engine.signals import StopFlag, StopRequested, WaitInterrupted
 from vitdeep.errors import UserError
 
@@ -37,7 +38,8 @@ class EvalResult:
     per_class_top1: list[float] = field(default_factory=list)
     per_class_count: list[int] = field(default_factory=list)
     #: Samples the shard list promised (None when unknown), read (good + bad), bad by cause, and
-    #: missing: promised but never read (lost after a tar read error, or a listing that overstates).
+    #: missing: promised but never read (lost with a shard whose read failed, or a listing that
+    #: overstates).
     expected: int | None = None
     read: int = 0
     bad: dict[str, int] = field(default_factory=dict)
@@ -48,6 +50,16 @@ class EvalResult:
 
     def accounting(self) -> dict[str, Any]:
         return {"expected": self.expected, "read": self.read, "bad": self.bad, "missing": self.missing}
+
+    def bad_causes(self) -> str:
+        """"7 undecodable image, 1 unreadable tar data" ('' when nothing was bad)."""
+        return ", ".join(f"{count} {cause}" for cause, count in self.bad.items())
+
+    def describe_reading(self) -> str:
+        """"290 of 297 samples read; bad: 7 undecodable image, 2 missing (listed but not read)"."""
+        causes = self.bad_causes()
+        missing = f", {self.missing} missing (listed but not read)" if self.missing else ""
+        return f"{self.read:,} of {self.expected or self.read:,} samples read; bad: {causes or 'none'}{missing}"
 
     def bad_data_error(self, max_bad_fraction: float) -> UserError | None:
         """The bad-data rule applied to bad and missing samples together, over all ranks."""
@@ -152,6 +164,7 @@ def evaluate(
     denominator = max(count, 1)
     per_class = (class_correct / class_count.clamp(min=1)).tolist()
     bad = counter_over_ranks(loader.stats.bad)
+    lost = bad.pop(MISSING, 0)
     read = count + sum(bad.values())
     expected = loader.samples_total
     return EvalResult(
@@ -165,5 +178,5 @@ def evaluate(
         expected=expected,
         read=read,
         bad=dict(bad.most_common()),
-        missing=max(expected - read, 0) if expected is not None else 0,
+        missing=max(expected - read, lost) if expected is not None else lost,
     )

@@ -24,11 +24,25 @@ import torch
 import torch.distributed as dist
 
 from vitdeep.analysis import oversmoothing_metrics
+from vitdeep.data.streams import stream_seed
 from vitdeep.data.mixing import build_mixer
-from vitdeep.data.pipeline import STOP_SIGNALS, BatchPreprocessor, StreamReplay, bad_data_error, eval_loader, too_many_bad, train_loader
+from vitdeep.data.pipeline import (
+    STOP_SIGNALS,
+    BatchPreprocessor,
+    StreamReplay,
+    TrainBatch,
+    bad_data_error,
+    eval_loader,
+    lane_loader,
+    too_many_bad,
+    train_loader,
+)
+from vitdeep.data.seeding import DROP_PATH, uniforms
+from vitdeep.data.storage import use_read_policy
 from vitdeep.engine.checkpoint import (
     load_checkpoint,
     prune_checkpoints,
+    read_marker,
     save_checkpoint,
     set_rng_state,
     update_marker,
@@ -48,11 +62,14 @@ from vitdeep.engine.deepspeed import (
 from vitdeep.engine.ema import PartitionedEma
 from vitdeep.engine.evaluate import EvalResult, counter_over_ranks, evaluate
 from vitdeep.engine.plan import RunPlan, make_plan
+from vitdeep.engine.ledger import SampleLedger, trim_ledgers
+from vitdeep.engine.reshard import load_resharded
 from vitdeep.engine.rundir import RunLock, clear_run, trim_metrics
 from vitdeep.engine.signals import StopFlag, StopRequested, WaitInterrupted, signal_name, stop_flag
 from vitdeep.errors import StoppedBySignal, TrainingStopped, UserError, as_flags
 from vitdeep.losses import Objective
 from vitdeep.models import create_model
+from vitdeep.models.layers import drop_path_layers, sample_drop_paths
 from vitdeep.engine.weights import build_model, load_weights_into, read_weights
 from vitdeep.monitor import RunLogger, is_main_process, make_console, progress_bar
 
@@ -87,14 +104,18 @@ def load_teacher(spec: str, plan: RunPlan, device: torch.device, dtype: torch.dt
 
 #: Options that shape the training data stream: with other values a resumed run goes on from the
 #: same position in the epoch, but not with exactly the samples the interrupted run would have seen.
-STREAM_KEYS = (("data", "workers"), ("optim", "micro_batch"), ("augment", "repeated_aug"), ("run", "seed"))
+#: In the lane order neither the micro-batch nor the workers matter; in the per-rank order of
+#: older runs both do.
+STREAM_KEYS = (("optim", "global_batch"), ("augment", "repeated_aug"), ("run", "seed"))
+PER_RANK_STREAM_KEYS = (("data", "workers"), ("optim", "micro_batch"), ("augment", "repeated_aug"), ("run", "seed"))
 
 
 def stream_changes(marker: dict[str, Any], plan: RunPlan) -> list[str]:
     saved, now = marker.get("config", {}), plan.cfg.to_dict()
+    keys = STREAM_KEYS if plan.layout is not None else PER_RANK_STREAM_KEYS
     return [
         f"{name}={saved.get(section, {}).get(name)} → {now[section][name]}"
-        for section, name in STREAM_KEYS
+        for section, name in keys
         if saved.get(section, {}).get(name) != now[section][name]
     ]
 
@@ -132,9 +153,13 @@ class Trainer:
         mix = dataclasses.replace(cfg.mix, patch_aligned=cfg.mix.patch_aligned or self.objective.needs_patch_head)
         self.mixer = build_mixer(mix, plan.num_classes, cfg.model.img_size, cfg.model.patch_size, cfg.loss.label_smoothing)
         self.preprocess = BatchPreprocessor(cfg.augment, self.device, self.dtype)
+        self.drop_paths = len(drop_path_layers(self.engine.module))
         self.logger = RunLogger(self.out, purge_step=None if resume_step is None else resume_step + 1)
+        self.ledger = SampleLedger(self.out, dist_info.rank) if cfg.run.sample_ledger and plan.layout is not None else None
 
         self.step = self.epoch = self.batch_in_epoch = 0
+        #: Bad and read samples of this epoch before the loader started (a resumed run's checkpoint has them).
+        self.epoch_bad_before = self.epoch_read_before = 0
         self.bad_in_a_row = self.skipped_steps = 0
         self.lr = plan.schedule.lr_at(0)
         self.last_val: dict[str, float] = {}
@@ -147,23 +172,41 @@ class Trainer:
 
     # -- set-up -------------------------------------------------------------------------------
 
-    def _seed_rank_rngs(self) -> None:
-        """Different (but reproducible) augmentation / drop-path randomness on each rank."""
-        seed = self.cfg.run.seed + 1000 * self.dist.rank
+    def _seed_rank_rngs(self, step: int = 0) -> None:
+        """Different (but reproducible) random streams on each rank for what is not drawn per
+        sample: dropout, and in runs of the per-rank order augmentation, mixing and drop path."""
+        seed = stream_seed(self.cfg.run.seed, self.dist.rank, step) if step else self.cfg.run.seed + 1000 * self.dist.rank
         torch.manual_seed(seed)
         np.random.seed(seed % 2**32)
         random.seed(seed)
 
     def resume(self, path: Path) -> None:
-        marker, extra = load_checkpoint(self.engine, path, self.dist.rank)
-        self.step, self.epoch, self.batch_in_epoch = marker["step"], marker["epoch"], marker["batch_in_epoch"]
+        """Continue from an intact checkpoint; one saved by another number of ranks (lane order
+        only) is resharded, its data position carried over as steps into the epoch."""
+        marker = read_marker(path)
+        saved_world = marker["world_size"]
+        if saved_world == self.dist.world_size:
+            marker, extra = load_checkpoint(self.engine, path, self.dist.rank)
+            if self.ema is not None and extra.get("ema") is not None:
+                self.ema.load_state_dict(extra["ema"])
+            set_rng_state(extra["rng"])
+        else:
+            self.console.print(f"resharding the ZeRO-{marker['zero_stage']} state of {path.name}, saved by {saved_world} ranks, "
+                               f"onto {self.dist.world_size} ranks (micro-batch {self.plan.batch.micro_batch} × "
+                               f"{self.plan.batch.grad_accum} accumulation × {self.dist.world_size} ranks = global batch "
+                               f"{self.plan.batch.global_batch})")
+            start = time.perf_counter()
+            load_resharded(self.engine, path, marker, self.ema)
+            self._seed_rank_rngs(marker["step"])
+            self.console.print(f"resharded in {time.perf_counter() - start:.1f} s")
+        self.step, self.epoch = marker["step"], marker["epoch"]
+        steps_in_epoch = marker.get("step_in_epoch")
+        self.batch_in_epoch = marker["batch_in_epoch"] if steps_in_epoch is None else steps_in_epoch * self.plan.batch.grad_accum
+        self.epoch_bad_before, self.epoch_read_before = marker.get("epoch_bad", 0), marker.get("epoch_read", 0)
         self.last_val = marker.get("val", {})
         self._saved_step, self._saved_path = self.step, path
         if marker.get("validated"):
             self._validated_step = self.step
-        if self.ema is not None and extra.get("ema") is not None:
-            self.ema.load_state_dict(extra["ema"])
-        set_rng_state(extra["rng"])
         self.console.print(f"resumed from {path} at step {self.step} (epoch {self.epoch}, batch {self.batch_in_epoch})")
         changes = stream_changes(marker, self.plan)
         if changes:
@@ -208,11 +251,11 @@ class Trainer:
         where = f"checkpoint {self._saved_path}" if self._saved_path else "no checkpoint (nothing trained yet)"
         return f"stopped by {signal_name(number)} at step {self.step}; {where}; resume with --resume auto"
 
-    def _train_epoch(self) -> None:
+    def _epoch_loader(self):
+        """This rank's share of the epoch from the current position: the lane order, or the
+        per-rank order of a run resumed from before it."""
         cfg, plan = self.cfg, self.plan
-        self._loader = train_loader(
-            plan.train_info,
-            micro_batch=plan.batch.micro_batch,
+        common = dict(
             img_size=cfg.model.img_size,
             rank=self.dist.rank,
             world_size=self.dist.world_size,
@@ -220,22 +263,32 @@ class Trainer:
             epoch=self.epoch,
             num_workers=cfg.data.workers,
             aug=cfg.augment,
-            start_batch=self.batch_in_epoch,
             max_bad_fraction=None,  # judged over all ranks in `_at_step_start`
             num_classes=plan.num_classes,
             pin_memory=self.device.type == "cuda",
-            replay=self.replay,
         )
+        if plan.layout is None:
+            return train_loader(plan.train_info, micro_batch=plan.batch.micro_batch, start_batch=self.batch_in_epoch, **common)
+        return lane_loader(plan.train_info, layout=plan.layout, micro_batch=plan.batch.micro_batch,
+                           shuffle_buffer=plan.shuffle_buffer, start_step=self.batch_in_epoch // plan.batch.grad_accum,
+                           replay=self.replay, **common)
+
+    def _train_epoch(self) -> None:
+        plan = self.plan
+        self._loader = self._epoch_loader()
         batches = iter(self._loader)
         while self.batch_in_epoch < plan.micro_per_epoch and self.step < plan.total_steps:
             at_step_start = self._micro_in_step == 0
             batch = self._next_batch(batches, interruptible=at_step_start)
             if at_step_start:
                 self._at_step_start()
-            images, labels = batch
+            if not isinstance(batch, TrainBatch):  # the per-rank order: no per-sample seeds
+                batch = TrainBatch(*batch, seeds=None, positions=[], keys=[], substitutes=[], stats=self._loader.stats)
             if self._probe_images is None:
-                self._probe_images = images[:16].clone()
-            stepped = self._train_micro_batch(images, labels)
+                self._probe_images = batch.images[:16].clone()
+            stepped = self._train_micro_batch(batch.images, batch.labels, batch.seeds)
+            if self.ledger is not None:
+                self.ledger.add(batch)
             self.batch_in_epoch += 1
             if stepped:
                 self._after_step()
@@ -259,22 +312,33 @@ class Trainer:
         signalled = [s for s, count in zip(STOP_SIGNALS, values) if count]
         if signalled:
             raise StopRequested(signalled[0])
-        bad, read = values[-2:]
+        bad, read = self.epoch_bad_before + values[-2], self.epoch_read_before + values[-1]
         if too_many_bad(bad, read, self.cfg.data.max_bad_fraction):
             counts = counter_over_ranks(stats.bad)
             raise bad_data_error(counts, int(read), self.cfg.data.max_bad_fraction, shared=True)
 
-    def _train_micro_batch(self, images: torch.Tensor, labels: torch.Tensor) -> bool:
-        """Forward, loss, guard, backward, step; True when an optimizer step was taken."""
-        x = self.preprocess(images.to(self.device, non_blocking=True), train=True)
+    def _train_micro_batch(self, images: torch.Tensor, labels: torch.Tensor, seeds: torch.Tensor | None) -> bool:
+        """Forward, loss, guard, backward, step; True when an optimizer step was taken. With the
+        samples' `seeds`, erasing, mixing and drop path are drawn per sample (per pair for mixing)."""
+        with self._per_sample_drop_path(seeds):
+            return self._forward_backward_step(images, labels, seeds)
+
+    def _per_sample_drop_path(self, seeds: torch.Tensor | None):
+        if seeds is None or not self.drop_paths:
+            return nullcontext()
+        draws = torch.from_numpy(uniforms(seeds, DROP_PATH, self.drop_paths)).to(self.device, torch.float32)
+        return sample_drop_paths(self.engine.module, draws)
+
+    def _forward_backward_step(self, images: torch.Tensor, labels: torch.Tensor, seeds: torch.Tensor | None) -> bool:
+        x = self.preprocess(images.to(self.device, non_blocking=True), train=True, seeds=seeds)
         labels = labels.to(self.device, non_blocking=True)
-        targets, patch_labels = labels, None
+        targets, patch_labels, patch_soft = labels, None, None
         if self.mixer is not None:
-            mixed = self.mixer(x, labels)
-            x, targets, patch_labels = mixed.images, mixed.targets, mixed.patch_labels
+            mixed = self.mixer(x, labels, seeds)
+            x, targets, patch_labels, patch_soft = mixed.images, mixed.targets, mixed.patch_labels, mixed.patch_soft
         out = self.engine(x, aux=True)
         teacher_logits = self._teacher_logits(x)
-        loss, terms = self.objective(out, targets, patch_labels=patch_labels, teacher_logits=teacher_logits)
+        loss, terms = self.objective(out, targets, patch_labels=patch_labels, teacher_logits=teacher_logits, patch_soft=patch_soft)
         if not self._finite_on_all_ranks(loss):
             self.skipped_steps += 1
             self.bad_in_a_row += 1
@@ -315,6 +379,8 @@ class Trainer:
 
     def _after_step(self) -> None:
         self.step += 1
+        if self.ledger is not None:
+            self.ledger.write_step(self.step, self.epoch)
         if self.ema is not None:
             self.ema.update()
         run = self.cfg.run
@@ -348,6 +414,15 @@ class Trainer:
                 prune_checkpoints(self.out, self.cfg.run.keep_last)
         self.epoch += 1
         self.batch_in_epoch = 0
+        self.epoch_bad_before = self.epoch_read_before = 0
+        self._loader = None
+
+    def _epoch_counts(self) -> tuple[int, int]:
+        """(bad, read) samples of this epoch so far over all ranks (a collective)."""
+        stats = self._loader.stats if self._loader is not None else None
+        local = [float(stats.bad_samples), float(stats.read)] if stats is not None else [0.0, 0.0]
+        bad, read = self._sum_over_ranks(torch.tensor(local, dtype=torch.float64, device=self.device)).tolist()
+        return self.epoch_bad_before + int(bad), self.epoch_read_before + int(read)
 
     # -- evaluation, logging, checkpoints ----------------------------------------------------
 
@@ -448,9 +523,13 @@ class Trainer:
         return values
 
     def save(self) -> None:
+        epoch_bad, epoch_read = self._epoch_counts()
         meta = {
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
+            "step_in_epoch": self.batch_in_epoch // self.plan.batch.grad_accum,
+            "epoch_bad": epoch_bad,
+            "epoch_read": epoch_read,
             "model": self.cfg.model.model,
             "model_kwargs": self.plan.model_kwargs,
             "zero_stage": self.plan.zero_stage,
@@ -460,6 +539,8 @@ class Trainer:
             "val_top1": self.last_val.get("top1"),
             "validated": self._validated_step == self.step,
         }
+        if self.plan.layout is not None:
+            meta["stream"] = self.plan.stream_info()
         self._saved_path = save_checkpoint(
             self.engine, self.out, rank=self.dist.rank, step=self.step, meta=meta,
             ema_state=self.ema.state_dict() if self.ema is not None else None,
@@ -481,6 +562,8 @@ def train(plan: RunPlan, replay: StreamReplay | None = None) -> dict[str, Any]:
     console = make_console()
     for skipped in plan.resume_skipped:
         console.print(f"[yellow]skipped checkpoint {skipped}")
+    for note in plan.notes:
+        console.print(f"[yellow]{note}")
     resume_path, resume_step = plan.resume_path, plan.resume_step
     with stop_flag(announce=is_main_process()) as stop:
         dist_info = init_distributed(plan.cfg.run.dist_timeout)
@@ -529,6 +612,7 @@ def _claim_output(plan: RunPlan, dist_info: DistInfo, lock: RunLock, console, re
             clear_run(out)
         elif cfg.run.resume is not None:
             trim_metrics(out, resume_step or 0)
+            trim_ledgers(out, resume_step or 0)
         write_json_atomic(out / "config.json", {**cfg.to_dict(), "plan": plan.summary()})
 
 
@@ -558,7 +642,9 @@ def check_shared_output(out: Path, dist_info: DistInfo) -> None:
 
 
 def plan_from_env(cfg) -> RunPlan:
-    """The plan for this process's world size (set by the launcher; 1 when run alone)."""
+    """The plan for this process's world size (set by the launcher; 1 when run alone); every read
+    from here on (the shards' `_info.json`, the loaders) uses the run's timeouts and retries."""
+    use_read_policy(cfg.data.read_policy())
     _, world_size, _ = world_from_env()
     return make_plan(cfg, world_size)
 

@@ -12,13 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from vitdeep.architecture import ARCHITECTURE_OPTIONS
 from vitdeep.config import TrainConfig
+from vitdeep.data.lane_layout import STREAM_FORMAT, LaneLayout, choose_lanes, lane_shuffle_buffer
 from vitdeep.data.pipeline import DatasetInfo, epoch_batches, read_dataset_info
 from vitdeep.engine.deepspeed import (
     BatchPlan,
+    adopted_ds_values,
     check_precision_supported,
     fill_ds_config,
     load_ds_config,
@@ -31,9 +31,9 @@ from vitdeep.engine.schedule import LrSchedule
 from vitdeep.engine.weights import Weights, read_weights, source_model_options
 from vitdeep.errors import UserError
 from vitdeep.losses import Objective
-from vitdeep.models import count_parameters, create_model, get_spec, model_stats
+from vitdeep.models import count_parameters, get_spec, model_stats
 from vitdeep.models.checkpoints import adapt_state_dict
-from vitdeep.models.registry import resolved_architecture, resolved_options
+from vitdeep.models.registry import cached_meta_model, resolved_architecture, resolved_options
 from vitdeep.paths import check_output_dir
 
 #: DeiT's learning-rate scaling rule: lr = base_lr × global_batch / 512.
@@ -56,14 +56,27 @@ class RunPlan:
     schedule: LrSchedule
     model_kwargs: dict[str, Any]
     init_weights: Weights | None = None
+    #: The lanes of the training order (`vitdeep.data.lanes`) and their shuffle buffer; None for a
+    #: run resumed from a checkpoint written before that order (it keeps its per-rank stream).
+    layout: LaneLayout | None = None
+    shuffle_buffer: int | None = None
     #: The checkpoint to resume from (the newest intact one for `--resume auto`), and the newer
     #: ones passed over, with why.
     resume_path: Path | None = None
     resume_skipped: tuple[str, ...] = ()
+    #: What the plan changed to fit this world (a micro-batch or worker count), said at the start.
+    notes: tuple[str, ...] = ()
 
     @property
     def resume_step(self) -> int | None:
         return read_marker(self.resume_path)["step"] if self.resume_path is not None else None
+
+    def stream_info(self) -> dict[str, Any] | None:
+        """What fixes the training order, as checkpoints record it (None: the per-rank stream)."""
+        if self.layout is None:
+            return None
+        return {"format": STREAM_FORMAT, "lanes": self.layout.lanes, "global_batch": self.layout.global_batch,
+                "paired": self.layout.paired, "shuffle_buffer": self.shuffle_buffer}
 
     @property
     def precision(self) -> str:
@@ -99,6 +112,7 @@ class RunPlan:
             "global batch": self.batch.global_batch,
             "micro batch": self.batch.micro_batch,
             "gradient accumulation": self.batch.grad_accum,
+            **self._order_summary(),
             "steps per epoch": self.steps_per_epoch,
             "epochs": self.epochs,
             "total steps": self.total_steps,
@@ -107,6 +121,18 @@ class RunPlan:
             "schedule": self.schedule.kind,
             "precision": self.precision,
             "ZeRO stage": self.zero_stage,
+        }
+
+
+    def _order_summary(self) -> dict[str, Any]:
+        if self.layout is None:
+            return {"training order": f"per rank (a run started before the lane order: resumes on {self.world_size} ranks only)"}
+        layout = self.layout
+        return {
+            "lanes": layout.lanes,
+            "ranks that fit": ", ".join(map(str, layout.world_sizes())),
+            "workers that fit": f"0 to {layout.worker_counts(self.world_size)[-1]}",
+            "micro batches that fit": ", ".join(map(str, layout.micro_batches(self.world_size))),
         }
 
 
@@ -154,9 +180,17 @@ def check_teacher(spec: str | None) -> None:
 
 
 def check_output(cfg: TrainConfig) -> None:
-    """`--out` can be written, and holds no other run unless this one resumes or replaces it."""
+    """`--out` can be written, is not being written by a live run, holds no other run unless this
+    one resumes or replaces it, and what the run writes there is none of its inputs (the shards'
+    folders, the `init_from` checkpoint), even with `overwrite`."""
+    from vitdeep.engine.rundir import RUN_FILES, RunLock
+    from vitdeep.paths import checkpoint_inputs, claim_outputs, data_folders
+
     out = Path(cfg.run.out)
     check_output_dir(out, "--out")
+    RunLock(out).check_free()
+    inputs = [*data_folders(cfg.data.data), *data_folders(cfg.data.val), *checkpoint_inputs(cfg.run.init_from)]
+    claim_outputs([out / name for name in RUN_FILES], inputs, flag="--out", overwrite=True)
     found = existing_run(out) if cfg.run.resume is None and not cfg.run.overwrite else None
     if found:
         raise UserError(f"`out` {out} holds {found}: `resume` auto to continue it, another `out`, or `overwrite` to replace it",
@@ -191,8 +225,7 @@ def make_plan(cfg: TrainConfig, world_size: int, train_info: DatasetInfo | None 
     if objective.needs_teacher:
         check_teacher(cfg.run.teacher)
     model_kwargs = model_kwargs_for(cfg, num_classes, objective)
-    with torch.device("meta"):  # every option and shape checked now, at no cost
-        meta_model = create_model(cfg.model.model, **model_kwargs)
+    meta_model = cached_meta_model(cfg.model.model, **model_kwargs)  # every option and shape checked now, at no cost
     init_weights = None
     if cfg.run.init_from:
         init_weights = read_weights(cfg.run.init_from, ema=cfg.run.init_from_ema)
@@ -200,10 +233,23 @@ def make_plan(cfg: TrainConfig, world_size: int, train_info: DatasetInfo | None 
     if not 0 <= cfg.optim.freeze_blocks <= len(meta_model.blocks):
         raise UserError(f"`freeze_blocks` {cfg.optim.freeze_blocks} is outside 0..{len(meta_model.blocks)} (the model's depth)", params=("freeze_blocks",))
 
+    skipped: list[str] = []
+    resume_path = None
+    if check_host:
+        resume_path = resolve_resume(cfg.run.resume, Path(cfg.run.out), on_skip=lambda path, why: skipped.append(f"{path.name}: {why}"))
+    marker = read_marker(resume_path) if resume_path is not None else None
+
     options = {"global_batch": cfg.optim.global_batch, "micro_batch": cfg.optim.micro_batch, "clip_grad": cfg.optim.clip_grad}
-    ds_config, adopted, batch = fill_ds_config(raw, options, cfg.explicit, world_size, count_parameters(meta_model))
-    for name, value in adopted.items():
+    for name, value in adopted_ds_values(raw, options, cfg.explicit).items():
         setattr(cfg.optim, name, value)
+    layout, shuffle_buffer, notes = _training_order(cfg, world_size, marker, resume_path)
+    if layout is not None and cfg.data.data and train_info.shard_sizes is None:
+        raise UserError(f"the training order needs every shard's sample count, unknown for {train_info.urls[0]} …: put an "
+                        "_info.json (as `vitdeep shards` writes) or a sizes.json beside the shards", params=("data",))
+    options = {"global_batch": cfg.optim.global_batch, "micro_batch": cfg.optim.micro_batch, "clip_grad": cfg.optim.clip_grad}
+    ds_config, _, batch = fill_ds_config(raw, options, cfg.explicit | {"micro_batch"}, world_size, count_parameters(meta_model))
+    if layout is not None:
+        layout.check(world_size, cfg.data.workers, batch.micro_batch)
 
     steps_per_epoch = epoch_batches(train_info.require_num_samples(), batch.micro_batch, world_size) // batch.grad_accum
     if steps_per_epoch == 0:
@@ -219,10 +265,6 @@ def make_plan(cfg: TrainConfig, world_size: int, train_info: DatasetInfo | None 
     peak_lr = o.lr if o.lr is not None else o.base_lr * batch.global_batch / LR_REFERENCE_BATCH
     schedule = LrSchedule(peak_lr, total_steps, min(warmup, total_steps), o.warmup_lr, o.min_lr, o.schedule)
 
-    skipped: list[str] = []
-    resume_path = None
-    if check_host:
-        resume_path = resolve_resume(cfg.run.resume, Path(cfg.run.out), on_skip=lambda path, why: skipped.append(f"{path.name}: {why}"))
     plan = RunPlan(
         cfg=cfg,
         world_size=world_size,
@@ -238,17 +280,53 @@ def make_plan(cfg: TrainConfig, world_size: int, train_info: DatasetInfo | None 
         schedule=schedule,
         model_kwargs=model_kwargs,
         init_weights=init_weights,
+        layout=layout,
+        shuffle_buffer=shuffle_buffer,
         resume_path=resume_path,
         resume_skipped=tuple(skipped),
+        notes=tuple(notes),
     )
     if resume_path is not None:
-        check_resume_compatible(read_marker(resume_path), plan, resume_path)
+        check_resume_compatible(marker, plan, resume_path)
     return plan
 
 
+def _training_order(cfg: TrainConfig, world_size: int, marker: dict[str, Any] | None,
+                    resume_path: Path | None) -> tuple[LaneLayout | None, int | None, list[str]]:
+    """The lanes of the run (a resumed run keeps its checkpoint's), fitted to this world: a resume
+    on another number of ranks takes the largest micro-batch and worker count up to the configured
+    ones that fit, and says so. A checkpoint from before the lane order keeps its per-rank stream."""
+    paired = cfg.mix.enabled
+    saved = marker.get("stream") if marker is not None else None
+    if marker is not None and saved is None:
+        return None, None, []
+    if saved is not None:
+        if cfg.data.lanes and "lanes" in cfg.explicit and cfg.data.lanes != saved["lanes"]:
+            raise UserError(f"checkpoint {resume_path} orders its samples in {saved['lanes']} lanes; a resumed run keeps them "
+                            f"(drop `lanes` {cfg.data.lanes})", params=("lanes",))
+        lanes, buffer = saved["lanes"], saved["shuffle_buffer"]
+    else:
+        lanes = cfg.data.lanes or choose_lanes(cfg.optim.global_batch, world_size, cfg.data.workers, paired)
+        buffer = lane_shuffle_buffer(lanes)
+    layout = LaneLayout(lanes, cfg.optim.global_batch, paired)
+    cfg.data.lanes = lanes
+    notes = []
+    if marker is not None and marker["world_size"] != world_size and layout.problem(world_size, cfg.data.workers, cfg.optim.micro_batch):
+        if world_size not in layout.world_sizes():
+            layout.check(world_size, cfg.data.workers, cfg.optim.micro_batch)
+        micro = max([m for m in layout.micro_batches(world_size) if m <= cfg.optim.micro_batch], default=min(layout.micro_batches(world_size)))
+        workers = max(w for w in layout.worker_counts(world_size) if w <= cfg.data.workers)
+        changed = [f"{name} {new} (was {old})" for name, new, old in
+                   (("micro-batch", micro, cfg.optim.micro_batch), ("workers", workers, cfg.data.workers)) if new != old]
+        if changed:
+            notes.append(f"on {world_size} ranks {' and '.join(changed)} to fit the run's {lanes} lanes")
+        cfg.optim.micro_batch, cfg.data.workers = micro, workers
+    return layout, buffer, notes
+
+
 def check_resume_compatible(marker: dict[str, Any], plan: RunPlan, path: Path) -> None:
-    """A checkpoint resumes only into the same architecture (defaults spelled out or not), world
-    size and ZeRO stage."""
+    """A checkpoint resumes only into the same architecture (defaults spelled out or not) and ZeRO
+    stage; one written before the lane order only on its own world size."""
     cfg = plan.cfg
     if marker["model"] != cfg.model.model:
         raise UserError(f"checkpoint {path} was made for model {marker['model']}; this run builds {cfg.model.model}")
@@ -257,8 +335,14 @@ def check_resume_compatible(marker: dict[str, Any], plan: RunPlan, path: Path) -
     for key in ARCHITECTURE_OPTIONS:
         if theirs.get(key) != ours.get(key):
             raise UserError(f"checkpoint {path} has {key}={theirs.get(key)}; this run has {key}={ours.get(key)}")
-    if marker["world_size"] != plan.world_size or marker["zero_stage"] != plan.zero_stage:
+    if marker["zero_stage"] != plan.zero_stage:
         raise UserError(
-            f"checkpoint {path} was written by {marker['world_size']} ranks with ZeRO-{marker['zero_stage']}; this run has "
-            f"{plan.world_size} ranks with ZeRO-{plan.zero_stage} (to change either, start a new run from it with `vitdeep finetune --from`)"
+            f"checkpoint {path} was written with ZeRO-{marker['zero_stage']}; this run has ZeRO-{plan.zero_stage} "
+            f"(a resumed run keeps its ZeRO stage; to change it, start a new run from the checkpoint with `vitdeep finetune --from`)"
+        )
+    if plan.layout is None and marker["world_size"] != plan.world_size:
+        raise UserError(
+            f"checkpoint {path} was written by {marker['world_size']} ranks in the per-rank order of vitdeep before its lanes, "
+            f"and resumes on {marker['world_size']} ranks only, not {plan.world_size} (or start a new run from it with "
+            f"`vitdeep finetune --from`)"
         )

@@ -3,9 +3,10 @@
 - `RunLock`: an exclusive lock file `OUT/.vitdeep.lock` (host, pid, start time, Slurm job), held by
   rank 0 for the whole run. A lock left by a run that is gone (its pid is not alive on this
   host, or the same Slurm job was requeued) is taken over; one held elsewhere refuses the run.
-- `existing_run`: what an older run left in OUT, so that a new run without `--resume` is refused
-  (keep-last pruning would otherwise delete the new run's checkpoints, the higher old steps
-  being "newer") unless `--overwrite` says to replace it (`clear_run`).
+- `existing_run`: what an older run left in OUT (logged steps, a save begun), so that a new run
+  without `--resume` is refused (keep-last pruning would otherwise delete the new run's
+  checkpoints, the higher old steps being "newer") unless `--overwrite` says to replace it
+  (`clear_run`). A start that failed before its first step is no run: rerunning replaces it.
 - `trim_metrics`: a resumed run re-logs the steps after its checkpoint; the rows the interrupted
   run wrote past it are dropped first.
 """
@@ -21,11 +22,13 @@ from pathlib import Path
 from typing import Any
 
 from vitdeep.engine.checkpoint import CHECKPOINTS, complete_checkpoints, read_marker
+from vitdeep.engine.jsonl import trim_step_rows
+from vitdeep.engine.ledger import LEDGER
 from vitdeep.errors import UserError
 
 LOCK = ".vitdeep.lock"
 #: What a run writes into OUT (removed by `--overwrite`; nothing else in OUT is touched).
-RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "tb", CHECKPOINTS)
+RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "tb", LEDGER, CHECKPOINTS)
 
 
 def _process_start(pid: int) -> str | None:
@@ -48,21 +51,28 @@ class RunLock:
         self.path = Path(out) / LOCK
         self.held = False
 
+    def check_free(self) -> dict[str, Any]:
+        """Raise `UserError` naming the holder (host, pid, since) when a live run holds the lock:
+        asked before anything else about `out`, so that a second run is told the truth rather
+        than what the first one has written so far. Returns a stale lock's holder ({} if none)."""
+        holder = self._holder()
+        if not self._is_stale(holder):
+            raise UserError(
+                f"`out` {self.path.parent} is in use by another run (host {holder.get('host')}, pid "
+                f"{holder.get('pid')}, since {holder.get('since')}); two runs cannot share `out`. If that run "
+                f"is gone, delete {self.path}", params=("out",)
+            )
+        return holder
+
     def acquire(self) -> str | None:
         """Take the lock; returns a note when a stale lock was taken over. Raises `UserError` when
         another live run holds it."""
         note = None
         for _ in range(2):
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
             except FileExistsError:
-                holder = self._holder()
-                if not self._is_stale(holder):
-                    raise UserError(
-                        f"`out` {self.path.parent} is in use by another run (host {holder.get('host')}, pid "
-                        f"{holder.get('pid')}, since {holder.get('since')}); two runs cannot share `out`. If that run "
-                        f"is gone, delete {self.path}", params=("out",)
-                    ) from None
+                holder = self.check_free()
                 note = f"took over the lock of a run that is gone (host {holder.get('host')}, pid {holder.get('pid')})"
                 self.path.unlink(missing_ok=True)
                 continue
@@ -97,12 +107,18 @@ class RunLock:
 
 
 def existing_run(out: Path) -> str | None:
-    """A description of the run already in `out` ("a run at step 1200"), or None."""
+    """A description of the run already in `out` ("a run at step 1200"), or None.
+
+    Only a run that logged a step or began a save counts: a start that failed before (a process
+    group that never formed, an engine that would not build) leaves `config.json` and an empty
+    `tb/`, and the same command run again replaces them instead of being refused for them.
+    """
     out = Path(out)
     found = complete_checkpoints(out)
     if found:
         return f"a run at step {read_marker(found[-1])['step']}"
-    if (out / "config.json").exists() or (out / CHECKPOINTS).exists():
+    metrics, checkpoints = out / "metrics.jsonl", out / CHECKPOINTS
+    if (metrics.is_file() and metrics.stat().st_size > 0) or (checkpoints.is_dir() and any(checkpoints.iterdir())):
         return "a run with no complete checkpoint yet"
     return None
 
@@ -119,17 +135,4 @@ def clear_run(out: Path) -> None:
 
 def trim_metrics(out: Path, step: int) -> None:
     """Drop the rows of `metrics.jsonl` past `step` (a resumed run logs those steps again)."""
-    path = Path(out) / "metrics.jsonl"
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut off by the interruption
-        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
-            kept.append(line)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(f"{line}\n" for line in kept))
-    os.replace(tmp, path)
+    trim_step_rows(Path(out) / "metrics.jsonl", step)

@@ -1,5 +1,7 @@
 """Stopping a run cleanly on SIGTERM, SIGUSR1 or SIGINT (preemption, a time limit, Ctrl-C).
 
+Commands with nothing to keep (`eval`, `analyze`) stop where they are instead (`stop_at_once`).
+
 A handler only records the signal. The ranks agree on it with a collective at the next step
 boundary (and between validation batches), save a checkpoint there together and exit with
 `EXIT_STOPPED`, so a scheduler can requeue the job and `--resume auto` continue it. The one
@@ -15,7 +17,8 @@ import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from vitdeep.data.pipeline import STOP_SIGNALS
+from vitdeep.data.pipeline import STOP_SIGNALS, kill_workers
+from vitdeep.errors import Terminated
 
 #: Exit code of a run stopped by a signal after saving (EX_TEMPFAIL: try again, i.e. resume).
 EXIT_STOPPED = 75
@@ -87,3 +90,23 @@ class StopRequested(Exception):
     def __init__(self, number: int) -> None:
         super().__init__(signal_name(number))
         self.number = number
+
+
+@contextmanager
+def stop_at_once() -> Iterator[None]:
+    """For a command with nothing to keep: a stop signal raises `Terminated` wherever the command
+    is, a stalled read included (a second one ends the process at once); its loader workers and
+    commands die with it (`vitdeep.data.children`). The previous handlers come back afterwards."""
+
+    def handle(number: int, frame: object) -> None:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
+        kill_workers()  # now: a loader on its way out would wait for them, seconds each
+        raise Terminated(f"stopped by {signal_name(number)} before the end; run the command again")
+
+    previous = {sig: signal.signal(sig, handle) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -26,6 +26,7 @@ from vitdeep.errors import UserError
 from vitdeep.export_format import export_metadata, read_export_metadata
 from vitdeep.models import create_model, get_spec
 from vitdeep.models.checkpoints import LoadReport, adapt_state_dict, options_in_state_dict
+from vitdeep.paths import follow_umask
 
 #: Wrappers seen around state dicts in the wild, tried in this order.
 WRAPPER_KEYS = ("model", "state_dict", "module")
@@ -40,6 +41,8 @@ class Weights:
     kind: str
     model: str | None = None
     model_kwargs: dict[str, Any] = field(default_factory=dict)
+    #: The training step of a vitdeep checkpoint (None for exports and state dicts).
+    step: int | None = None
 
 
 def read_weights(src: str | Path, ema: bool = False) -> Weights:
@@ -49,7 +52,7 @@ def read_weights(src: str | Path, ema: bool = False) -> Weights:
         raise UserError(f"checkpoint not found: {src}")
     if path.is_dir():
         state_dict, marker, kind, found = read_run_weights(path, ema)
-        return Weights(state_dict, str(found), kind, marker["model"], dict(marker.get("model_kwargs", {})))
+        return Weights(state_dict, str(found), kind, marker["model"], dict(marker.get("model_kwargs", {})), marker.get("step"))
     if path.suffix == ".safetensors":
         return _read_safetensors(path, ema)
     return _read_torch_file(path, ema)
@@ -139,17 +142,24 @@ def export_weights(weights: Weights, out: str | Path, dtype: torch.dtype = torch
 
     if weights.model is None:
         raise UserError(f"{weights.source} does not say which vitdeep model it is; export needs a vitdeep checkpoint")
-    out = Path(out)
-    if out.suffix != ".safetensors":
-        raise UserError(f"export writes a .safetensors file, got {out}")
+    out, sidecar = export_paths(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in weights.state_dict.items()}
     tmp = out.with_name(out.name + ".tmp")
     save_file(tensors, str(tmp), metadata=export_metadata(weights.model, weights.model_kwargs, weights.source, ema))
+    follow_umask(tmp)  # safetensors creates its file for its owner only
     tmp.replace(out)
     info = {"model": weights.model, "options": weights.model_kwargs, "source": weights.source, "ema": ema, "dtype": str(dtype).removeprefix("torch.")}
-    out.with_suffix(".json").write_text(json.dumps(info, indent=2))
+    sidecar.write_text(json.dumps(info, indent=2))
     return out
+
+
+def export_paths(out: str | Path) -> tuple[Path, Path]:
+    """The files an export to `out` writes: `out` (a .safetensors file) and its JSON sidecar."""
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise UserError(f"export writes a .safetensors file, got {out}")
+    return out, out.with_suffix(".json")
 
 
 def source_model_options(src: str | Path) -> dict[str, Any]:
