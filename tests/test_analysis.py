@@ -235,7 +235,7 @@ def empty_dir(tmp_path):
     [
         (["--checkpoint", "missing.pt"], "checkpoint not found: missing.pt"),
         (["--images", "{empty}"], "no images"),
-        (["--num-images", "0"], "--num-images must be positive"),
+        (["--num-images", "0"], "--num-images must be >= 1, got 0"),
         (["--compare", "nowhere.pt"], "neither a checkpoint nor a model name"),
         (["--checkpoint", "{bad_ckpt}"], "does not fit the model: source depth 12, width 192; model depth 24, width 64"),
         (["-O", "embed_dim"], "not KEY=VALUE"),

@@ -1,4 +1,4 @@
-"""Over-smoothing diagnostics (reference.md §1): per-layer patch cosine similarity, attention
+"""Over-smoothing diagnostics (docs/method.md §1): per-layer patch cosine similarity, attention
 standard deviation and high-frequency energy ratio, streamed over many images in bounded memory.
 
 The formulas and the streaming the engine logs during training and `vitdeep analyze`

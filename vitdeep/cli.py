@@ -6,6 +6,7 @@ stderr and exit code 2.
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from pathlib import Path
@@ -13,12 +14,14 @@ from typing import Optional
 
 import typer
 
+from vitdeep.ablate.grid import MAX_CELLS
 from vitdeep.architecture import ARCHITECTURE_OPTIONS, DEFAULT_IMG_SIZE, DEFAULT_PATCH_SIZE, EVAL_CROP_RATIO
-from vitdeep.cli_options import with_config_options
-from vitdeep.config import FINETUNE_RECIPE
-from vitdeep.data.options import MAX_BAD_FRACTION
-from vitdeep.engine.cluster import DEFAULT_GPU_MEMORY, DEFAULT_GPU_TFLOPS, DEFAULT_GPUS_PER_NODE, DEFAULT_MFU
-from vitdeep.errors import StoppedBySignal, TrainingStopped, UserError, as_flags
+from vitdeep.cli_options import number_option, with_config_options
+from vitdeep.config import FINETUNE_RECIPE, DataConfig, ModelFields, OptimConfig, RunConfig
+from vitdeep.data.options import MAX_BAD_FRACTION, AugmentConfig, ReadPolicy
+from vitdeep.engine.cluster import DEFAULT_GPU_MEMORY, DEFAULT_GPU_TFLOPS, DEFAULT_GPUS_PER_NODE, DEFAULT_MFU, Cluster
+from vitdeep.errors import StoppedBySignal, Terminated, TrainingStopped, UserError, as_flags
+from vitdeep.fields import MAX_RANKS, MAX_SAMPLES, MAX_STEPS, MAX_WORKERS, at_least, clip, range_of
 
 app = typer.Typer(
     name="vitdeep",
@@ -49,8 +52,8 @@ def _root(
 @app.command("models")
 def models_command(
     names: Optional[list[str]] = typer.Argument(None, help="Model names to show (default: all)."),
-    img_size: int = typer.Option(DEFAULT_IMG_SIZE, help="Input resolution at which FLOPs are counted."),
-    patch_size: int = typer.Option(DEFAULT_PATCH_SIZE, help="Patch size."),
+    img_size: int = number_option(DEFAULT_IMG_SIZE, "--img-size", range_of(ModelFields, "img_size"), "Input resolution at which FLOPs are counted."),
+    patch_size: int = number_option(DEFAULT_PATCH_SIZE, "--patch-size", range_of(ModelFields, "patch_size"), "Patch size."),
 ) -> None:
     """List the model zoo: depth, width, heads, parameters and GFLOPs."""
     from vitdeep.commands.models import print_model_table
@@ -66,6 +69,15 @@ def recipes_command() -> None:
     print_recipe_table()
 
 
+#: The data options of every command that reads shards (timeouts and retries of remote reads).
+READ_OPTIONS = ("read_timeout", "read_retries")
+
+
+def _read_policy(options: dict) -> ReadPolicy:
+    """The `ReadPolicy` of the read options given (removed from `options`), defaults for the rest."""
+    return ReadPolicy(**{name: options.pop(name) for name in READ_OPTIONS if name in options})
+
+
 #: `analyze` takes train's flags for the options that shape a model (`--model`, `--depth`, the
 #: remedies …); what the checkpoint records wins where they are not given.
 ANALYZE_OPTIONS = ("model", *ARCHITECTURE_OPTIONS)
@@ -73,7 +85,7 @@ ANALYZE_SHOWN_DEFAULTS = {"model": None, "img_size": "the source's", "patch_size
 
 
 @app.command("analyze", context_settings={"max_content_width": 120})
-@with_config_options(overrides=ANALYZE_SHOWN_DEFAULTS, only=ANALYZE_OPTIONS)
+@with_config_options(overrides=ANALYZE_SHOWN_DEFAULTS, only=(*ANALYZE_OPTIONS, *READ_OPTIONS))
 def analyze_command(
     options: dict,
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="A vitdeep run / checkpoint / export, or a timm / DeiT / CaiT state dict (then name --model)."),
@@ -84,26 +96,30 @@ def analyze_command(
         None, "--compare", help="Overlay another source, [LABEL=]CHECKPOINT or [LABEL=]MODEL (random init). Repeatable."
     ),
     ema: bool = typer.Option(False, "--ema", help="Use the EMA weights of vitdeep checkpoints."),
-    num_images: int = typer.Option(1000, "--num-images", help="Images to average over."),
-    batch_size: int = typer.Option(32, "--batch-size", help="Images per forward pass (each layer is reduced as it runs)."),
-    crop_ratio: float = typer.Option(EVAL_CROP_RATIO, "--crop-ratio", help="Centre-crop ratio of the resize (as the models were evaluated)."),
+    num_images: int = number_option(1000, "--num-images", at_least(1, MAX_SAMPLES), "Images to average over."),
+    batch_size: int = number_option(32, "--batch-size", range_of(OptimConfig, "micro_batch"), "Images per forward pass (each layer is reduced as it runs)."),
+    crop_ratio: float = number_option(EVAL_CROP_RATIO, "--crop-ratio", range_of(AugmentConfig, "crop_ratio"), "Centre-crop ratio of the resize (as the models were evaluated)."),
     model_option: Optional[list[str]] = typer.Option(
         None, "--model-option", "-O", help="A model option no flag sets, as KEY=VALUE, e.g. -O distilled=true -O patch_head=true. Repeatable."
     ),
-    seed: int = typer.Option(0, "--seed", help="Seed of the random init and of the image sample."),
+    seed: int = number_option(0, "--seed", range_of(RunConfig, "seed"), "Seed of the random init and of the image sample."),
     device: Optional[str] = typer.Option(None, "--device", help="Torch device (default: cuda when available, else cpu)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace metrics.json, oversmoothing.png and tb/ when --out holds them."),
 ) -> None:
     """Per-layer over-smoothing metrics (patch CosSim, attention std, high-frequency energy) of
     one or more models: metrics.json, a PNG and TensorBoard events. The model flags set the
     architecture of a random init or a plain state dict, or override a checkpoint's (e.g. --img-size)."""
     from vitdeep.commands.analyze import parse_model_options, run_analyze
+    from vitdeep.engine.signals import stop_at_once
 
     model = options.pop("model", None)
-    run_analyze(
-        model=model, checkpoint=checkpoint, images=images, data=data, out=out, ema=ema, compare=compare or (),
-        num_images=num_images, batch_size=batch_size, options={**options, **parse_model_options(model_option or ())},
-        seed=seed, device=device, crop_ratio=crop_ratio,
-    )
+    reads = _read_policy(options)
+    with stop_at_once():
+        run_analyze(
+            model=model, checkpoint=checkpoint, images=images, data=data, out=out, ema=ema, compare=compare or (),
+            num_images=num_images, batch_size=batch_size, options={**options, **parse_model_options(model_option or ())},
+            seed=seed, device=device, crop_ratio=crop_ratio, overwrite=overwrite, reads=reads,
+        )
 
 
 @app.command("shards")
@@ -119,8 +135,8 @@ def shards_command(
     shard_size: Optional[str] = typer.Option(
         None, "--shard-size", help="Samples per shard (e.g. 1000) or bytes per shard (256MB, 1GiB). Default 1000, demo 50."
     ),
-    seed: int = typer.Option(0, help="Seed of the one-off shuffle of the file list."),
-    workers: int = typer.Option(8, help="Threads reading image files in parallel."),
+    seed: int = number_option(0, "--seed", range_of(RunConfig, "seed"), "Seed of the one-off shuffle of the file list."),
+    workers: int = number_option(8, "--workers", at_least(1, MAX_WORKERS), "Threads reading image files in parallel."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace shards of the same split already in OUT."),
 ) -> None:
     """Pack an ImageFolder tree into WebDataset tar shards (KEY.jpg|png|webp + KEY.cls) with _info.json."""
@@ -187,11 +203,11 @@ def plan_command(
     options: dict,
     config: Optional[Path] = typer.Option(None, "--config", help="YAML / JSON file of options (flags override it)."),
     source: Optional[str] = typer.Option(None, "--from", help="Plan `vitdeep finetune --from SRC`: the source's architecture and DeiT's finetuning recipe."),
-    nodes: Optional[int] = typer.Option(None, "--nodes", help="Nodes (default 1; with --measure, this launch's)."),
-    gpus_per_node: Optional[int] = typer.Option(None, "--gpus-per-node", help=f"GPUs per node (default {DEFAULT_GPUS_PER_NODE}; with --measure, this launch's ranks)."),
+    nodes: Optional[int] = number_option(None, "--nodes", range_of(Cluster, "nodes"), "Nodes (default 1; with --measure, this launch's)."),
+    gpus_per_node: Optional[int] = number_option(None, "--gpus-per-node", range_of(Cluster, "gpus_per_node"), f"GPUs per node (default {DEFAULT_GPUS_PER_NODE}; with --measure, this launch's ranks)."),
     gpu_memory: Optional[str] = typer.Option(None, "--gpu-memory", help=f"Memory of one GPU, e.g. 80GB (10⁹ bytes) or 79GiB (default {DEFAULT_GPU_MEMORY}; with --measure on a GPU, its own)."),
-    gpu_tflops: float = typer.Option(DEFAULT_GPU_TFLOPS, "--gpu-tflops", help="Peak TFLOP/s of one GPU at the run's precision (default: H100 SXM dense bf16; A100: 312)."),
-    mfu: float = typer.Option(DEFAULT_MFU, "--mfu", help="Model FLOPs utilisation: the share of the peak the run achieves."),
+    gpu_tflops: float = number_option(DEFAULT_GPU_TFLOPS, "--gpu-tflops", range_of(Cluster, "gpu_tflops"), "Peak TFLOP/s of one GPU at the run's precision (default: H100 SXM dense bf16; A100: 312)."),
+    mfu: float = number_option(DEFAULT_MFU, "--mfu", range_of(Cluster, "mfu"), "Model FLOPs utilisation: the share of the peak the run achieves."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the numbers to this JSON file."),
     measure: bool = typer.Option(False, "--measure", help="Also run one real training step here at the planned settings and print predicted vs measured memory (under `deepspeed --num_gpus N` for N ranks)."),
 ) -> None:
@@ -206,33 +222,59 @@ def plan_command(
         from vitdeep.engine.weights import source_model_options
 
         recipe = {**FINETUNE_RECIPE, **source_model_options(source)}
-    run_plan(resolve_config(options, config, recipe), nodes, gpus_per_node, gpu_memory, gpu_tflops, mfu, json_path, measure)
+    run_plan(resolve_config(options, config, recipe), nodes, gpus_per_node, gpu_memory, gpu_tflops, mfu, json_path, measure,
+             config=config)
+
+
+@app.command("fit-world")
+def fit_world_command(
+    out: Path = typer.Argument(..., metavar="OUT", help="The run directory."),
+    nodes: int = number_option(..., "--nodes", at_least(1, MAX_RANKS), "Nodes allocated."),
+    gpus_per_node: int = number_option(..., "--gpus-per-node", at_least(1, MAX_RANKS), "GPUs (ranks) each node can run."),
+) -> None:
+    """Print `NODES RANKS_PER_NODE`: the most ranks of an allocation that the run in OUT goes on on
+    (its lanes fit them), on as few nodes as hold them, and why on stderr; all of it for a new run.
+    The launch/ scripts ask it before they start, e.g. after a requeue onto other nodes."""
+    from vitdeep.commands.fit_world import fit_world
+
+    used_nodes, ranks_per_node, why = fit_world(out, nodes, gpus_per_node)
+    if why is not None:
+        print(why, file=sys.stderr)
+    print(used_nodes, ranks_per_node)
 
 
 @app.command("eval")
+@with_config_options(only=READ_OPTIONS)
 def eval_command(
+    options: dict,
     checkpoint: str = typer.Option(..., "--checkpoint", help="A vitdeep checkpoint (run dir, checkpoints/ or step dir), an export, or a timm / DeiT / CaiT state dict (then name --model)."),
     data: str = typer.Option(..., "--data", help="Shards to evaluate on (each sample exactly once over all ranks)."),
     model: Optional[str] = typer.Option(None, "--model", help="Model name, for plain state dicts."),
-    img_size: Optional[int] = typer.Option(None, "--img-size", help="Evaluation resolution (default: the model's; otherwise the position embedding is resampled)."),
-    crop_ratio: float = typer.Option(EVAL_CROP_RATIO, "--crop-ratio", help="Centre-crop ratio of the resize."),
+    img_size: Optional[int] = number_option(None, "--img-size", range_of(ModelFields, "img_size"), "Evaluation resolution (default: the model's; otherwise the position embedding is resampled)."),
+    crop_ratio: float = number_option(EVAL_CROP_RATIO, "--crop-ratio", range_of(AugmentConfig, "crop_ratio"), "Centre-crop ratio of the resize."),
     ema: bool = typer.Option(False, "--ema", help="Evaluate the EMA weights."),
-    batch_size: int = typer.Option(128, "--batch-size", help="Images per forward pass per rank."),
-    workers: int = typer.Option(4, "--workers", help="Data-loader workers per rank."),
+    batch_size: int = number_option(128, "--batch-size", range_of(OptimConfig, "micro_batch"), "Images per forward pass per rank."),
+    workers: int = number_option(4, "--workers", range_of(DataConfig, "workers"), "Data-loader workers per rank."),
     split: str = typer.Option("val", "--split", help="Split to read when --data names a folder with several."),
-    num_samples: Optional[int] = typer.Option(None, "--num-samples", help="Sample count when the shards carry no _info.json."),
-    max_bad_fraction: float = typer.Option(
-        MAX_BAD_FRACTION, "--max-bad-fraction", help="Fail when more than this fraction of the samples listed is bad or missing (over all ranks)."
+    num_samples: Optional[int] = number_option(None, "--num-samples", range_of(DataConfig, "num_samples"), "Sample count when the shards carry no _info.json."),
+    max_bad_fraction: float = number_option(
+        MAX_BAD_FRACTION, "--max-bad-fraction", range_of(DataConfig, "max_bad_fraction"),
+        "Fail when more than this fraction of the samples listed is bad or missing (over all ranks).",
     ),
-    out: Path = typer.Option(Path("eval.json"), "--out", help="JSON file for the results (with per-class accuracy and the sample accounting)."),
+    out: Path = typer.Option(Path("eval.json"), "--out", help="JSON file for the results (with per-class accuracy, the sample accounting and the checkpoint evaluated)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out when it exists."),
 ) -> None:
     """Exact top-1 / top-5 / loss over a sharded set, on one process or many ranks."""
     from vitdeep.commands.eval import run_eval
+    from vitdeep.engine.signals import stop_at_once
 
-    run_eval(
-        checkpoint, data, out=out, model_name=model, img_size=img_size, crop_ratio=crop_ratio, ema=ema,
-        batch_size=batch_size, workers=workers, split=split, num_samples=num_samples, max_bad_fraction=max_bad_fraction,
-    )
+    reads = _read_policy(options)
+    with stop_at_once():
+        run_eval(
+            checkpoint, data, out=out, model_name=model, img_size=img_size, crop_ratio=crop_ratio, ema=ema,
+            batch_size=batch_size, workers=workers, split=split, num_samples=num_samples,
+            max_bad_fraction=max_bad_fraction, overwrite=overwrite, reads=reads,
+        )
 
 
 @app.command("export")
@@ -241,6 +283,7 @@ def export_command(
     out: Path = typer.Argument(..., metavar="OUT.safetensors", help="The consolidated state dict to write (a .json with the options is written beside it)."),
     ema: bool = typer.Option(False, "--ema", help="Export the EMA weights."),
     dtype: str = typer.Option("fp32", "--dtype", help="fp32 or bf16."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT.safetensors and OUT.json when they exist."),
 ) -> None:
     """Write one consolidated state dict (safetensors) that vitdeep and timm load.
 
@@ -249,20 +292,21 @@ def export_command(
     """
     from vitdeep.commands.export import run_export
 
-    run_export(source, out, ema=ema, dtype=dtype)
+    run_export(source, out, ema=ema, dtype=dtype, overwrite=overwrite)
 
 
 @app.command("demo")
 def demo_command(
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Output folder: shards/, baseline/, remedies/, summary.json, oversmoothing.png."),
-    ranks: int = typer.Option(2, "--ranks", help="DeepSpeed ranks per run (CPU processes without a GPU)."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps per run instead of the recipe's epochs (a quick look)."),
+    ranks: int = number_option(2, "--ranks", at_least(1, MAX_RANKS), "DeepSpeed ranks per run (CPU processes without a GPU)."),
+    steps: Optional[int] = number_option(None, "--steps", range_of(OptimConfig, "steps"), "Optimizer steps per run instead of the recipe's epochs (a quick look)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace what --out holds under the demo's names when the demo did not write it."),
 ) -> None:
     """The main job end to end on the built-in digits: shards, two DeepSpeed runs of a 24-block ViT
     (CE only vs the over-smoothing remedies), evaluation, over-smoothing comparison, summary."""
     from vitdeep.demo import run_demo
 
-    run_demo(out, ranks=ranks, extra=["--steps", str(steps)] if steps else [])
+    run_demo(out, ranks=ranks, extra=["--steps", str(steps)] if steps else [], overwrite=overwrite)
 
 
 @app.command("ablate", context_settings={"max_content_width": 120})
@@ -270,12 +314,13 @@ def demo_command(
 def ablate_command(
     options: dict,
     grid: Optional[str] = typer.Argument(None, metavar="GRID", help="A bundled grid (see --list) or a grid YAML file."),
-    ranks: Optional[int] = typer.Option(None, "--ranks", help="DeepSpeed ranks per cell (default: every GPU, else 2 CPU ranks)."),
+    ranks: Optional[int] = number_option(None, "--ranks", at_least(1, MAX_RANKS), "DeepSpeed ranks per cell (default: every GPU, else 2 CPU ranks)."),
     emit: Optional[str] = typer.Option(None, "--emit", help="'slurm': write OUT/ablate.sbatch, a job array of one cell per task, and run nothing."),
     dry_run: bool = typer.Option(False, "--dry-run", help="List the cells and their commands; run nothing."),
     demo: bool = typer.Option(False, "--demo", help="Run the cells on the built-in digits with the demo's recipe (recipes/demo_digits.yaml)."),
     collect: Optional[Path] = typer.Option(None, "--collect", metavar="DIR", help="(Re)build DIR's results.json / .md / .png from the cells that finished."),
     list_grids: bool = typer.Option(False, "--list", help="Print the bundled grids and their cells."),
+    max_cells: int = number_option(MAX_CELLS, "--max-cells", at_least(1, MAX_STEPS), "Refuse a grid of more cells than this (counted before any is built)."),
 ) -> None:
     """Run an ablation grid: every cell a vitdeep training run in OUT/cells/<name>/ (same seed,
     budget, data and DeepSpeed config; only the grid's options change), resumable, evaluated and
@@ -283,7 +328,8 @@ def ablate_command(
     here apply to every cell."""
     from vitdeep.ablate import run_command
 
-    run_command(grid, options, ranks=ranks, emit=emit, dry_run=dry_run, demo=demo, collect=collect, list_grids=list_grids)
+    run_command(grid, options, ranks=ranks, emit=emit, dry_run=dry_run, demo=demo, collect=collect, list_grids=list_grids,
+                max_cells=max_cells)
 
 
 @app.command("train-cells", hidden=True)
@@ -314,6 +360,20 @@ def _strip_launcher_args(args: list[str]) -> list[str]:
     return kept
 
 
+#: The most bytes of one error line: a message that names an input never floods the terminal or a log.
+MAX_LINE_BYTES = 900
+
+
+def _line(message: str) -> str:
+    """`message` as one line of at most `MAX_LINE_BYTES` (the last defence: messages cap what they
+    repeat of the input themselves)."""
+    text = " ".join(message.splitlines())  # also \r, \v, \x1c-\x1e, \u2028 …: whatever a reader may take for a line break
+    raw = text.encode("utf-8", "replace")
+    if len(raw) <= MAX_LINE_BYTES:
+        return text
+    return raw[: MAX_LINE_BYTES - 40].decode("utf-8", "ignore") + f"… ({len(raw):,} bytes in all)"
+
+
 def _report(message: str, error: BaseException | None = None) -> None:
     """One line on stderr. With several ranks, rank 0 reports an error they all share (or met
     before the process group formed); any other error is reported by the rank that met it, which
@@ -326,7 +386,7 @@ def _report(message: str, error: BaseException | None = None) -> None:
     grouped = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     if rank != 0 and (not grouped or getattr(error, "shared", False)):
         return  # before the group forms, every rank repeats rank 0's checks
-    print(f"error{f' (rank {rank})' if grouped and rank else ''}: {message}", file=sys.stderr)
+    print(_line(f"error{f' (rank {rank})' if grouped and rank else ''}: {message}"), file=sys.stderr)
     if grouped and not getattr(error, "shared", False):
         from vitdeep.engine.deepspeed import announce_failure
 
@@ -340,7 +400,8 @@ def main(argv: list[str] | None = None) -> None:
         code = app(args=args, prog_name="vitdeep", standalone_mode=False)
     except typer.TyperException as usage:  # click's usage errors: one line, not click's box
         message = usage.format_message()
-        print(message if "\n" in message else f"error: {message} (see --help)", file=sys.stderr)  # multi-line: the help
+        shows_help = type(usage).__name__ == "NoArgsIsHelpError"  # a command given nothing: its help
+        print(message if shows_help else _line(f"error: {message} (see --help)"), file=sys.stderr)
         sys.exit(usage.exit_code)
     except typer.Abort:
         sys.exit(130)
@@ -352,7 +413,12 @@ def main(argv: list[str] | None = None) -> None:
         from vitdeep.monitor import global_rank
 
         if global_rank() == 0:
-            print(str(stopped), file=sys.stderr)
+            print(_line(str(stopped)), file=sys.stderr)
+        sys.exit(EXIT_STOPPED)
+    except Terminated as stopped:  # eval, analyze: nothing to keep, so no checkpoint either
+        from vitdeep.engine.signals import EXIT_STOPPED
+
+        print(f"error: {stopped}", file=sys.stderr)
         sys.exit(EXIT_STOPPED)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -361,6 +427,9 @@ def main(argv: list[str] | None = None) -> None:
         _report(as_flags(error), error)
         sys.exit(1)
     except Exception as error:
+        if isinstance(error, OSError) and error.errno == errno.ENAMETOOLONG:  # a path the user gave, wherever it was first used
+            print(_line(f"error: a file name is too long for the file system: {clip(str(error.filename), 120)}"), file=sys.stderr)
+            sys.exit(2)
         # A lost node / collective timeout (gloo, NCCL, the rendezvous): one line, exit 1.
         from vitdeep.engine.deepspeed import lost_peer_message, lost_peer_reason
 
@@ -370,6 +439,6 @@ def main(argv: list[str] | None = None) -> None:
 
             announce_failure(f"{type(error).__name__}: {error}".splitlines()[0])
             raise
-        print(f"error: {lost_peer_message(reason)}", file=sys.stderr)
+        print(_line(f"error: {lost_peer_message(reason)}"), file=sys.stderr)
         sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)  # as click's standalone mode does

@@ -17,6 +17,7 @@ from typing import Any, Callable, Optional
 import typer
 
 from vitdeep.config import SECTION_TITLES, section_classes
+from vitdeep.fields import Range, check_number, numeric_fields
 
 
 def _flag(name: str, annotation: Any) -> str:
@@ -75,10 +76,14 @@ def with_config_options(
         own_hints = typing.get_type_hints(command)
         generated = config_parameters(overrides, only)
         generated_names = {p.name for p in generated}
+        ranges = {name: valid for cls in section_classes().values() for name, valid in numeric_fields(cls)}
 
         @functools.wraps(command)
         def wrapper(**kwargs: Any) -> Any:
             options = {k: v for k, v in kwargs.items() if k in generated_names and v is not None}
+            for name, value in options.items():
+                if name in ranges:  # also for the commands that take a few of train's flags without its config
+                    check_number(name, value, ranges[name])
             return command(options, **{k: v for k, v in kwargs.items() if k not in generated_names})
 
         parameters = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own] + generated
@@ -88,3 +93,14 @@ def with_config_options(
         return wrapper
 
     return decorate
+
+
+def number_option(default: Any, flag: str, valid: Range, help: str) -> Any:
+    """A command's own numeric flag, checked against `valid` as it is parsed (before the command
+    runs): the same check as a config option's, so NaN, inf and absurd sizes end in one line."""
+    name = flag.removeprefix("--").replace("-", "_")
+
+    def check(value: Any) -> Any:
+        return value if value is None else check_number(name, value, valid)
+
+    return typer.Option(default, flag, help=help, callback=check)

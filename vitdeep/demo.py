@@ -4,6 +4,8 @@ Writes the demo shards, trains the recipe `recipes/demo_digits.yaml` twice under
 launcher (same seed and budget: CE only, then with the over-smoothing remedies), evaluates both
 on the held-out digits, compares their layer-wise over-smoothing, and summarises:
 `OUT/summary.json`, `OUT/oversmoothing.png`, `OUT/metrics.json` and one run folder per variant.
+A rerun into the same OUT replaces all of it (the marker `OUT/.vitdeep-demo` says the demo wrote
+it); in a folder the demo did not write, existing names are replaced only with `overwrite`.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ VARIANTS = {
     "baseline": {"cos_weight": 0.0, "contrastive_weight": 0.0, "patch_mix_weight": 0.0},
     "remedies": {"cos_weight": 1.0, "contrastive_weight": 1.0, "patch_mix_weight": 0.0},
 }
+#: Left in OUT when the demo starts, so that a rerun knows the outputs there are its own.
+MARKER = ".vitdeep-demo"
 
 
 def _launch(out: Path, name: str, shards: Path, ranks: int, extra: list[str]) -> None:
@@ -35,19 +39,25 @@ def _launch(out: Path, name: str, shards: Path, ranks: int, extra: list[str]) ->
         raise UserError(f"the {name} training run failed (see its output above)")
 
 
-def run_demo(out: str | Path = "runs/demo", ranks: int = 2, extra: list[str] | None = None) -> dict:
+def run_demo(out: str | Path = "runs/demo", ranks: int = 2, extra: list[str] | None = None, overwrite: bool = False) -> dict:
     """Shards → two DeepSpeed runs → evaluation → over-smoothing comparison → summary."""
-    from vitdeep.commands.analyze import run_analyze
+    from vitdeep.commands.analyze import analysis_paths, run_analyze
     from vitdeep.config import load_config_file, resolve_config
     from vitdeep.commands.eval import run_eval
     from vitdeep.commands.shards import run_demo_shards
     from vitdeep.engine.checkpoint import write_json_atomic
     from vitdeep.monitor import make_console
+    from vitdeep.paths import check_output_dir, claim_outputs
 
     start = time.perf_counter()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_output_dir(out, "--out")
     shards = out / "shards"
+    if not (out / MARKER).is_file():
+        outputs = [shards, *(out / name for name in VARIANTS), out / "summary.json", *analysis_paths(out).values()]
+        claim_outputs(outputs, [], flag="--out", overwrite=overwrite)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).touch()
     run_demo_shards(shards, overwrite=True)
     for name in VARIANTS:
         _launch(out, name, shards, ranks, list(extra or ()))
@@ -55,12 +65,13 @@ def run_demo(out: str | Path = "runs/demo", ranks: int = 2, extra: list[str] | N
     recipe = resolve_config(load_config_file(RECIPE))
     results = {}
     for name in VARIANTS:
-        evaluation = run_eval(str(out / name), str(shards), out=out / name / "eval.json",
+        evaluation = run_eval(str(out / name), str(shards), out=out / name / "eval.json", overwrite=True,
                               crop_ratio=recipe.augment.crop_ratio, workers=recipe.data.workers)
         results[name] = {"top1": evaluation.top1}
     metrics = run_analyze(
         model=None, checkpoint=None, images=None, data=str(shards), out=out,
         compare=[f"{name}={out / name}" for name in VARIANTS], num_images=1000, crop_ratio=recipe.augment.crop_ratio,
+        overwrite=True,
     )
     for name in VARIANTS:
         results[name]["last_layer_cossim"] = metrics[name].cossim[-1]

@@ -35,6 +35,12 @@ class StoppedBySignal(Exception):
     keep; the message says where and how to resume. The CLI exits with `EXIT_STOPPED`."""
 
 
+class Terminated(BaseException):
+    """A stop signal ended a command with nothing to keep (`eval`, `analyze`) where it was. A
+    BaseException, as KeyboardInterrupt is, so that no `except Exception` on the way swallows it.
+    The CLI prints its message as one line and exits with `EXIT_STOPPED`."""
+
+
 #: Library parameters whose flag is not `--` and the parameter's name in kebab case.
 FLAG_NAMES = {"model_name": "--model"}
 

@@ -7,7 +7,6 @@ Named `monitor` rather than the design's `logging` so it never shadows the stand
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -15,13 +14,21 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
+from vitdeep.errors import UserError
+from vitdeep.ranks import read_ranks
+
 #: Width when output goes to a file or pipe (rich would assume 80 columns and cut tables and the
 #: progress line's loss terms); on a terminal its own width is used.
 LOG_WIDTH = 200
 
 
 def global_rank() -> int:
-    return int(os.environ.get("RANK", "0"))
+    """This process's rank, 0 when alone. Also 0 in an environment `vitdeep.ranks` refuses, so
+    that every process meeting that refusal prints it (the printer asks this: it never raises)."""
+    try:
+        return read_ranks().rank
+    except UserError:
+        return 0
 
 
 def is_main_process() -> bool:

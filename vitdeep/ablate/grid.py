@@ -12,12 +12,16 @@ for `--demo`). Every cell is checked against the run config before anything is w
 from __future__ import annotations
 
 import itertools
+import math
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vitdeep.documents import read_document
 from vitdeep.errors import UserError
+from vitdeep.fields import check_number, clip, shown, within
 
 GRID_DIR = Path(__file__).resolve().parent.parent / "grids"
 #: Under a grid's `demo` options: each cell validates once, after its last epoch, as the table
@@ -28,6 +32,13 @@ GRID_KEYS = ("title", "paper", "metric", "base", "demo", "axes", "cells", "publi
 #: Options the ablation sets itself for every cell: the shared data, the cell's folder, resuming.
 RESERVED = ("data", "val", "out", "resume")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=,-]*$")
+#: The most cells a grid may have unless `--max-cells` says more: each is a training run, and a
+#: product of a few long axes quickly holds more than any machine runs (or has memory to list).
+MAX_CELLS = 10_000
+#: The longest cell name: it names a folder (file systems take 255 bytes).
+MAX_NAME = 200
+#: A paper's published number (a top-1 in %, or another metric of the grid's).
+PUBLISHED = within(-1e9, 1e9)
 
 
 @dataclass(frozen=True)
@@ -62,56 +73,50 @@ def bundled_grids() -> dict[str, Path]:
     return {path.stem: path for path in sorted(GRID_DIR.glob("*.yaml"))}
 
 
-def load_grid(spec: str) -> Grid:
+def load_grid(spec: str, max_cells: int = MAX_CELLS) -> Grid:
     """A bundled grid by name, or a grid YAML file."""
     bundled = bundled_grids()
     if spec in bundled:
-        return parse_grid(spec, _read_yaml(bundled[spec]))
+        return parse_grid(spec, read_document(bundled[spec], "grid"), max_cells)
     path = Path(spec)
     if path.is_file():
-        return parse_grid(path.stem, _read_yaml(path))
+        return parse_grid(path.stem, read_document(path, "grid"), max_cells)
     if path.suffix in (".yaml", ".yml") or "/" in spec:
-        raise UserError(f"grid file not found: {spec}")
-    raise UserError(f"unknown grid '{spec}' (bundled: {', '.join(bundled)}; or give a YAML file)")
+        raise UserError(f"grid file not found: {clip(spec, 200)}")
+    raise UserError(f"unknown grid {shown(spec)} (bundled: {', '.join(bundled)}; or give a YAML file)")
 
 
-def _read_yaml(path: Path) -> Any:
-    import yaml
-
-    try:
-        return yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as error:
-        raise UserError(f"cannot read grid {path}: {str(error).splitlines()[0]}") from None
-
-
-def parse_grid(name: str, raw: Any) -> Grid:
-    """Check the grid's shape and expand it into cells (the options are checked by `resolve_cells`)."""
+def parse_grid(name: str, raw: Any, max_cells: int = MAX_CELLS) -> Grid:
+    """Check the grid's shape and expand it into cells (the options are checked by
+    `resolve_cells`). The cells are counted first: a grid of more than `max_cells` is refused
+    before any is built (a product of a few long axes grows past any machine's memory)."""
     where = f"grid {name}"
     if not isinstance(raw, dict):
         raise UserError(f"{where}: expected a mapping with base: and axes: or cells:")
     unknown = [key for key in raw if key not in GRID_KEYS]
     if unknown:
-        raise UserError(f"{where}: unknown key '{unknown[0]}' (a grid has {', '.join(GRID_KEYS)})")
+        raise UserError(f"{where}: unknown key {shown(unknown[0])} (a grid has {', '.join(GRID_KEYS)})")
     if ("axes" in raw) == ("cells" in raw):
         raise UserError(f"{where}: give either axes: (a cartesian product) or cells: (an explicit list), not {'both' if 'axes' in raw else 'neither'}")
     base = _options(raw.get("base"), f"{where}, base")
     demo = _options(raw.get("demo"), f"{where}, demo")
     if "axes" in raw:
-        cells, columns = _expand_axes(raw["axes"], where)
+        cells, columns = _expand_axes(raw["axes"], where, max_cells)
     else:
-        cells, columns = _explicit_cells(raw["cells"], where)
+        cells, columns = _explicit_cells(raw["cells"], where, max_cells)
     names = [cell.name for cell in cells]
-    repeated = sorted({n for n in names if names.count(n) > 1})
+    repeated = sorted(name for name, times in Counter(names).items() if times > 1)
     if repeated:
-        raise UserError(f"{where}: two cells are named '{repeated[0]}'")
+        raise UserError(f"{where}: two cells are named {shown(repeated[0])}")
     headings = _mapping(raw.get("columns"), f"{where}, columns")
     columns = [(str(headings.get(option, heading)), option) for heading, option in columns]
     published = _mapping(raw.get("published"), f"{where}, published")
+    known = set(names)
     for cell_name, value in published.items():
-        if cell_name not in names:
-            raise UserError(f"{where}: published names no cell '{cell_name}' (cells: {', '.join(names)})")
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise UserError(f"{where}: published {cell_name}={value!r} is not a number")
+        if cell_name not in known:
+            raise UserError(f"{where}: published names no cell {shown(cell_name)} (cells: {clip(', '.join(names), 200)})")
+        if value is not None:
+            check_number(f"published {clip(str(cell_name), 60)}", value, PUBLISHED, where, flag=False)
     return Grid(
         name=name, title=str(raw.get("title") or name), base=base, demo=demo, cells=cells, columns=columns,
         paper=raw.get("paper"), metric=raw.get("metric"),
@@ -123,7 +128,7 @@ def _mapping(raw: Any, where: str) -> dict:
     if raw is None:
         return {}
     if not isinstance(raw, dict):
-        raise UserError(f"{where}: expected a mapping, got {raw!r}")
+        raise UserError(f"{where}: expected a mapping, got {shown(raw)}")
     return raw
 
 
@@ -132,36 +137,38 @@ def _options(raw: Any, where: str) -> dict[str, Any]:
     options = _mapping(raw, where)
     for name in options:
         if not isinstance(name, str):
-            raise UserError(f"{where}: option names must be strings, got {name!r}")
+            raise UserError(f"{where}: option names must be strings, got {shown(name)}")
         if name in RESERVED:
-            raise UserError(f"{where}: '{name}' is set by vitdeep ablate for every cell ({', '.join(RESERVED)} cannot be grid options)")
+            raise UserError(f"{where}: {shown(name)} is set by vitdeep ablate for every cell ({', '.join(RESERVED)} cannot be grid options)")
     return dict(options)
 
 
-def _expand_axes(raw: Any, where: str) -> tuple[list[Cell], list[tuple[str, str | None]]]:
+def _expand_axes(raw: Any, where: str, max_cells: int) -> tuple[list[Cell], list[tuple[str, str | None]]]:
     axes = _mapping(raw, f"{where}, axes")
     if not axes:
         raise UserError(f"{where}: axes: is empty")
+    sizes = [len(values) if isinstance(values, (list, dict)) else 1 for values in axes.values()]
+    _check_count(math.prod(sizes), f"{where} ({' × '.join(map(str, sizes))} axes)", max_cells)
     # Each axis → [(name part, options, variant or None)]
     choices, columns = [], []
     for axis, values in axes.items():
         if not isinstance(axis, str):
-            raise UserError(f"{where}: axis names must be strings, got {axis!r}")
+            raise UserError(f"{where}: axis names must be strings, got {shown(axis)}")
         if isinstance(values, list):
             if not values:
-                raise UserError(f"{where}: axis '{axis}' has no values")
+                raise UserError(f"{where}: axis {shown(axis)} has no values")
             if axis in RESERVED:
-                raise UserError(f"{where}: '{axis}' is set by vitdeep ablate for every cell ({', '.join(RESERVED)} cannot be grid options)")
+                raise UserError(f"{where}: {shown(axis)} is set by vitdeep ablate for every cell ({', '.join(RESERVED)} cannot be grid options)")
             choices.append([(f"{axis}={format_value(value)}", {axis: value}, None) for value in values])
             columns.append((axis, axis))
         elif isinstance(values, dict):
             if not values:
-                raise UserError(f"{where}: axis '{axis}' has no values")
-            choices.append([(str(variant), _options(options, f"{where}, axis {axis}: {variant}"), str(variant))
+                raise UserError(f"{where}: axis {shown(axis)} has no values")
+            choices.append([(str(variant), _options(options, f"{where}, axis {clip(axis)}: {shown(variant)}"), str(variant))
                             for variant, options in values.items()])
             columns.append((axis, None))
         else:
-            raise UserError(f"{where}: axis '{axis}' must be a list of values or a mapping of named option sets")
+            raise UserError(f"{where}: axis {shown(axis)} must be a list of values or a mapping of named option sets")
     cells = []
     for combination in itertools.product(*choices):
         options, variants = {}, {}
@@ -173,13 +180,14 @@ def _expand_axes(raw: Any, where: str) -> tuple[list[Cell], list[tuple[str, str 
     return cells, columns
 
 
-def _explicit_cells(raw: Any, where: str) -> tuple[list[Cell], list[tuple[str, str | None]]]:
+def _explicit_cells(raw: Any, where: str, max_cells: int) -> tuple[list[Cell], list[tuple[str, str | None]]]:
     if not isinstance(raw, list) or not raw:
         raise UserError(f"{where}: cells: must be a non-empty list of {{name: NAME, OPTION: VALUE, ...}}")
+    _check_count(len(raw), where, max_cells)
     cells, columns = [], {}
     for index, entry in enumerate(raw):
         if not isinstance(entry, dict) or "name" not in entry:
-            raise UserError(f"{where}: cell {index + 1} needs a name: (got {entry!r})")
+            raise UserError(f"{where}: cell {index + 1} needs a name: (got {shown(entry)})")
         name = _checked_name(str(entry["name"]), where)
         options = _options({k: v for k, v in entry.items() if k != "name"}, f"{where}, cell {name}")
         columns.update(dict.fromkeys(options))
@@ -187,9 +195,15 @@ def _explicit_cells(raw: Any, where: str) -> tuple[list[Cell], list[tuple[str, s
     return cells, [(option, option) for option in columns]
 
 
+def _check_count(cells: int, where: str, max_cells: int) -> None:
+    if cells > max_cells:
+        raise UserError(f"{where} has {cells:,} cells, more than --max-cells {max_cells:,}: split the grid, or raise --max-cells "
+                        "if you mean to run them all")
+
+
 def _checked_name(name: str, where: str) -> str:
-    if not _NAME.match(name) or name in (".", ".."):
-        raise UserError(f"{where}: cell name '{name}' may hold only letters, digits and . _ + = , - (it names a folder)")
+    if len(name) > MAX_NAME or not _NAME.match(name) or name in (".", ".."):
+        raise UserError(f"{where}: cell name {shown(name)} must be 1 to {MAX_NAME} letters, digits and . _ + = , - (it names a folder)")
     return name
 
 
@@ -260,7 +274,7 @@ def _resolve(options: dict[str, Any], recipe: Path | None, where: str):
     try:
         return resolve_config(options, recipe)
     except UserError as error:
-        raise UserError(f"{where}: {error}") from None
+        raise UserError(f"{where}: {error}", params=error.params) from None
 
 
 def grid_listing(grid: Grid) -> list[tuple[str, str, str]]:

@@ -20,6 +20,7 @@ newest complete checkpoint, or afresh).
 
 from __future__ import annotations
 
+import functools
 import json
 import shlex
 import statistics
@@ -51,6 +52,15 @@ class Ablation:
 
     def cell_dir(self, name: str) -> Path:
         return cell_dir(self.out, name)
+
+    def number(self, run: CellRun) -> int:
+        """The cell's place in the grid, from 1 (by name, which is unique: a list search per cell
+        would be quadratic in a grid of thousands)."""
+        return self._numbers[run.name]
+
+    @functools.cached_property
+    def _numbers(self) -> dict[str, int]:
+        return {run.name: number for number, run in enumerate(self.runs, 1)}
 
     def cell_options(self, run: CellRun) -> dict[str, Any]:
         """The cell's full train options: its own and the shared ones, its data and folder, and
@@ -120,7 +130,8 @@ def is_finished(folder: Path) -> bool:
 def finish_cell(folder: Path) -> None:
     """Evaluate a trained cell on its validation shards (raw and EMA) and analyse its
     over-smoothing there, with the crop ratio it was validated at: in one process, or on every
-    rank of a launch (the evaluation split between them, the analysis on rank 0)."""
+    rank of a launch (the evaluation split between them, the analysis on rank 0). A rerun
+    replaces the cell's earlier evaluation and analysis: they are its own."""
     import torch.distributed as dist
 
     from vitdeep.commands.analyze import run_analyze
@@ -133,11 +144,13 @@ def finish_cell(folder: Path) -> None:
     val, crop_ratio, workers = config["data"]["val"], config["augment"]["crop_ratio"], config["data"]["workers"]
     if not val:
         raise UserError(f"{folder} was trained without --val: nothing to evaluate the cell on")
-    run_eval(str(folder), val, out=folder / "eval.json", crop_ratio=crop_ratio, workers=workers)
+    run_eval(str(folder), val, out=folder / "eval.json", crop_ratio=crop_ratio, workers=workers, overwrite=True)
     if config["optim"]["ema_decay"] > 0:
-        run_eval(str(folder), val, out=folder / "eval_ema.json", crop_ratio=crop_ratio, workers=workers, ema=True)
+        run_eval(str(folder), val, out=folder / "eval_ema.json", crop_ratio=crop_ratio, workers=workers, ema=True,
+                 overwrite=True)
     if is_main_process():
-        run_analyze(model=None, checkpoint=folder, images=None, data=val, out=folder / "analysis", crop_ratio=crop_ratio)
+        run_analyze(model=None, checkpoint=folder, images=None, data=val, out=folder / "analysis", crop_ratio=crop_ratio,
+                    overwrite=True)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
 
@@ -156,8 +169,18 @@ def update_status(out: Path, name: str, **changes: Any) -> dict[str, Any]:
 
 
 def check_same_grid(ablation: Ablation) -> None:
-    """A folder holds one grid: a rerun must ask for the same cells with the same options."""
+    """A folder holds one grid: a rerun must ask for the same cells with the same options. A folder
+    without `grid.json` holds nothing under the names a grid writes (they are not a grid's), and
+    no grid writes into the shards it reads."""
+    from vitdeep.ablate.launch import LAUNCH_FILE
+    from vitdeep.ablate.results import RESULT_FILES
+    from vitdeep.ablate.slurm import SBATCH_NAME
+    from vitdeep.paths import claim_outputs, data_folders
+
     recorded = read_json(ablation.out / GRID_FILE)
+    outputs = [ablation.out / name for name in ("cells", "status", "logs", LAUNCH_FILE, SBATCH_NAME, *RESULT_FILES)]
+    claim_outputs(outputs, [*data_folders(ablation.data), *data_folders(ablation.val)], flag="--out",
+                  overwrite=None if recorded is None else True)
     if recorded is None:
         return
     now = ablation.record()
@@ -188,7 +211,7 @@ def check_plans(ablation: Ablation) -> None:
         try:
             make_plan(resolve_config(ablation.cell_options(run), ablation.recipe), ablation.ranks)
         except UserError as error:
-            raise UserError(f"grid {ablation.grid.name}, cell {run.name}: {error}") from None
+            raise UserError(f"grid {ablation.grid.name}, cell {run.name}: {error}", params=error.params) from None
 
 
 def write_record(ablation: Ablation) -> None:
@@ -241,7 +264,7 @@ def _launch(console, ablation: Ablation, runs: list[CellRun]) -> list[CellRun]:
     from vitdeep.ablate.launch import write_launch
     from vitdeep.launcher import deepspeed_command, run_logged
 
-    cells = [{"index": ablation.runs.index(run) + 1, "name": run.name, "options": ablation.cell_options(run),
+    cells = [{"index": ablation.number(run), "name": run.name, "options": ablation.cell_options(run),
               "command": shlex.join(["vitdeep", *ablation.train_args(run)])} for run in runs]
     spec = write_launch(ablation.out, ablation.recipe, len(ablation.runs), cells)
     cmd = deepspeed_command(["train-cells", str(spec)], ablation.ranks)
@@ -259,7 +282,7 @@ class _LaunchTracker:
 
     def __init__(self, console, ablation: Ablation, runs: list[CellRun]) -> None:
         self.console, self.ablation, self.runs = console, ablation, runs
-        self.positions = {ablation.runs.index(run) + 1: position for position, run in enumerate(runs)}  # grid's → launch's
+        self.positions = {ablation.number(run): position for position, run in enumerate(runs)}  # grid's → launch's
         self._begin(0)
 
     @property
@@ -282,7 +305,7 @@ class _LaunchTracker:
         if position != self.position:
             self._end_current(None)
             self._begin(position)
-        _show_progress(self.console, self.ablation, self.ablation.runs.index(self.current))
+        _show_progress(self.console, self.ablation, self.ablation.number(self.current) - 1)
         return log_file(self.ablation.out, self.current.name)
 
     def _end_current(self, error: str | None) -> None:
@@ -344,19 +367,16 @@ def clock(seconds: float | None) -> str:
 
 
 def print_dry_run(ablation: Ablation) -> None:
-    """`--dry-run`: the cells and the command each would run (nothing is written)."""
-    from rich.table import Table
-
+    """`--dry-run`: the cells, their options and state, and the command each would run (nothing is
+    written). Plain lines, printed at once: a grid of 10,000 cells lists in a second or two."""
     from vitdeep.launcher import deepspeed_command
     from vitdeep.monitor import make_console
 
-    console = make_console()
-    table = Table(title=f"vitdeep ablate {ablation.grid.name} --dry-run: {len(ablation.runs)} cells in {ablation.out}", show_lines=True)
-    for column in ("cell", "options", "state", "command"):
-        table.add_column(column, overflow="fold")
-    for run in ablation.runs:
+    lines = [f"vitdeep ablate {ablation.grid.name} --dry-run: {len(ablation.runs)} cells in {ablation.out}"]
+    for index, run in enumerate(ablation.runs, 1):
         folder = ablation.cell_dir(run.name)
         state = "finished" if is_finished(folder) else "trained" if is_trained(folder) else "resumes" if folder.exists() else "new"
         options = ", ".join(f"{k}={format_value(v)}" for k, v in run.own.items()) or "(shared options only)"
-        table.add_row(run.name, options, state, shlex.join(deepspeed_command(ablation.train_args(run), ablation.ranks)))
-    console.print(table)
+        lines += [f"{index}. {run.name} [{state}]: {options}",
+                  f"   {shlex.join(deepspeed_command(ablation.train_args(run), ablation.ranks))}"]
+    make_console().print("\n".join(lines), soft_wrap=True, markup=False, highlight=False)

@@ -18,6 +18,7 @@ from vitdeep.ablate.grid import common_options
 from vitdeep.ablate.run import Ablation
 from vitdeep.errors import UserError
 from vitdeep.launcher import option_flags
+from vitdeep.paths import follow_umask
 
 LAUNCH_DIR = Path(__file__).resolve().parent.parent.parent / "launch"
 SBATCH_NAME = "ablate.sbatch"
@@ -86,5 +87,5 @@ def write_sbatch(out: Path, script: str) -> Path:
     (out / "logs").mkdir(parents=True, exist_ok=True)
     path = out / SBATCH_NAME
     path.write_text(script)
-    path.chmod(0o755)
+    follow_umask(path, executable=True)
     return path

@@ -6,7 +6,9 @@ TensorBoard events, and summarised in a table. Nothing is written when an input 
 from __future__ import annotations
 
 import json
+import math
 import random
+import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,12 +21,13 @@ from torch import nn
 
 from vitdeep.analysis import METRIC_DEFINITIONS, METRIC_NAMES, OversmoothingMetrics, measure_model
 from vitdeep.architecture import EVAL_CROP_RATIO
-from vitdeep.data.options import IMAGE_EXTENSIONS
+from vitdeep.data.options import IMAGE_EXTENSIONS, ReadPolicy
 from vitdeep.engine.weights import build_model, read_weights
 from vitdeep.errors import UserError
+from vitdeep.fields import clip, shown
 from vitdeep.models import MODELS, create_model
 from vitdeep.monitor import image_progress
-from vitdeep.paths import check_output_dir
+from vitdeep.paths import check_output_dir, checkpoint_inputs, claim_outputs, data_folders
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -52,8 +55,11 @@ def parse_model_options(pairs: Iterable[str]) -> dict:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
-            raise UserError(f"model option '{pair}' is not KEY=VALUE")
-        options[key.strip()] = parse_option_value(value)
+            raise UserError(f"model option {shown(pair)} is not KEY=VALUE")
+        parsed = parse_option_value(value)
+        if isinstance(parsed, float) and not math.isfinite(parsed):
+            raise UserError(f"model option {clip(pair)} is not a finite number")
+        options[key.strip()] = parsed
     return options
 
 
@@ -222,8 +228,12 @@ class ShardSource:
             raise UserError(f"--batch-size must be positive, got {self.batch_size}")
         self.info = read_dataset_info(self.data, split=self.split)
         self.num_images = min(self.requested, self.info.require_num_samples())
+        if not self.num_images:
+            raise UserError(f"no readable image in {self.data}: its shards hold no sample")
 
     def batches(self, img_size: int) -> Iterator[torch.Tensor]:
+        """The images as batches; `UserError` when not one of them can be read (a foreign tar
+        whose members are all bad, say), rather than metrics over nothing."""
         from vitdeep.data.pipeline import BatchPreprocessor, eval_loader
 
         loader = eval_loader(self.info, micro_batch=self.batch_size, img_size=img_size, crop_ratio=self.crop_ratio, rank=0,
@@ -235,6 +245,9 @@ class ShardSource:
             left -= len(images)
             if left <= 0:
                 break
+        if left == self.num_images:
+            causes = ", ".join(f"{count} {cause}" for cause, count in loader.stats.bad.items()) or "none"
+            raise UserError(f"no readable image in {self.data} (bad samples: {causes})")
 
     def describe(self) -> str:
         return str(self.data)
@@ -304,14 +317,21 @@ def write_tensorboard(log_dir: Path, results: dict[str, OversmoothingMetrics], f
         writer.add_figure("oversmoothing", figure, close=False)
 
 
+def analysis_paths(out: Path) -> dict[str, Path]:
+    """What `write_analysis` writes under `out`."""
+    return {"json": out / "metrics.json", "png": out / "oversmoothing.png", "tensorboard": out / "tb"}
+
+
 def write_analysis(
     out: Path, results: dict[str, OversmoothingMetrics], sources: Sequence[ModelSource], images: ImageSource
 ) -> dict[str, Path]:
-    """`metrics.json`, `oversmoothing.png` and TensorBoard events `tb/` under `out`."""
+    """`metrics.json`, `oversmoothing.png` and TensorBoard events `tb/` under `out` (an earlier
+    `tb/` is replaced, not added to: its curves would show twice)."""
     from vitdeep.plots import oversmoothing_figure
 
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / "metrics.json", "png": out / "oversmoothing.png", "tensorboard": out / "tb"}
+    paths = analysis_paths(out)
+    shutil.rmtree(paths["tensorboard"], ignore_errors=True)
     described = {source.label: source.describe() for source in sources}
     report = {
         "images": images.describe(),
@@ -352,14 +372,24 @@ def run_analyze(
     seed: int = 0,
     device: str | None = None,
     crop_ratio: float = EVAL_CROP_RATIO,
+    overwrite: bool = False,
+    reads: ReadPolicy | None = None,
 ) -> dict[str, OversmoothingMetrics]:
-    """`vitdeep analyze`: check every input, measure every source, then write the outputs
-    (nothing is written when an input is bad or a model fails to load)."""
+    """`vitdeep analyze`: check every input and the outputs (never an input, nor existing files
+    without `overwrite`), measure every source, then write the outputs (nothing is written when
+    an input is bad or a model fails to load). `reads` sets the timeouts and retries of remote
+    shard reads (default: the process's)."""
+    from vitdeep.data.storage import use_read_policy
     from vitdeep.monitor import make_console
 
+    if reads is not None:
+        use_read_policy(reads)
     out = Path(out)
     check_output_dir(out, "--out")
     sources = resolve_model_sources(model, checkpoint, compare, options or {}, seed, ema)
+    read = [*data_folders(data), *([images] if images is not None else []),
+            *(path for source in sources for path in checkpoint_inputs(source.checkpoint))]
+    claim_outputs(list(analysis_paths(out).values()), read, flag="--out", overwrite=overwrite)
     image_source = resolve_image_source(images, num_images, batch_size, seed, data, crop_ratio)
     console = make_console()
     results = analyze_sources(sources, image_source, resolve_device(device), console)

@@ -8,15 +8,16 @@ from pathlib import Path
 import torch
 from rich.table import Table
 
-from vitdeep.data.options import MAX_BAD_FRACTION
+from vitdeep.data.options import MAX_BAD_FRACTION, ReadPolicy
 from vitdeep.data.pipeline import BatchPreprocessor, eval_loader, read_dataset_info
+from vitdeep.data.storage import use_read_policy
 from vitdeep.engine.checkpoint import write_json_atomic
 from vitdeep.engine.deepspeed import init_distributed
 from vitdeep.engine.evaluate import EvalResult, evaluate
 from vitdeep.engine.weights import build_model, read_weights
 from vitdeep.errors import UserError
 from vitdeep.monitor import make_console, progress_bar
-from vitdeep.paths import check_output_file
+from vitdeep.paths import check_output_file, checkpoint_inputs, claim_outputs, data_folders
 
 
 def run_eval(
@@ -34,18 +35,26 @@ def run_eval(
     num_samples: int | None = None,
     max_bad_fraction: float = MAX_BAD_FRACTION,
     dist_timeout: float = 30.0,
+    overwrite: bool = False,
+    reads: ReadPolicy | None = None,
 ) -> EvalResult:
     """`vitdeep eval`: exact top-1 / top-5 / loss of any loadable source over a sharded set, on
-    however many ranks launched it; prints a table and writes `out` (JSON) on rank 0.
+    however many ranks launched it; prints a table and writes `out` (JSON) on rank 0, with the
+    checkpoint evaluated (its path, step and whether EMA).
 
-    Every check runs before the evaluation: the output path, the shards, the weights. Too much
-    bad or missing data (over all ranks) is an error after it, and `out` is not written.
+    Every check runs before the evaluation: the output path (never an input, nor an existing file
+    without `overwrite`), the shards, the weights. Too much bad or missing data (over all ranks),
+    or no readable sample at all, is an error after it, and `out` is not written. `reads` sets the
+    timeouts and retries of remote reads (default: the process's).
     """
     check_output_file(out, "--out", "eval.json")
     if not 0.0 <= max_bad_fraction <= 1.0:
         raise UserError(f"--max-bad-fraction must be in [0, 1], got {max_bad_fraction:g}")
     if batch_size < 1 or workers < 0:
         raise UserError(f"--batch-size must be >= 1 and --workers >= 0, got {batch_size} and {workers}")
+    claim_outputs([out], [*data_folders(data), *checkpoint_inputs(checkpoint)], flag="--out", overwrite=overwrite)
+    if reads is not None:
+        use_read_policy(reads)
     info = read_dataset_info(data, num_samples=num_samples, split=split)
     weights = read_weights(checkpoint, ema=ema)
     model, report = build_model(weights, model_name, img_size=img_size)
@@ -61,7 +70,7 @@ def run_eval(
     console = make_console()
     for line in report.lines():
         console.print(line)
-    with progress_bar() as progress:
+    with progress_bar(transient=True) as progress:  # gone once done: the table follows, or a refusal's one line
         task = progress.add_task("eval", total=loader.samples_rank, info=f"rank 0 of {dist_info.world_size}")
         result = evaluate(
             model, loader, lambda images: preprocess(images, train=False), model.num_classes, dist_info.device,
@@ -70,12 +79,16 @@ def run_eval(
     error = result.bad_data_error(max_bad_fraction)
     if error is not None:
         raise error
+    if not result.count:
+        raise UserError(f"no sample of {data} could be read ({result.bad_causes() or 'its shards hold no sample'})", shared=True)
     if dist_info.is_main:
         _print_result(console, result, checkpoint, ema)
         classes = info.class_names or [str(i) for i in range(model.num_classes)]
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(Path(out), {
-            "checkpoint": str(checkpoint), "ema": ema, "data": str(data), "img_size": model.img_size,
+            "checkpoint": str(checkpoint), "ema": ema,
+            "evaluated": {"path": weights.source, "step": weights.step, "ema": ema, "kind": weights.kind},
+            "data": str(data), "img_size": model.img_size,
             "crop_ratio": crop_ratio, "world_size": dist_info.world_size, **result.scalars(),
             "images_per_s": result.images_per_s, **result.accounting(),
             "per_class": [
@@ -93,6 +106,4 @@ def _print_result(console, result: EvalResult, checkpoint: str, ema: bool) -> No
     table.add_row(f"{result.count:,}", f"{result.top1:.2f}", f"{result.top5:.2f}", f"{result.loss:.4f}", f"{result.images_per_s:.0f}")
     console.print(table)
     if result.bad or result.missing:
-        causes = ", ".join(f"{count} {cause}" for cause, count in result.bad.items())
-        missing = f", {result.missing} missing (listed but not read)" if result.missing else ""
-        console.print(f"[yellow]{result.read:,} of {result.expected or result.read:,} samples read; bad: {causes or 'none'}{missing}")
+        console.print(f"[yellow]{result.describe_reading()}")

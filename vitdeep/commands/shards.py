@@ -3,6 +3,7 @@ is `vitdeep.data.shards`, which prints nothing)."""
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,7 +24,7 @@ def run_demo_shards(out: str | Path, **options: Any) -> dict:
 
 
 def _shown(write: Callable[..., dict], out: str | Path) -> dict:
-    rows: list[tuple[dict, int, float]] = []
+    rows: list[tuple[dict, Counter, float]] = []
     with image_progress() as progress:
         info = write(progress=progress, on_split=lambda entry, skipped, seconds: rows.append((entry, skipped, seconds)))
     table = Table(title=f"Shards written to {out} ({info['num_classes']} classes)")
@@ -32,7 +33,12 @@ def _shown(write: Callable[..., dict], out: str | Path) -> dict:
     for entry, skipped, seconds in rows:
         table.add_row(
             entry["name"], str(len(entry["filenames"])), f"{entry['num_samples']:,}", f"{entry['bytes'] / 1e6:,.1f} MB",
-            str(skipped), f"{seconds:.1f} s", f"{entry['num_samples'] / max(seconds, 1e-9):,.0f}",
+            f"{sum(skipped.values()):,}", f"{seconds:.1f} s", f"{entry['num_samples'] / max(seconds, 1e-9):,.0f}",
         )
-    make_console().print(table)
+    console = make_console()
+    console.print(table)
+    for entry, skipped, _ in rows:
+        if skipped:
+            console.print(f"{entry['name']}: passed over " + ", ".join(f"{count:,} {why}" for why, count in skipped.items()),
+                          markup=False)
     return info

@@ -6,7 +6,8 @@ A data argument is one string or a list of them; a string may join several with 
 - a directory: its shards are listed by `_info.json` (timm's layout, which `vitdeep shards` writes)
   for the wanted split, or else are its `*.tar` files whose names contain the split;
 - a local path with `{000..099}` braces and/or `*` globs;
-- a URL (`https://…`, `gs://…`) with braces, opened by webdataset (`file:` URLs are local paths);
+- a URL (`https://…`, `gs://…`) with braces, opened by `vitdeep.data.storage` with timeouts and
+  retries (`file:` URLs are local paths);
 - a `pipe:COMMAND` URL, which runs a shell command: honoured only because the user wrote it,
   and logged as a warning first. Names read from `_info.json` are always joined to the local
   directory, so a file can never smuggle in a command.
@@ -19,6 +20,8 @@ which is said once.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import glob
 import json
 import logging
@@ -32,7 +35,10 @@ from urllib.parse import urlparse
 
 from webdataset.shardlists import expand_urls
 
+from vitdeep.data.info_doc import check_info, check_sizes
 from vitdeep.data.samples import count_samples, is_local
+from vitdeep.data.storage import open_shard, read_policy
+from vitdeep.documents import parse_document, read_document, read_text
 from vitdeep.errors import UserError
 from vitdeep.monitor import is_main_process
 
@@ -131,6 +137,8 @@ def read_dataset_info(
     if num_samples is not None:
         if total is not None and total != num_samples:
             shard_sizes = None
+        if len(resolved) == 1:
+            shard_sizes = (num_samples,)  # what a failed read of the one shard is counted against
         total, counted_from = num_samples, "--num-samples"
     if class_names is not None:
         num_classes = num_classes or len(class_names)
@@ -223,12 +231,15 @@ def _load_info(directory: str) -> dict:
     for name in INFO_NAMES:
         path = os.path.join(directory, name)
         if os.path.isfile(path):
-            try:
-                with open(path) as stream:
-                    return json.load(stream)
-            except (OSError, ValueError) as error:
-                raise UserError(f"cannot read {path}: {error}") from None
+            return _checked_info(path, read_text(Path(path), "shard metadata"))
     return {}
+
+
+@functools.lru_cache(maxsize=64)
+def _checked_info(path: str, text: str) -> dict:
+    """An `_info.json`, parsed and checked once per content (checking a grid's plans reads the
+    same one twice per cell); shared between callers, so read-only."""
+    return check_info(parse_document(text, f"shard metadata {path}", as_json=True), path)
 
 
 @dataclass(frozen=True)
@@ -242,19 +253,21 @@ class _Beside:
 def _read_beside(directory: str) -> _Beside:
     """Per-file sample counts from the `_info.json` (all splits) or `sizes.json` next to shards."""
     info = _load_info(directory or ".")
-    sizes: dict[str, int] = {}
-    for entry in info.get("splits", {}).values():
-        sizes.update(zip(entry.get("filenames", []), entry.get("shard_lengths", [])))
+    sizes = _info_sizes(info)
     source = "_info.json" if sizes else ""
     sizes_path = os.path.join(directory, SIZES_NAME)
     if not sizes and os.path.isfile(sizes_path):
-        try:
-            with open(sizes_path) as stream:
-                sizes = {name: int(count) for name, count in json.load(stream).items()}
-        except (OSError, ValueError, AttributeError) as error:
-            raise UserError(f"cannot read {sizes_path}: {error}") from None
+        sizes = check_sizes(read_document(Path(sizes_path), "shard metadata"), sizes_path)
         source = SIZES_NAME
     return _beside(info, sizes, source)
+
+
+def _info_sizes(info: dict) -> dict[str, int]:
+    """Shard file name → sample count, from a checked `_info.json` (all splits)."""
+    sizes: dict[str, int] = {}
+    for entry in info.get("splits", {}).values():
+        sizes.update(zip(entry["filenames"], entry.get("shard_lengths", [])))
+    return sizes
 
 
 def _beside(info: dict, sizes: dict[str, int], source: str) -> _Beside:
@@ -262,26 +275,23 @@ def _beside(info: dict, sizes: dict[str, int], source: str) -> _Beside:
     return _Beside(sizes, source, names, info.get("num_classes"))
 
 
-#: Seconds to wait for a remote `_info.json` / `sizes.json` (a missing one must not stall a run).
-REMOTE_INFO_TIMEOUT = 10
+#: Largest remote `_info.json` / `sizes.json` read (ImageNet's is a few KB).
+MAX_REMOTE_INFO_BYTES = 16 << 20
 
 
 def _fetch_json(url: str) -> dict | None:
-    """A JSON object read over HTTP(S) (one try, `REMOTE_INFO_TIMEOUT`), or through webdataset's
-    `gopen` for its other schemes (gsutil, …); None when it is not there or not JSON. (webdataset's
-    curl retries a missing file for a minute, which is right for shards, not for an optional file.)"""
-    import urllib.request
-
-    from webdataset.gopen import gopen
-
+    """A JSON object read from a remote location under the read policy (`vitdeep.data.storage`);
+    None when it is not there, unreadable, too large or not a JSON object. Over HTTP "not there"
+    is a 404 and is not retried; a command (gs://) cannot tell "not there" from "failed", so an
+    optional file gets one try there rather than the retries a shard gets."""
+    policy = read_policy()
+    if urlparse(url).scheme not in ("http", "https"):
+        policy = dataclasses.replace(policy, read_retries=0)
     try:
-        if url.startswith(("http://", "https://")):
-            with urllib.request.urlopen(url, timeout=REMOTE_INFO_TIMEOUT) as response:
-                data = json.loads(response.read())
-        else:
-            with gopen(url) as stream:
-                data = json.loads(stream.read())
-    except Exception:  # not there, unreachable, or not JSON: the caller says so
+        with open_shard(url, policy) as stream:
+            raw = stream.read(MAX_REMOTE_INFO_BYTES + 1)
+        data = json.loads(raw) if len(raw) <= MAX_REMOTE_INFO_BYTES else None
+    except (OSError, ValueError):  # not there, unreachable, or not JSON: the caller says so
         return None
     return data if isinstance(data, dict) else None
 
@@ -292,16 +302,11 @@ def _read_remote_beside(base: str, wanted: bool) -> _Beside:
     for name in INFO_NAMES:
         info = _fetch_json(f"{base}/{name}")
         if info is not None:
-            sizes = {}
-            for entry in info.get("splits", {}).values():
-                sizes.update(zip(entry.get("filenames", []), entry.get("shard_lengths", [])))
-            return _beside(info, sizes, name)
+            info = check_info(info, f"{base}/{name}")
+            return _beside(info, _info_sizes(info), name)
     counts = _fetch_json(f"{base}/{SIZES_NAME}")
     if counts is not None:
-        try:
-            return _Beside({k: int(v) for k, v in counts.items()}, SIZES_NAME, None, None)
-        except (TypeError, ValueError):
-            pass
+        return _Beside(check_sizes(counts, f"{base}/{SIZES_NAME}"), SIZES_NAME, None, None)
     if wanted and is_main_process():
         logger.warning("no _info.json or sizes.json at %s: sample counts unknown (pass --num-samples, --num-classes)", base)
     return _Beside({}, "", None, None)

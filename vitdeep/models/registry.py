@@ -163,6 +163,25 @@ def create_model(name: str, **kwargs) -> nn.Module:
     return _with_cfg(spec.model_cls(**class_kwargs(spec, kwargs)))
 
 
+def cached_meta_model(name: str, **kwargs) -> nn.Module:
+    """`create_model` on the meta device (shapes and counts, no memory, no values), built once per
+    name and options and then shared: read it, never change it. Checking a grid's cells builds the
+    same model for every cell; on the meta device its weight init alone took ~35 ms each."""
+    try:
+        key = tuple(sorted(kwargs.items()))
+        hash(key)
+    except TypeError:  # an option value that cannot be a cache key
+        with torch.device("meta"):
+            return create_model(name, **kwargs)
+    return _cached_meta_model(name, key)
+
+
+@lru_cache(maxsize=16)
+def _cached_meta_model(name: str, options: tuple) -> nn.Module:
+    with torch.device("meta"):
+        return create_model(name, **dict(options))
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

@@ -1,0 +1,123 @@
+"""Every citation in the repository points into the repository.
+
+The method's formulas, recipes and sources live in docs/method.md, in numbered sections that code
+and tests cite as `docs/method.md §N` (or `§N.M`). A clone must have everything a file cites: no
+file may name the team's private notes or a document outside the repository, and every section
+cited must exist. Pure text checks over `git ls-files`: no torch, well under a second.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from functools import lru_cache
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+METHOD = ROOT / "docs" / "method.md"
+
+#: The private notes' names (a file of that name inside the repository would be fine).
+NOTES = re.compile(r"[\w./-]*\b(?:reference|design)\.md\b")
+#: The private notes' folder (`shared` then `seeds`, `hooks` or a note's name), wherever it is mounted.
+OUTSIDE = re.compile(r"(?<![\w.-])shared[/](?:seeds|hooks|reference|design)\b")
+#: An absolute filesystem path to a document (a URL's path is preceded by its host, so it does not match).
+ABSOLUTE_DOC = re.compile(r"(?<![\w.:/~-])/(?:[\w.-]+/)+[\w.-]+\.(?:md|rst|txt|pdf)\b")
+#: A relative Markdown link target.
+MD_LINK = re.compile(r"\]\((?!https?:|mailto:|#)([^)\s#]+)(?:#[^)\s]*)?\)")
+#: `method.md` followed by section numbers: `§2`, `§4.2`, `§1–§3`, `§1-3`, `§2 and §3`.
+CITATION = re.compile(r"method\.md((?:\s*(?:§\s*\d+(?:\.\d+)?|[–-]\s*§?\d+(?:\.\d+)?|,|and|or))+)")
+SECTION_NUMBER = re.compile(r"\d+(?:\.\d+)?")
+
+
+@lru_cache(maxsize=1)
+def tracked_texts() -> dict[str, str]:
+    """Path → text of every tracked text file (binary files skipped)."""
+    try:
+        listed = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("not a git checkout: no list of tracked files")
+    texts = {}
+    for name in filter(None, listed.decode().split("\0")):
+        path = ROOT / name
+        if not path.is_file() or path.is_symlink():
+            continue
+        try:
+            texts[name] = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            continue
+    return texts
+
+
+def _lines(pattern: re.Pattern, keep=lambda name, match: True) -> list[str]:
+    found = []
+    for name, text in tracked_texts().items():
+        for number, line in enumerate(text.splitlines(), 1):
+            found += [f"{name}:{number}: {m.group(0)}" for m in pattern.finditer(line) if keep(name, m)]
+    return found
+
+
+def _exists(citing: str, target: str) -> bool:
+    """A path named in `citing` exists in the repository, relative to the file or to the root."""
+    candidates = ((ROOT / citing).parent / target, ROOT / target)
+    return any(path.resolve().is_relative_to(ROOT) and path.exists() for path in candidates)
+
+
+def method_sections() -> set[str]:
+    """The numbers of docs/method.md's sections (`## N. …`) and subsections (`### N.M …`)."""
+    text = METHOD.read_text(encoding="utf-8")
+    return set(re.findall(r"^## (\d+)\. ", text, re.M)) | set(re.findall(r"^### (\d+\.\d+) ", text, re.M))
+
+
+def test_no_file_cites_the_private_notes():
+    found = _lines(NOTES, lambda name, m: not _exists(name, m.group(0)))
+    assert not found, "files cite notes a clone does not have (write what users need into docs/method.md):\n" + "\n".join(found)
+
+
+def test_no_file_cites_a_path_outside_the_repository():
+    found = _lines(OUTSIDE) + _lines(ABSOLUTE_DOC)
+    found += _lines(MD_LINK, lambda name, m: name.endswith(".md") and not _exists(name, m.group(1)))
+    assert not found, "files cite paths outside the repository:\n" + "\n".join(found)
+
+
+def test_method_sections_are_numbered_in_order():
+    text = METHOD.read_text(encoding="utf-8")
+    top = [int(n) for n in re.findall(r"^## (\d+)\. ", text, re.M)]
+    assert top == list(range(1, len(top) + 1)) and len(top) >= 7, top
+    for section in re.findall(r"^### (\d+)\.(\d+) ", text, re.M):
+        assert str(int(section[0])) in {str(n) for n in top}, section
+
+
+def test_every_cited_section_exists():
+    sections = method_sections()
+    cited = []
+    for name, text in tracked_texts().items():
+        for number, line in enumerate(text.splitlines(), 1):
+            for match in CITATION.finditer(line):
+                cited += [(f"{name}:{number}", n) for n in SECTION_NUMBER.findall(match.group(1))]
+    # docs/method.md cites its own sections as a bare `§N`
+    for number, line in enumerate(METHOD.read_text(encoding="utf-8").splitlines(), 1):
+        cited += [(f"docs/method.md:{number}", n) for n in re.findall(r"§\s*(\d+(?:\.\d+)?)", line)]
+    missing = [f"{where}: §{n}" for where, n in cited if n not in sections]
+    assert cited, "no file cites docs/method.md by section"
+    assert not missing, "citations of sections docs/method.md does not have:\n" + "\n".join(missing)
+
+
+def test_the_modules_that_hold_the_formulas_cite_their_sections():
+    texts = tracked_texts()
+    for module in ("vitdeep/losses.py", "vitdeep/analysis.py"):
+        assert CITATION.search(texts[module]), f"{module} does not cite docs/method.md by section"
+    assert "docs/method.md" in texts["README.md"], "the README does not link docs/method.md"
+
+
+def test_the_checks_catch_what_they_are_for():
+    """The patterns match the citations they exist to forbid, and spare URLs and in-repo paths."""
+    notes = "see " + "reference" + ".md §2; " + "design" + ".md"
+    assert len(NOTES.findall(notes)) == 2
+    assert OUTSIDE.search("/work/" + "shared" + "/seeds/000" + ".txt") and OUTSIDE.search("the " + "shared" + "/hooks folder")
+    assert not OUTSIDE.search("DATA=/" + "shared" + "/imagenet/train")  # a cluster's data path in an example
+    assert ABSOLUTE_DOC.search("notes in /home/me/" + "notes.md") and not ABSOLUTE_DOC.search("https://github.com/a/b/README.md")
+    assert [SECTION_NUMBER.findall(m.group(1)) for m in CITATION.finditer("docs/method.md §1–3 and docs/method.md §2 and §4.2")] == [
+        ["1", "3"], ["2", "4.2"]]
+    assert not _exists("docs/method.md", "../../outside.md") and _exists("docs/method.md", "../README.md")
