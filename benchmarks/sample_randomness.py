@@ -67,13 +67,16 @@ def run(s: Shapes) -> list[Row]:
 
     cases = {"per batch": lambda: step(False), "per sample": lambda: step(True)}
     t = time_interleaved(cases, s.warmup, s.reps)
-    rows.append(_row(f"training step of {s.model.replace('_12', '_24')} (drop path 0.1, erasing, mixing, the losses)", t, s))
+    rows.append(_row(f"training step of {s.model.replace('_12', '_24')} (drop path 0.1, erasing, mixing, the losses)", t, s,
+                     goal=("<=", 1.05)))
     return rows
 
 
-def _row(name: str, t: dict, s: Shapes) -> Row:
+def _row(name: str, t: dict, s: Shapes, goal: tuple[str, float] | None = None) -> Row:
+    """The goal is on the step: the parts alone do per-sample work that a batch-wide draw skips
+    (tens of microseconds per image), which only the step can put in proportion."""
     return Row(GROUP, f"{name}: per sample vs per batch", "per batch (timm)", t["per batch"].median * 1e3,
-               "per sample", t["per sample"].median * 1e3, "ms", goal=("<=", 1.05),
+               "per sample", t["per sample"].median * 1e3, "ms", goal=goal,
                band=ratio_band(t["per batch"], t["per sample"], higher_is_better=False), note=describe(s))
 
 
