@@ -24,7 +24,10 @@ from vitdeep.cli import main
 
 #: For every generated test: no per-example deadline (the first call imports torch), and the
 #: function-scoped tmp_path / capsys fixtures are fine (every example uses a fresh name under it).
-SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+#: `make test` tries the same examples every time, so a commit that passed keeps passing;
+#: `VITDEEP_EXPLORE=1` draws new ones (keep what they find as `@example`s).
+SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+                derandomize=os.environ.get("VITDEEP_EXPLORE") != "1")
 MAX_LINE_BYTES = 1024
 #: Paths, numbers and quoted values, left out of a message's gist (`--hypothesis-show-statistics`).
 _GIST = re.compile(r"\S*/\S*|'[^']*'|\d+")

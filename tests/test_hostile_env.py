@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from hostile import MISSING, SETTINGS, check_outcome, run_cli
 from launch import cpu_env
 from vitdeep.engine.deepspeed import free_port
+from vitdeep.fields import MAX_RANKS
 from vitdeep.ranks import LAUNCH_VARIABLES
 
 VARIABLES = (*LAUNCH_VARIABLES, "LOCAL_WORLD_SIZE", "LOCAL_SIZE")
@@ -43,6 +44,7 @@ ENVIRONMENTS = st.dictionaries(st.sampled_from(VARIABLES), st.one_of(VALUES, st.
 @example(env={"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "x", "MASTER_PORT": "70000"})
 @example(env={"LOCAL_WORLD_SIZE": "0"})
 @example(env={"LOCAL_SIZE": "-1", "LOCAL_WORLD_SIZE": "1"})  # found: LOCAL_SIZE went unchecked beside LOCAL_WORLD_SIZE
+@example(env={"WORLD_SIZE": "1048577"})  # found: the range's upper end went unsaid
 def test_any_launch_environment(env, tmp_path):
     """`train --dry-run` under any rank variables (the others unset): one line or none (a valid
     rank other than 0 leaves the report to rank 0), exit 2 (no shards here), nothing written; a
@@ -53,9 +55,12 @@ def test_any_launch_environment(env, tmp_path):
     malformed = [name for name in INTEGER_VARIABLES if full[name] is not None and not _DECIMAL.fullmatch(full[name])]
     if malformed:  # refused, naming it or another variable read before it and out of its range
         assert "the environment sets" in outcome.err and any(f"{name}=" in outcome.err for name in INTEGER_VARIABLES), outcome.err
-    elif full["WORLD_SIZE"] is not None and int(full["WORLD_SIZE"]) > 1 and all(
+    elif full["WORLD_SIZE"] is not None and 1 < int(full["WORLD_SIZE"]) <= MAX_RANKS and all(
             full[name] is None for name in INTEGER_VARIABLES if name != "WORLD_SIZE"):
         assert "WORLD_SIZE" in outcome.err and "no RANK" in outcome.err, outcome.err
+    elif full["WORLD_SIZE"] is not None and int(full["WORLD_SIZE"]) > MAX_RANKS:
+        assert f"WORLD_SIZE={full['WORLD_SIZE']!r}" in outcome.err or "WORLD_SIZE=" not in outcome.err, outcome.err
+        assert "whole number >= 1" not in outcome.err, outcome.err  # found: a number too large was told to be >= 1
 
 
 TINY = ["--model", "deit_tiny_12", "--embed-dim", "64", "--num-heads", "2", "--depth", "2", "--img-size", "32",

@@ -22,7 +22,7 @@ from vitdeep.fields import MAX_RANKS, Range, at_least, shown, within
 
 #: What a launcher sets for every rank: who it is, and where the ranks meet.
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-_WHOLE = re.compile(r"\s*\+?[0-9]{1,19}\s*")
+_WHOLE = re.compile(r"\s*\+?([0-9]+)\s*")
 
 
 @dataclass(frozen=True)
@@ -38,9 +38,12 @@ def _whole(environ: Mapping[str, str], name: str, valid: Range) -> int | None:
     text = environ.get(name)
     if text is None:
         return None
-    value = int(text) if _WHOLE.fullmatch(text) else None
+    match = _WHOLE.fullmatch(text)
+    # more digits than any rank count has are simply too large (and int() of thousands is refused)
+    value = (int(match[1]) if len(match[1].lstrip("0")) <= 19 else float("inf")) if match else None
     if value is None or value not in valid:
-        raise UserError(f"the environment sets {name}={shown(text)}: it must be a whole number {valid.interval()}")
+        wanted = valid.interval() if value is None else valid.complaint(value)
+        raise UserError(f"the environment sets {name}={shown(text)}: it must be a whole number {wanted}")
     return value
 
 
