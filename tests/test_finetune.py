@@ -76,8 +76,12 @@ def test_resampled_position_embedding_is_bicubic_of_the_source_grid(zero3_run):
     assert torch.allclose(model.pos_embed[:, 1:], expected, atol=1e-6)
 
 
-def test_finetune_at_64px_from_a_zero3_checkpoint(zero3_run, digit_shards, tmp_path):
+def test_finetune_at_64px_from_a_zero3_checkpoint(zero3_run, digit_shards, tmp_path, capsys):
     out = tmp_path / "ft"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["finetune", "--from", str(zero3_run), "--data", str(digit_shards), "--out", str(out), *SMALL_32, "--img-size", "64",
+              "--steps", "4", "--dry-run"])
+    assert exit_info.value.code == 0 and "vitdeep finetune --dry-run" in capsys.readouterr().out and not out.exists()
     result = run(deepspeed_cmd(["finetune", "--from", str(zero3_run), "--data", str(digit_shards), "--out", str(out),
                                 *SMALL_32, "--img-size", "64", "--steps", "4", "--freeze-blocks", "2",
                                 "--ds-config", "zero2_bf16"]))

@@ -98,7 +98,7 @@ def analyze_command(
     ema: bool = typer.Option(False, "--ema", help="Use the EMA weights of vitdeep checkpoints."),
     num_images: int = number_option(1000, "--num-images", at_least(1, MAX_SAMPLES), "Images to average over."),
     batch_size: int = number_option(32, "--batch-size", range_of(OptimConfig, "micro_batch"), "Images per forward pass (each layer is reduced as it runs)."),
-    crop_ratio: float = number_option(EVAL_CROP_RATIO, "--crop-ratio", range_of(AugmentConfig, "crop_ratio"), "Centre-crop ratio of the resize (as the models were evaluated)."),
+    crop_ratio: Optional[float] = number_option(None, "--crop-ratio", range_of(AugmentConfig, "crop_ratio"), f"Centre-crop ratio of the resize (default: the run's own, as it validated; {EVAL_CROP_RATIO} for other sources)."),
     model_option: Optional[list[str]] = typer.Option(
         None, "--model-option", "-O", help="A model option no flag sets, as KEY=VALUE, e.g. -O distilled=true -O patch_head=true. Repeatable."
     ),
@@ -181,17 +181,18 @@ def finetune_command(
     from vitdeep.engine.weights import source_model_options
 
     recipe = {**FINETUNE_RECIPE, **source_model_options(source)}
-    _run_training({**options, "init_from": source}, config, dry_run, recipe=recipe)
+    _run_training({**options, "init_from": source}, config, dry_run, recipe=recipe, command="finetune")
 
 
-def _run_training(options: dict, config: Optional[Path], dry_run: bool, recipe: Optional[dict] = None) -> None:
+def _run_training(options: dict, config: Optional[Path], dry_run: bool, recipe: Optional[dict] = None,
+                  command: str = "train") -> None:
     from vitdeep.config import resolve_config
     from vitdeep.engine.capacity import check_fits
     from vitdeep.engine.loop import plan_from_env, print_plan, train
 
     plan = plan_from_env(resolve_config(options, config, recipe))
     if dry_run:
-        print_plan(plan)
+        print_plan(plan, command)
         return
     check_fits(plan)
     train(plan)
@@ -251,7 +252,7 @@ def eval_command(
     data: str = typer.Option(..., "--data", help="Shards to evaluate on (each sample exactly once over all ranks)."),
     model: Optional[str] = typer.Option(None, "--model", help="Model name, for plain state dicts."),
     img_size: Optional[int] = number_option(None, "--img-size", range_of(ModelFields, "img_size"), "Evaluation resolution (default: the model's; otherwise the position embedding is resampled)."),
-    crop_ratio: float = number_option(EVAL_CROP_RATIO, "--crop-ratio", range_of(AugmentConfig, "crop_ratio"), "Centre-crop ratio of the resize."),
+    crop_ratio: Optional[float] = number_option(None, "--crop-ratio", range_of(AugmentConfig, "crop_ratio"), f"Centre-crop ratio of the resize (default: the run's own, as it validated; {EVAL_CROP_RATIO} for other sources)."),
     ema: bool = typer.Option(False, "--ema", help="Evaluate the EMA weights."),
     batch_size: int = number_option(128, "--batch-size", range_of(OptimConfig, "micro_batch"), "Images per forward pass per rank."),
     workers: int = number_option(4, "--workers", range_of(DataConfig, "workers"), "Data-loader workers per rank."),

@@ -16,9 +16,11 @@ EXPORT_FORMAT = "vitdeep-export-1"
 _MAX_HEADER = 100_000_000
 
 
-def export_metadata(model: str, model_kwargs: dict[str, Any], source: str, ema: bool) -> dict[str, str]:
-    """The safetensors metadata of an export (string values, as the format requires)."""
-    return {
+def export_metadata(model: str, model_kwargs: dict[str, Any], source: str, ema: bool,
+                    crop_ratio: float | None = None) -> dict[str, str]:
+    """The safetensors metadata of an export (string values, as the format requires); `crop_ratio`
+    is the run's evaluation crop (timm's `crop_pct`), when known."""
+    metadata = {
         "format": "pt",
         "format_vitdeep": EXPORT_FORMAT,
         "model": model,
@@ -26,6 +28,24 @@ def export_metadata(model: str, model_kwargs: dict[str, Any], source: str, ema: 
         "source": source,
         "ema": "true" if ema else "false",
     }
+    if crop_ratio is not None:
+        metadata["crop_ratio"] = repr(float(crop_ratio))
+    return metadata
+
+
+def saved_crop_ratio(value: Any) -> float | None:
+    """A crop ratio read from a checkpoint or an export, None unless it is one (a number in (0, 1])."""
+    try:
+        ratio = float(value)
+    except (TypeError, ValueError):
+        return None
+    return ratio if 0.0 < ratio <= 1.0 else None
+
+
+def export_crop_ratio(path: str | Path) -> float | None:
+    """The evaluation crop stored in a vitdeep export (None for any other file, or when not stored)."""
+    metadata = read_export_metadata(path)
+    return saved_crop_ratio(metadata.get("crop_ratio")) if metadata is not None else None
 
 
 def read_export_metadata(path: str | Path) -> dict[str, str] | None:

@@ -22,7 +22,7 @@ from torch import nn
 from vitdeep.analysis import METRIC_DEFINITIONS, METRIC_NAMES, OversmoothingMetrics, measure_model
 from vitdeep.architecture import EVAL_CROP_RATIO
 from vitdeep.data.options import IMAGE_EXTENSIONS, ReadPolicy
-from vitdeep.engine.weights import build_model, read_weights
+from vitdeep.engine.weights import build_model, read_weights, source_crop_ratio
 from vitdeep.errors import UserError
 from vitdeep.fields import clip, shown
 from vitdeep.models import MODELS, create_model
@@ -116,6 +116,13 @@ def resolve_model_sources(
     if duplicates:
         raise UserError(f"two sources share the label '{duplicates[0]}': name them with --compare LABEL=SOURCE")
     return sources
+
+
+def run_crop_ratio(sources: Sequence[ModelSource]) -> float:
+    """The centre crop of the first source that was validated with one (a vitdeep run or export
+    records its `crop_ratio`), else DeiT's: every source sees the same images."""
+    known = (source_crop_ratio(source.checkpoint) for source in sources if source.checkpoint is not None)
+    return next((ratio for ratio in known if ratio is not None), EVAL_CROP_RATIO)
 
 
 def compare_source(spec: str, model: str | None, options: dict, seed: int = 0, ema: bool = False) -> ModelSource:
@@ -371,7 +378,7 @@ def run_analyze(
     options: dict | None = None,
     seed: int = 0,
     device: str | None = None,
-    crop_ratio: float = EVAL_CROP_RATIO,
+    crop_ratio: float | None = None,
     overwrite: bool = False,
     reads: ReadPolicy | None = None,
 ) -> dict[str, OversmoothingMetrics]:
@@ -390,6 +397,8 @@ def run_analyze(
     read = [*data_folders(data), *([images] if images is not None else []),
             *(path for source in sources for path in checkpoint_inputs(source.checkpoint))]
     claim_outputs(list(analysis_paths(out).values()), read, flag="--out", overwrite=overwrite)
+    if crop_ratio is None:
+        crop_ratio = run_crop_ratio(sources)
     image_source = resolve_image_source(images, num_images, batch_size, seed, data, crop_ratio)
     console = make_console()
     results = analyze_sources(sources, image_source, resolve_device(device), console)

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from rich.table import Table
 
+from vitdeep.architecture import EVAL_CROP_RATIO
 from vitdeep.data.options import MAX_BAD_FRACTION, ReadPolicy
 from vitdeep.data.pipeline import BatchPreprocessor, eval_loader, read_dataset_info
 from vitdeep.data.storage import use_read_policy
@@ -27,7 +28,7 @@ def run_eval(
     out: Path,
     model_name: str | None = None,
     img_size: int | None = None,
-    crop_ratio: float,
+    crop_ratio: float | None = None,
     ema: bool = False,
     batch_size: int = 128,
     workers: int = 4,
@@ -57,6 +58,8 @@ def run_eval(
         use_read_policy(reads)
     info = read_dataset_info(data, num_samples=num_samples, split=split)
     weights = read_weights(checkpoint, ema=ema)
+    if crop_ratio is None:  # as the run validated (its own crop ratio), else DeiT's
+        crop_ratio = weights.crop_ratio if weights.crop_ratio is not None else EVAL_CROP_RATIO
     model, report = build_model(weights, model_name, img_size=img_size)
     if info.num_classes and info.num_classes != model.num_classes:
         raise UserError(f"{checkpoint} predicts {model.num_classes} classes; {data} has {info.num_classes}")

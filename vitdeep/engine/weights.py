@@ -23,7 +23,7 @@ from torch import nn
 from vitdeep.architecture import INHERITED_OPTIONS
 from vitdeep.engine.checkpoint import find_checkpoint, read_marker, read_run_weights
 from vitdeep.errors import UserError
-from vitdeep.export_format import export_metadata, read_export_metadata
+from vitdeep.export_format import export_metadata, read_export_metadata, saved_crop_ratio
 from vitdeep.models import create_model, get_spec
 from vitdeep.models.checkpoints import LoadReport, adapt_state_dict, options_in_state_dict
 from vitdeep.paths import follow_umask
@@ -43,6 +43,9 @@ class Weights:
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     #: The training step of a vitdeep checkpoint (None for exports and state dicts).
     step: int | None = None
+    #: The centre-crop ratio the run validated with (its `crop_ratio`), which `eval`, `analyze`
+    #: and exports take unless told otherwise; None when the source does not say.
+    crop_ratio: float | None = None
 
 
 def read_weights(src: str | Path, ema: bool = False) -> Weights:
@@ -52,7 +55,8 @@ def read_weights(src: str | Path, ema: bool = False) -> Weights:
         raise UserError(f"checkpoint not found: {src}")
     if path.is_dir():
         state_dict, marker, kind, found = read_run_weights(path, ema)
-        return Weights(state_dict, str(found), kind, marker["model"], dict(marker.get("model_kwargs", {})), marker.get("step"))
+        return Weights(state_dict, str(found), kind, marker["model"], dict(marker.get("model_kwargs", {})), marker.get("step"),
+                       saved_crop_ratio(marker.get("config", {}).get("augment", {}).get("crop_ratio")))
     if path.suffix == ".safetensors":
         return _read_safetensors(path, ema)
     return _read_torch_file(path, ema)
@@ -73,6 +77,7 @@ def _read_safetensors(path: Path, ema: bool) -> Weights:
         return Weights(
             {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()},
             str(path), "vitdeep export", metadata["model"], json.loads(metadata["model_kwargs"]),
+            crop_ratio=saved_crop_ratio(metadata.get("crop_ratio")),
         )
     return Weights(_unwrap(state_dict, path, ema), str(path), "state dict")
 
@@ -146,10 +151,11 @@ def export_weights(weights: Weights, out: str | Path, dtype: torch.dtype = torch
     out.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in weights.state_dict.items()}
     tmp = out.with_name(out.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=export_metadata(weights.model, weights.model_kwargs, weights.source, ema))
+    save_file(tensors, str(tmp), metadata=export_metadata(weights.model, weights.model_kwargs, weights.source, ema, weights.crop_ratio))
     follow_umask(tmp)  # safetensors creates its file for its owner only
     tmp.replace(out)
-    info = {"model": weights.model, "options": weights.model_kwargs, "source": weights.source, "ema": ema, "dtype": str(dtype).removeprefix("torch.")}
+    info = {"model": weights.model, "options": weights.model_kwargs, "source": weights.source, "ema": ema, "dtype": str(dtype).removeprefix("torch."),
+            "crop_ratio": weights.crop_ratio}
     sidecar.write_text(json.dumps(info, indent=2))
     return out
 
@@ -177,3 +183,14 @@ def source_model_options(src: str | Path) -> dict[str, Any]:
             return {}
         name, kwargs = metadata["model"], json.loads(metadata["model_kwargs"])
     return {"model": name, **{k: kwargs[k] for k in INHERITED_OPTIONS if kwargs.get(k) is not None}}
+
+
+def source_crop_ratio(src: str | Path) -> float | None:
+    """The evaluation crop a vitdeep run or export was validated with, from its metadata only;
+    None for a plain state dict (or a source that does not say)."""
+    path = Path(src)
+    if path.is_dir():
+        marker = read_marker(find_checkpoint(path))
+        return saved_crop_ratio(marker.get("config", {}).get("augment", {}).get("crop_ratio"))
+    metadata = read_export_metadata(path)
+    return saved_crop_ratio(metadata.get("crop_ratio")) if metadata is not None else None

@@ -21,7 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from vitdeep.architecture import ARCHITECTURE_OPTIONS, DEFAULT_IMG_SIZE, EVAL_CROP_RATIO, INTERPOLATION, REMEDIES, REMEDY_NAMES
 from vitdeep.errors import UserError
-from vitdeep.export_format import export_options
+from vitdeep.export_format import export_crop_ratio, export_options
 from vitdeep.models.base import DeepTransformer
 from vitdeep.models.cait import Cait, cait_layer_scale_init
 from vitdeep.models.checkpoints import checkpoint_filter_fn
@@ -242,7 +242,9 @@ def _timm_entrypoint(spec: ModelSpec):
         if pretrained and overlay.get("file"):
             # a vitdeep export knows its options: build the model it was saved from
             kwargs = {**(export_options(overlay["file"]) or {}), **kwargs}
-            kwargs["pretrained_cfg_overlay"] = {"num_classes": kwargs.get("num_classes", 1000), **overlay}
+            crop = export_crop_ratio(overlay["file"])
+            kwargs["pretrained_cfg_overlay"] = {"num_classes": kwargs.get("num_classes", 1000),
+                                                **({"crop_pct": crop} if crop is not None else {}), **overlay}
         out_indices = kwargs.pop("out_indices", 3)
         model = build_model_with_cfg(
             spec.model_cls, f"vitdeep_{spec.name}", pretrained, pretrained_filter_fn=checkpoint_filter_fn,
