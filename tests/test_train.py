@@ -59,7 +59,7 @@ def test_zero2_bf16_two_ranks_learns_and_checkpoints(zero2_run):
         cossims = [v for k, v in row.items() if k.startswith("cossim/")]
         assert cossims and all(-1 - 1e-6 <= v <= 1 + 1e-6 for v in cossims), row
     val = metrics(out, "val")
-    assert set(val) == {23} and {"top1", "ema_top1", "top5"} <= set(val[23])
+    assert set(val) == {23, 40} and {"top1", "ema_top1", "top5"} <= set(val[23])  # each epoch's end, the run's end
     assert 0 <= val[23]["top1"] <= val[23]["top5"] <= 100 and 0 <= val[23]["ema_top1"] <= 100
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 40 and summary["skipped_steps"] == 0
@@ -89,10 +89,32 @@ def test_zero1_bf16_and_torchrun_launch(digit_shards, tmp_path):
     assert marker["world_size"] == 2 and marker["precision"] == "bf16" and marker["step"] == 6
 
 
-def test_single_process_fp32(digit_shards, tmp_path):
-    run(single_cmd(train_args(digit_shards, tmp_path, "--steps", "4", "--ds-config", "cpu_fp32", "--global-batch", "32")))
+def test_single_process_fp32_short_run_reports_its_final_validation(digit_shards, tmp_path, capsys):
+    """4 steps of an epoch of 46: the run ends mid-epoch and still validates at its end; resuming
+    it says it is complete; off a terminal it logs plain lines; its config.json reruns."""
+    result = run(single_cmd(train_args(digit_shards, tmp_path, "--steps", "4", "--ds-config", "cpu_fp32", "--global-batch", "32",
+                                       "--val", str(digit_shards))))
     marker = read_marker(complete_checkpoints(tmp_path)[-1])
     assert marker["world_size"] == 1 and marker["precision"] == "fp32" and marker["step"] == 4
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert 0 <= summary["top1"] <= summary["top5"] <= 100 and marker["val"]["top1"] == summary["top1"] and marker["validated"]
+    assert sorted(metrics(tmp_path, "val")) == [4] and "epoch 0 (step 4): top1" in result.stdout
+    # off a terminal, a plain line every --log-every (1) steps
+    lines = re.findall(r"^step (\d)/4 \(\d+%\)  epoch 0  .*ce \d\.\d{3}.*  lr \S+  \d+ img/s  ETA \d:\d\d:\d\d$", result.stdout, re.M)
+    assert lines == ["1", "2", "3", "4"], result.stdout
+    before = sorted((path, path.stat().st_mtime_ns) for path in tmp_path.rglob("*"))
+    again = run(single_cmd(train_args(digit_shards, tmp_path, "--steps", "4", "--ds-config", "cpu_fp32", "--global-batch", "32",
+                                      "--val", str(digit_shards), "--resume", "auto")))
+    assert "is complete: step_00000004 is step 4 of 4, validated; nothing to train" in again.stdout
+    assert "train" not in again.stdout.replace("nothing to train", "")  # no progress bar, no engine
+    assert sorted((path, path.stat().st_mtime_ns) for path in tmp_path.rglob("*")) == before
+    # the run's config.json (options and the resolved plan:) reruns as --config; the rerun names its --out
+    refuses(["train", "--config", str(tmp_path / "config.json"), "--dry-run"], capsys, "pass --out")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--config", str(tmp_path / "config.json"), "--out", str(tmp_path.parent / f"{tmp_path.name}-again"), "--dry-run"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0 and '"train_batch_size": 32' in out and "total steps" in out, out
+
 
 
 def test_val_every_validates_every_nth_epoch_and_after_the_last(digit_shards, tmp_path):
@@ -268,3 +290,29 @@ def test_resume_with_another_data_stream_says_so(zero2_run, digit_shards, tmp_pa
     assert "at step 40" in result.stdout and "note: seed=0 → 7 since the checkpoint" in result.stdout
     assert "workers=" not in result.stdout
     assert read_marker(complete_checkpoints(out)[-1])["step"] == 41
+
+
+def test_eval_of_a_run_repeats_its_own_last_validation(digit_shards, tmp_path):
+    """The demo recipe validates at crop ratio 1.0; `eval` (and `analyze`, and the export's timm
+    `crop_pct`) take the run's own unless told otherwise, so `eval` of the model and of its EMA
+    gives the run's last validation: top-1 equal, loss within 1e-5."""
+    import timm
+
+    from vitdeep.commands.analyze import run_crop_ratio, resolve_model_sources
+    from vitdeep.commands.eval import run_eval
+    from vitdeep.commands.export import run_export
+    from vitdeep.recipebook import bundled_recipe
+
+    out = tmp_path / "run"
+    run(single_cmd(["train", "--config", str(bundled_recipe("demo_digits")), "--data", str(digit_shards), "--val", str(digit_shards),
+                    "--out", str(out), "--steps", "6", "--ds-config", "cpu_fp32", "--ema-decay", "0.99", "--depth", "4"]))
+    val = read_marker(complete_checkpoints(out)[-1])["val"]
+    for ema, prefix in ((False, ""), (True, "ema_")):
+        result = run_eval(str(out), str(digit_shards), out=tmp_path / f"eval{prefix}.json", ema=ema, workers=0)
+        saved = json.loads((tmp_path / f"eval{prefix}.json").read_text())
+        assert saved["crop_ratio"] == 1.0 and saved["count"] == 297, saved
+        assert result.scalars()["top1"] == val[f"{prefix}top1"] and abs(result.scalars()["loss"] - val[f"{prefix}loss"]) <= 1e-5
+    assert run_crop_ratio(resolve_model_sources(None, out, (), {})) == 1.0
+    exported = run_export(str(out), tmp_path / "model.safetensors")
+    model = timm.create_model("vitdeep_deit_tiny_24", pretrained=True, pretrained_cfg_overlay=dict(file=str(exported)))
+    assert model.pretrained_cfg["crop_pct"] == 1.0

@@ -91,7 +91,7 @@ ModelConfig = dataclasses.make_dataclass(
 @dataclass
 class DataConfig(Checked):
     data: str = option("", "Training shards: a directory, a brace pattern such as 'train-{000000..000127}.tar', or pipe:CMD.")
-    val: Optional[str] = option(None, "Validation shards (evaluated each epoch, exactly once per sample).")
+    val: Optional[str] = option(None, "Validation shards (evaluated every --val-every epochs and at the run's end, exactly once per sample).")
     num_samples: Optional[int] = option(None, "Training samples per epoch when the shards carry no _info.json.", at_least(1, MAX_SAMPLES))
     val_num_samples: Optional[int] = option(None, "Validation samples when the shards carry no _info.json.", at_least(1, MAX_SAMPLES))
     workers: int = option(4, "Data-loader worker processes per rank.", at_least(0, MAX_WORKERS))
@@ -139,7 +139,7 @@ class RunConfig(Checked):
     keep_last: int = option(3, "Checkpoints kept besides the best by validation top-1.", at_least(1, MAX_STEPS))
     log_every: int = option(20, "Log losses, lr and images/s every N optimizer steps.", at_least(1, MAX_STEPS))
     oversmoothing_every: int = option(500, "Log layer-wise CosSim / attention std every N steps (0 = off).", at_least(0, MAX_STEPS))
-    val_every: int = option(1, "Validate (after saving a checkpoint) every N epochs; 0 = only after the last epoch.", at_least(0, MAX_EPOCHS))
+    val_every: int = option(1, "Validate (after saving a checkpoint) every N epochs; 0 = only at the run's end (always validated, also when --steps ends it mid-epoch).", at_least(0, MAX_EPOCHS))
     max_bad_steps: int = option(5, "Stop after this many non-finite losses in a row.", at_least(1, MAX_STEPS))
     dist_timeout: float = option(30.0, "Minutes a collective may wait before the run fails (a lost node).", above(0, MAX_DIST_TIMEOUT))
     teacher: Optional[str] = option(None, "Distillation teacher: a vitdeep checkpoint / export, TIMM_NAME=FILE, or a timm name (its pretrained weights).")
@@ -224,10 +224,17 @@ def field_types() -> dict[str, Any]:
     return types
 
 
+#: A run's own `OUT/config.json` also records its `plan:` (what it resolved to); given back as
+#: `--config`, the plan is recomputed and these options are the new run's own to name.
+RUN_RECORD_KEY = "plan"
+RERUN_OWN = ("out", "resume", "overwrite")
+
+
 def load_config_file(path: str | Path, _extended_by: tuple[Path, ...] = ()) -> dict[str, Any]:
     """Flat option mapping from a YAML or JSON file (sections are flattened), or from a bundled
     recipe given by name (`deit_base_24_losses`; `vitdeep recipes`). A recipe's `recipe:` block is
-    metadata, not options; its `extends: NAME` starts from that recipe's options."""
+    metadata, not options; its `extends: NAME` starts from that recipe's options. A run's
+    `config.json` reruns as it is: its `plan:` record and `RERUN_OWN` options are left out."""
     path = Path(path)
     if not path.is_file():
         bundled = bundled_recipe(str(path))
@@ -242,8 +249,11 @@ def load_config_file(path: str | Path, _extended_by: tuple[Path, ...] = ()) -> d
     if not isinstance(raw, dict):
         raise UserError(f"config file {path} must hold a mapping of option names to values")
     metadata = check_metadata(raw[METADATA_KEY], path) if METADATA_KEY in raw else {}
+    run_record = isinstance(raw.get(RUN_RECORD_KEY), dict)
     own: dict[str, Any] = {}
     for key, value in raw.items():
+        if run_record and key == RUN_RECORD_KEY:
+            continue
         if key in SECTIONS and isinstance(value, dict):
             entries = [(name, option_value, f"under {key}:") for name, option_value in value.items()]
         elif key not in ("explicit", METADATA_KEY):
@@ -254,7 +264,8 @@ def load_config_file(path: str | Path, _extended_by: tuple[Path, ...] = ()) -> d
             _check_name(name, f"config file {path} {place}")
             if name in own:
                 raise UserError(f"config file {path} sets option {name} twice (flat and under its section): remove one")
-            own[name] = option_value
+            if not (run_record and name in RERUN_OWN):
+                own[name] = option_value
     inherited = load_config_file(metadata["extends"], (*_extended_by, path.resolve())) if metadata.get("extends") else {}
     return {**inherited, **own}
 

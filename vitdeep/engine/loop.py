@@ -3,7 +3,7 @@
     shards → uint8 batches → device: normalise, random erasing → CutMix / Mixup
         → engine(x, aux=True) → Objective (CE + ℓ_cos + ℓ_cons + ℓ_token + distillation)
         → numerics guard (all ranks agree) → engine.backward / engine.step
-        → EMA, logging, over-smoothing metrics, checkpoints, evaluation each epoch
+        → EMA, logging, over-smoothing metrics, checkpoints, evaluation every --val-every epochs and at the end
 
 Runs the same under `deepspeed`, `torchrun` and a plain single process.
 """
@@ -11,6 +11,7 @@ Runs the same under `deepspeed`, `torchrun` and a plain single process.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import os
 import random
@@ -231,12 +232,15 @@ class Trainer:
         with progress_bar() as progress:
             task = progress.add_task("train", total=plan.total_steps, completed=self.step, info="")
             self._progress = (progress, task)
+            self._started = (start, self.step)
             while True:
                 if self.batch_in_epoch >= plan.micro_per_epoch:
                     self._end_epoch()
                 if self.step >= plan.total_steps:
                     break
                 self._train_epoch()
+            if self._validates_now():  # a run that ends mid-epoch (`--steps`) is validated too
+                self._validate_and_record()
         if self._saved_step != self.step:
             self.save()
         result = {"steps": self.step, "skipped_steps": self.skipped_steps, "seconds": time.perf_counter() - start, **self.last_val}
@@ -401,21 +405,24 @@ class Trainer:
         return self.step >= self.plan.total_steps or (every > 0 and (self.epoch + 1) % every == 0)
 
     def _end_epoch(self) -> None:
-        """Save, then validate: a validation that fails (bad data) or is stopped loses no training."""
         if self._validates_now():
-            if self._saved_step != self.step:
-                self.save()
-            self.last_val = self.validate()
-            self._validated_step = self.step
-            self.logger.scalars(self.step, self.last_val, kind="val")
-            self.console.print(f"epoch {self.epoch}: " + ", ".join(f"{k} {v:.2f}" for k, v in self.last_val.items()))
-            if self.dist.is_main:
-                update_marker(self._saved_path, val=self.last_val, val_top1=self.last_val.get("top1"), validated=True)
-                prune_checkpoints(self.out, self.cfg.run.keep_last)
+            self._validate_and_record()
         self.epoch += 1
         self.batch_in_epoch = 0
         self.epoch_bad_before = self.epoch_read_before = 0
         self._loader = None
+
+    def _validate_and_record(self) -> None:
+        """Save, then validate: a validation that fails (bad data) or is stopped loses no training."""
+        if self._saved_step != self.step:
+            self.save()
+        self.last_val = self.validate()
+        self._validated_step = self.step
+        self.logger.scalars(self.step, self.last_val, kind="val")
+        self.console.print(f"epoch {self.epoch} (step {self.step}): " + ", ".join(f"{k} {v:.2f}" for k, v in self.last_val.items()))
+        if self.dist.is_main:
+            update_marker(self._saved_path, val=self.last_val, val_top1=self.last_val.get("top1"), validated=True)
+            prune_checkpoints(self.out, self.cfg.run.keep_last)
 
     def _epoch_counts(self) -> tuple[int, int]:
         """(bad, read) samples of this epoch so far over all ranks (a collective)."""
@@ -506,7 +513,18 @@ class Trainer:
         info += f"  lr {self.lr:.2e}  {scalars['images_per_s']:.0f} img/s"
         progress, task = self._progress
         progress.update(task, info=info)
+        if not progress.console.is_terminal:  # a log file (Slurm, nohup, CI): the bar is drawn only at the end
+            self.console.print(self._log_line(info), markup=False, highlight=False)
         self._reset_window()
+
+    def _log_line(self, info: str) -> str:
+        """`step 46/690 (7%)  epoch 1  ce 2.301 …  lr 5.00e-03  492 img/s  ETA 0:01:20`, for logs."""
+        total = self.plan.total_steps
+        start, first_step = self._started
+        done = self.step - first_step
+        eta = (time.perf_counter() - start) / done * (total - self.step) if done > 0 else None
+        shown = str(datetime.timedelta(seconds=round(eta))) if eta is not None else "-:--:--"
+        return f"step {self.step}/{total} ({100 * self.step // total}%)  {info}  ETA {shown}"
 
     def _log_oversmoothing(self) -> None:
         """Layer-wise CosSim / attention std on a fixed small batch (every rank: ZeRO-3 collectives)."""
@@ -565,6 +583,11 @@ def train(plan: RunPlan, replay: StreamReplay | None = None) -> dict[str, Any]:
     for note in plan.notes:
         console.print(f"[yellow]{note}")
     resume_path, resume_step = plan.resume_path, plan.resume_step
+    if resume_step is not None and resume_step >= plan.total_steps and _finished(plan, resume_path):
+        console.print(f"the run in {out} is complete: {resume_path.name} is step {resume_step} of {plan.total_steps}"
+                      f"{', validated' if plan.val_info is not None else ''}; nothing to train (more steps: raise "
+                      "--steps or --epochs)")
+        return {"steps": resume_step, **read_marker(resume_path).get("val", {})}
     with stop_flag(announce=is_main_process()) as stop:
         dist_info = init_distributed(plan.cfg.run.dist_timeout)
         lock = RunLock(out)
@@ -584,6 +607,12 @@ def train(plan: RunPlan, replay: StreamReplay | None = None) -> dict[str, Any]:
             raise TrainingStopped(lost_peer_message(reason, out)) from None
         finally:
             lock.release()
+
+
+def _finished(plan: RunPlan, checkpoint: Path) -> bool:
+    """Whether a checkpoint at the run's last step leaves nothing to do (its validation, when the
+    run has one, done too: a run saved before it was validated goes on to validate)."""
+    return plan.val_info is None or bool(read_marker(checkpoint).get("validated"))
 
 
 def _claim_output(plan: RunPlan, dist_info: DistInfo, lock: RunLock, console, resume_step: int | None) -> None:
@@ -649,11 +678,11 @@ def plan_from_env(cfg) -> RunPlan:
     return make_plan(cfg, world_size)
 
 
-def print_plan(plan: RunPlan) -> None:
-    """The `--dry-run` output: the resolved run and the DeepSpeed config it would use."""
+def print_plan(plan: RunPlan, command: str = "train") -> None:
+    """The `--dry-run` output of `vitdeep COMMAND`: the resolved run and the DeepSpeed config it would use."""
     from rich.table import Table
 
-    table = Table(title="vitdeep train --dry-run", show_header=False)
+    table = Table(title=f"vitdeep {command} --dry-run", show_header=False)
     for key, value in plan.summary().items():
         shown = f"{value:,}" if isinstance(value, int) else f"{value:.4g}" if isinstance(value, float) else str(value)
         table.add_row(key, shown)
