@@ -234,6 +234,16 @@ def test_plan_deit_base_24_at_512_px_needs_no_gpu(tmp_path, capsys):
     assert "fits" in printed and "micro-step: forward + backward" in printed
 
 
+@pytest.mark.parametrize("memory, code", [("2GB", 1), ("80GB", 0)])
+def test_plan_check_exits_1_when_the_run_does_not_fit(memory, code, capsys):
+    from vitdeep.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["plan", "--model", "deit_base_24", "--gpu-memory", memory, "--check"])
+    printed = capsys.readouterr().out
+    assert (exit_info.value.code or 0) == code and ("does not fit" in printed) == (code == 1), printed
+
+
 @pytest.mark.parametrize("ds_config", ["zero2_fp16", "zero3_offload"])
 def test_gpu_only_configs_are_planned_here(ds_config, tmp_path):
     from vitdeep.cli import main

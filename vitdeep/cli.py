@@ -211,6 +211,7 @@ def plan_command(
     mfu: float = number_option(DEFAULT_MFU, "--mfu", range_of(Cluster, "mfu"), "Model FLOPs utilisation: the share of the peak the run achieves."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the numbers to this JSON file."),
     measure: bool = typer.Option(False, "--measure", help="Also run one real training step here at the planned settings and print predicted vs measured memory (under `deepspeed --num_gpus N` for N ranks)."),
+    check: bool = typer.Option(False, "--check", help="Exit 1 when the run as asked does not fit (for scripts and CI)."),
 ) -> None:
     """Will this run fit, and how long will it take: per-GPU memory (model states, EMA, traced
     activations), verdict, largest micro-batch, the cheapest change that fits, and time. Takes
@@ -223,8 +224,10 @@ def plan_command(
         from vitdeep.engine.weights import source_model_options
 
         recipe = {**FINETUNE_RECIPE, **source_model_options(source)}
-    run_plan(resolve_config(options, config, recipe), nodes, gpus_per_node, gpu_memory, gpu_tflops, mfu, json_path, measure,
-             config=config)
+    record = run_plan(resolve_config(options, config, recipe), nodes, gpus_per_node, gpu_memory, gpu_tflops, mfu, json_path,
+                      measure, config=config)
+    if check and record and not record["fits"]:
+        raise typer.Exit(code=1)
 
 
 @app.command("fit-world")
