@@ -99,7 +99,7 @@ def test_resume_yields_the_remaining_batches_decoding_only_what_it_uses(digit_sh
     full = _global(digit_shards, 2, 16, 0)
     decoded = []
     decode = lanes.decode_sample
-    monkeypatch.setattr(lanes, "decode_sample", lambda sample, classes: decoded.append(sample["__key__"]) or decode(sample, classes))
+    monkeypatch.setattr(lanes, "decode_sample", lambda sample, classes, **how: decoded.append(sample["__key__"]) or decode(sample, classes, **how))
     resumed = _global(digit_shards, 2, 16, 0, start_step=start_step)
     assert _same(resumed, {k: v for k, v in full.items() if k[0] >= start_step})
     assert len(decoded) == len(set(decoded)) == (46 - start_step) * 32, "every used image decoded once, no skipped one"

@@ -55,6 +55,7 @@ from vitdeep.data.lane_layout import LaneLayout
 from vitdeep.data.samples import _META, BadDataLog, BadSample, ReadStats, decode_sample, group_members, is_local, shard_samples
 from vitdeep.data.seeding import AUGMENT, mix64
 from vitdeep.data.streams import NoData, _stack, _worker, preserved_rngs, reseed, stream_seed
+from vitdeep.data.reduced_decode import takes_lazy_images
 from vitdeep.data.transforms import Transform
 
 logger = logging.getLogger(__name__)
@@ -209,6 +210,7 @@ class LaneReader:
                  num_classes: int | None) -> None:
         self.order, self.lane, self.transform, self.bad, self.num_classes = order, lane, transform, bad, num_classes
         self.seed = order.lane_seed(lane)
+        self.lazy = takes_lazy_images(transform)  # JPEGs left undecoded for the transform to decode at the scale it needs
         self.next_entry = first_entry
         self._images = self._filled(first_entry // order.views)
         self._current: tuple[_Image, _Image] | None = None
@@ -268,7 +270,7 @@ class LaneReader:
         if sample is None:
             return _Image(index, f"{piece.url}#missing")
         try:
-            image, label = decode_sample(sample, self.num_classes)
+            image, label = decode_sample(sample, self.num_classes, lazy=self.lazy)
         except BadSample as error:
             self.bad.sample(sample, str(error))
             return _Image(index, str(sample.get("__key__")))

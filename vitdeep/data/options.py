@@ -65,6 +65,8 @@ class AugmentConfig(Checked):
     recount: int = option(1, "Most random erasing boxes per image.", at_least(1, MAX_VIEWS))
     repeated_aug: int = option(1, "Augmented views per decoded image, in the same batch (1 = off).", at_least(1, MAX_VIEWS))
     crop_ratio: float = option(EVAL_CROP_RATIO, "Evaluation: centre crop / resized shorter side.", FRACTION)
+    reduced_decode: bool = option(True, "Training: decode a JPEG at 1/2, 1/4 or 1/8 scale when its random crop's region is at least twice the output (the box is drawn first, from the header's size).")
+    eval_reduced_decode: bool = option(False, "Validation: decode a JPEG at a reduced scale when its shorter side is at least twice the resize (off: numbers comparable with published ones).")
 
     def check(self) -> None:
         if self.scale_min > self.scale_max:

@@ -301,6 +301,7 @@ def eval_loader(
     with_keys: bool = False,
     pin_memory: bool = False,
     log_bad: bool = True,
+    reduced_decode: bool = False,
 ) -> EvalLoader:
     """Rank `rank`'s share of an evaluation set, every sample exactly once over all ranks.
 
@@ -309,7 +310,8 @@ def eval_loader(
     sample; `"auto"` picks whole shards when there are enough. Batches are
     `(images uint8, labels int64)` (plus the sample keys with `with_keys`); the last of each
     worker may be short. `log_bad=False` counts bad samples without logging them (a second pass
-    over the same set).
+    over the same set). `reduced_decode` decodes JPEGs at the reduced scale the resize allows
+    (off by default, so that accuracies stay comparable with published ones).
     """
     _check_ranks(rank, world_size, num_workers, micro_batch)
     if sharding not in ("auto", "shards", "modulo"):
@@ -333,7 +335,7 @@ def eval_loader(
         log_bad=log_bad,
         shard_sizes=info.shard_sizes,
     )
-    transform = eval_transform(img_size, crop_ratio, interpolation)
+    transform = eval_transform(img_size, crop_ratio, interpolation, reduced_decode)
     return EvalLoader(plan, info, transform, num_workers, max_bad_fraction, pin_memory, with_keys)
 
 

@@ -220,8 +220,18 @@ def parse_label(data: bytes, num_classes: int | None) -> int:
     return label
 
 
-def decode_sample(sample: dict, num_classes: int | None) -> tuple[Image.Image, int]:
-    """RGB image and class index of a raw sample, or `BadSample` saying what is wrong."""
+#: The attribute of a lazily opened image (`open_lazy`) that holds its encoded bytes.
+LAZY_BYTES = "encoded_bytes"
+#: The marker a complete JPEG ends with (a truncated one, which libjpeg cannot finish, lacks it).
+JPEG_END = b"\xff\xd9"
+
+
+def decode_sample(sample: dict, num_classes: int | None, lazy: bool = False) -> tuple[Image.Image, int]:
+    """RGB image and class index of a raw sample, or `BadSample` saying what is wrong.
+
+    `lazy`: a complete JPEG (its header read, its end marker present) comes back opened but not
+    decoded (`open_lazy`), for a transform that decodes it at a reduced scale; such
+    an image may be of another mode than RGB until that transform decodes it."""
     if BAD in sample:
         raise BadSample(sample[BAD])
     image_bytes = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
@@ -232,6 +242,8 @@ def decode_sample(sample: dict, num_classes: int | None) -> tuple[Image.Image, i
     label = parse_label(sample[LABEL_EXTENSION], num_classes)
     try:
         image = Image.open(io.BytesIO(image_bytes))
+        if lazy and image.format == "JPEG" and image_bytes.endswith(JPEG_END):
+            return open_lazy(image_bytes), label
         if image.mode == "RGB":
             image.load()
         else:
@@ -239,6 +251,15 @@ def decode_sample(sample: dict, num_classes: int | None) -> tuple[Image.Image, i
     except Exception as error:  # PIL raises many types for broken files
         raise BadSample(f"undecodable image: {error}") from None
     return image, label
+
+
+def open_lazy(data: bytes) -> Image.Image:
+    """An image opened (its header read) but not decoded; it keeps its bytes, so that every
+    transform of it (several views, a substitute for a bad neighbour) decodes its own copy
+    (`vitdeep.data.reduced_decode`)."""
+    image = Image.open(io.BytesIO(data))
+    setattr(image, LAZY_BYTES, data)
+    return image
 
 
 def is_local(url: str) -> bool:

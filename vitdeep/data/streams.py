@@ -41,6 +41,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.filters import shuffle
 
 from vitdeep.data.samples import BadDataLog, BadSample, ReadStats, count_samples, decode_sample, shard_samples, shard_slots
+from vitdeep.data.reduced_decode import takes_lazy_images
 from vitdeep.data.transforms import Transform
 
 # Purposes mixed into every seed, so no two random streams share one.
@@ -223,7 +224,7 @@ class TrainStream(IterableDataset):
         decoded = []
         for sample in chunk:
             try:
-                decoded.append(decode_sample(sample, self.plan.num_classes))
+                decoded.append(decode_sample(sample, self.plan.num_classes, lazy=takes_lazy_images(self.transform)))
             except BadSample as error:
                 if bad is not None:
                     bad.sample(sample, str(error))
@@ -284,7 +285,7 @@ class EvalStream(IterableDataset):
         batch: list[tuple] = []
         for sample in self._samples(me, bad):
             try:
-                image, label = decode_sample(sample, plan.num_classes)
+                image, label = decode_sample(sample, plan.num_classes, lazy=takes_lazy_images(self.transform))
             except BadSample as error:
                 bad.sample(sample, str(error))
                 continue

@@ -16,13 +16,15 @@ from timm.data import auto_augment, create_transform
 
 from vitdeep.architecture import EVAL_CROP_RATIO, INTERPOLATION
 from vitdeep.data.options import AugmentConfig, check_crop_ratio
+from vitdeep.data.reduced_decode import with_reduced_decoding
 from vitdeep.errors import UserError
 
 Transform = Callable[[Image.Image], torch.Tensor]
 
 
 def train_transform(cfg: AugmentConfig, img_size: int) -> Transform:
-    """PIL image → augmented uint8 tensor [3, img_size, img_size] (no normalisation, no erasing)."""
+    """PIL image → augmented uint8 tensor [3, img_size, img_size] (no normalisation, no erasing);
+    with `cfg.reduced_decode` it takes lazily opened JPEGs and decodes them at the scale the crop allows."""
     try:
         transform = create_transform(
             img_size,
@@ -36,7 +38,8 @@ def train_transform(cfg: AugmentConfig, img_size: int) -> Transform:
         )
     except (AssertionError, ValueError, KeyError) as error:
         raise UserError(f"cannot build the augmentation {cfg.rand_augment!r}: {error}") from None
-    return with_zero_bit_posterize(transform)
+    transform = with_zero_bit_posterize(transform)
+    return with_reduced_decoding(transform, train=True) if cfg.reduced_decode else transform
 
 
 def _posterize(image: Image.Image, bits_to_keep: int, **kwargs) -> Image.Image:
@@ -59,9 +62,12 @@ def with_zero_bit_posterize(transform: Transform) -> Transform:
     return transform
 
 
-def eval_transform(img_size: int, crop_ratio: float = EVAL_CROP_RATIO, interpolation: str = INTERPOLATION) -> Transform:
-    """PIL image → uint8 tensor: shorter side resized to img_size / crop_ratio, centre crop."""
+def eval_transform(img_size: int, crop_ratio: float = EVAL_CROP_RATIO, interpolation: str = INTERPOLATION,
+                   reduced_decode: bool = False) -> Transform:
+    """PIL image → uint8 tensor: shorter side resized to img_size / crop_ratio, centre crop
+    (`reduced_decode`: from a JPEG decoded at the reduced scale that resize allows)."""
     check_crop_ratio(crop_ratio)
     if interpolation == "random":
         interpolation = INTERPOLATION
-    return create_transform(img_size, is_training=False, crop_pct=crop_ratio, interpolation=interpolation, use_prefetcher=True)
+    transform = create_transform(img_size, is_training=False, crop_pct=crop_ratio, interpolation=interpolation, use_prefetcher=True)
+    return with_reduced_decoding(transform, train=False) if reduced_decode else transform

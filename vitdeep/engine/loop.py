@@ -460,6 +460,7 @@ class Trainer:
             num_classes=self.plan.num_classes,
             pin_memory=self.device.type == "cuda",
             log_bad=log_bad,
+            reduced_decode=cfg.augment.eval_reduced_decode,
         )
         module = self.engine.module
         module.eval()

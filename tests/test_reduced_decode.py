@@ -1,0 +1,128 @@
+"""Reduced JPEG decoding (`vitdeep.data.reduced_decode`): the crop box is the one full decoding
+draws from the same seed, its pixels match up to the DCT scaling, and on large JPEGs it is faster
+than decoding in full (a ratio measured in this process, not a wall-clock limit)."""
+
+from __future__ import annotations
+
+import io
+import random
+import time
+
+import pytest
+from PIL import Image
+from sklearn.datasets import load_sample_images
+
+from vitdeep.data.options import AugmentConfig
+from vitdeep.data.reduced_decode import decode, draw_box, reduction
+from vitdeep.data.samples import BadSample, decode_sample, open_lazy
+from vitdeep.data.streams import reseed
+from vitdeep.data.transforms import eval_transform, train_transform
+
+
+def _jpeg(width: int, height: int, quality: int = 90) -> bytes:
+    photo = Image.fromarray(load_sample_images().images[0]).resize((width, height), Image.BICUBIC)
+    buffer = io.BytesIO()
+    photo.save(buffer, "JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def large_jpeg() -> bytes:
+    return _jpeg(2000, 1500)
+
+
+def _full(data: bytes) -> Image.Image:
+    return Image.open(io.BytesIO(data)).convert("RGB")
+
+
+def test_reduction_needs_a_region_twice_the_output():
+    assert reduction((447, 500), (224, 224)) == 1
+    assert reduction((448, 448), (224, 224)) == 2
+    assert reduction((900, 2000), (224, 224)) == 4
+    assert reduction((5000, 5000), (224, 224)) == 8
+
+
+def test_the_box_is_drawn_from_the_header_as_full_decoding_draws_it(large_jpeg):
+    crop = train_transform(AugmentConfig(), 224).transforms[0].crop
+    lazy = open_lazy(large_jpeg)
+    for seed in range(50):
+        reseed(seed)
+        expected = crop.get_params(_full(large_jpeg), crop.scale, crop.ratio)
+        after_full = random.random()
+        reseed(seed)
+        assert draw_box(crop, lazy)[0] == expected
+        assert random.random() == after_full  # the draws after the crop are unchanged
+    assert getattr(lazy, "_im", None) is None  # drawing read the header only
+
+
+@pytest.mark.parametrize("k", [2, 4, 8])
+def test_a_reduced_decode_covers_the_whole_image_up_to_the_scale_rounding(large_jpeg, k):
+    decoded, scale = decode(open_lazy(large_jpeg), k)
+    assert scale == k and decoded.mode == "RGB"
+    assert all(0 <= side * scale - full < scale for side, full in zip(decoded.size, (2000, 1500)))
+
+
+def test_reduced_crops_match_full_crops(large_jpeg):
+    """Same seed: the same view up to the DCT scaling (a mean difference of a few levels of 255);
+    another seed's view differs by far more."""
+    full, reduced = train_transform(AugmentConfig(reduced_decode=False), 224), train_transform(AugmentConfig(), 224)
+    differences = []
+    for seed in range(12):
+        reseed(seed)
+        a = full(_full(large_jpeg)).float()
+        reseed(seed)
+        b = reduced(open_lazy(large_jpeg)).float()
+        reseed(seed + 100)
+        other = full(_full(large_jpeg)).float()
+        differences.append(((a - b).abs().mean().item(), (a - other).abs().mean().item()))
+    assert max(same for same, _ in differences) < 4
+    assert sum(same for same, _ in differences) < sum(other for _, other in differences) / 5
+
+
+def test_views_of_one_lazy_image_each_decode_their_own_copy(large_jpeg):
+    """Repeated augmentation and substitutes transform one image several times: each view draws
+    its box from the full size, whatever the view before it decoded."""
+    reduced = train_transform(AugmentConfig(), 224)
+    lazy = open_lazy(large_jpeg)
+    views = []
+    for _ in range(2):
+        reseed(7)
+        views.append(reduced(lazy))
+    assert lazy.size == (2000, 1500) and views[0].equal(views[1])
+
+
+def test_eval_keeps_full_decoding_unless_asked(large_jpeg):
+    assert not getattr(eval_transform(224), "takes_lazy_images", False)
+    full = eval_transform(224)(_full(large_jpeg)).float()
+    reduced = eval_transform(224, reduced_decode=True)(open_lazy(large_jpeg)).float()
+    assert (full - reduced).abs().mean() < 4
+
+
+def test_only_complete_jpegs_stay_lazy(large_jpeg, tmp_path):
+    """A truncated JPEG is decoded (and refused) where it is read, as without reduced decoding."""
+    image, _ = decode_sample({"jpg": large_jpeg, "cls": b"3"}, 10, lazy=True)
+    assert getattr(image, "_im", None) is None
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(large_jpeg)).convert("L").save(buffer, "PNG")
+    png, _ = decode_sample({"png": buffer.getvalue(), "cls": b"3"}, 10, lazy=True)
+    assert png.mode == "RGB"  # not a JPEG: decoded in full, in RGB
+    with pytest.raises(BadSample, match="undecodable image"):
+        decode_sample({"jpg": large_jpeg[: len(large_jpeg) // 2], "cls": b"3"}, 10, lazy=True)
+
+
+def test_reduced_decoding_is_faster_on_large_jpegs(large_jpeg):
+    """DeiT's crop of a 2000 × 1500 JPEG: at least 1.5× the rate of decoding in full (libjpeg's
+    DCT scaling gives ~3.5× on the development machine), best of several repeats each."""
+    full, reduced = train_transform(AugmentConfig(reduced_decode=False), 224), train_transform(AugmentConfig(), 224)
+
+    def best(transform, open_image) -> float:
+        times = []
+        for _ in range(5):
+            start = time.perf_counter()
+            for seed in range(4):
+                reseed(seed)
+                transform(open_image(large_jpeg))
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    assert best(full, _full) / best(reduced, open_lazy) >= 1.5
