@@ -1,5 +1,6 @@
 """Shard writer and shard-list resolution: byte-identical round trip, URL forms, sizes, CLI errors."""
 
+import io
 import json
 import os
 import shutil
@@ -107,6 +108,34 @@ def test_round_trip_through_the_eval_loader_decodes_like_the_source(photo_dir, t
             assert torch.equal(image, transform(Image.open(path).convert("RGB")))
             seen += 1
     assert seen == len(expected) == loader.samples_total and loader.bad_samples == 0
+
+
+def test_max_size_caps_the_shorter_side_and_keeps_smaller_images_as_they_came(photo_dir, tmp_path):
+    info = write_shards(photo_dir, tmp_path, shard_size="5", max_size=200, quality=80)
+    entry = json.loads((tmp_path / "_info.json").read_text())["splits"]["train"]
+    assert entry["max_size"] == 200 and entry["quality"] == 80 and entry == info["splits"]["train"]
+    samples = _raw_samples(read_dataset_info(str(tmp_path), split="train").urls)
+    capped = 0
+    for path, label in ImageFolder(photo_dir / "train").samples:
+        relative = Path(path).relative_to(photo_dir / "train")
+        sample = samples[relative.with_suffix("").as_posix().replace(".", "_")]
+        width, height = Image.open(path).size
+        if min(width, height) <= 200:
+            assert sample[relative.suffix.lower().lstrip(".")] == Path(path).read_bytes()
+            continue
+        capped += 1
+        stored = Image.open(io.BytesIO(sample["jpg"]))
+        assert stored.format == "JPEG" and stored.mode == "RGB" and min(stored.size) == 200
+        assert abs(stored.size[0] / stored.size[1] - width / height) < 0.01 * width / height
+        assert int(sample["cls"]) == label
+    assert 0 < capped == entry["capped_images"] < entry["num_samples"]
+    loader = eval_loader(tmp_path, micro_batch=4, img_size=64, crop_ratio=0.875, rank=0, world_size=1, num_workers=0, split="train")
+    assert sum(len(labels) for _, labels in loader) == entry["num_samples"] and loader.bad_samples == 0
+
+
+def test_shards_without_a_cap_record_none(digit_shards):
+    entry = json.loads((digit_shards / "_info.json").read_text())["splits"]["train"]
+    assert "max_size" not in entry and "quality" not in entry
 
 
 def test_shard_size_in_bytes(photo_dir, tmp_path):
@@ -245,6 +274,9 @@ def test_cli_writes_one_split_and_refuses_to_clobber(digits_dir, tmp_path, capsy
         (["shards", "{src}", "{out}", "--split", "test"], "no split folder 'test'"),
         (["shards", "--demo"], "exactly one folder"),
         (["shards", "{src}"], "give SRC and OUT"),
+        (["shards", "{src}", "{out}", "--quality", "80"], "give --max-size too"),
+        (["shards", "{src}", "{out}", "--max-size", "8"], "--max-size"),
+        (["shards", "{src}", "{out}", "--max-size", "256", "--quality", "101"], "--quality"),
     ],
 )
 def test_cli_bad_input_exits_2_and_writes_nothing(digits_dir, tmp_path, capsys, args, needle):

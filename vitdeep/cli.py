@@ -18,7 +18,7 @@ from vitdeep.ablate.grid import MAX_CELLS
 from vitdeep.architecture import ARCHITECTURE_OPTIONS, DEFAULT_IMG_SIZE, DEFAULT_PATCH_SIZE, EVAL_CROP_RATIO
 from vitdeep.cli_options import number_option, with_config_options
 from vitdeep.config import FINETUNE_RECIPE, DataConfig, ModelFields, OptimConfig, RunConfig
-from vitdeep.data.options import MAX_BAD_FRACTION, AugmentConfig, ReadPolicy
+from vitdeep.data.options import DEFAULT_QUALITY, MAX_BAD_FRACTION, MAX_MAX_SIZE, MIN_MAX_SIZE, AugmentConfig, ReadPolicy
 from vitdeep.engine.cluster import DEFAULT_GPU_MEMORY, DEFAULT_GPU_TFLOPS, DEFAULT_GPUS_PER_NODE, DEFAULT_MFU, Cluster
 from vitdeep.errors import StoppedBySignal, Terminated, TrainingStopped, UserError, as_flags
 from vitdeep.fields import MAX_RANKS, MAX_SAMPLES, MAX_STEPS, MAX_WORKERS, at_least, clip, range_of
@@ -138,6 +138,8 @@ def shards_command(
     seed: int = number_option(0, "--seed", range_of(RunConfig, "seed"), "Seed of the one-off shuffle of the file list."),
     workers: int = number_option(8, "--workers", at_least(1, MAX_WORKERS), "Threads reading image files in parallel."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace shards of the same split already in OUT."),
+    max_size: Optional[int] = number_option(None, "--max-size", at_least(MIN_MAX_SIZE, MAX_MAX_SIZE), "Cap the shorter side at N pixels: larger images are resized and re-encoded as JPEG (as FFCV's max_resolution does); default: every file stored as it came."),
+    quality: Optional[int] = number_option(None, "--quality", at_least(1, 100), f"JPEG quality of the images --max-size re-encodes (default {DEFAULT_QUALITY})."),
 ) -> None:
     """Pack an ImageFolder tree into WebDataset tar shards (KEY.jpg|png|webp + KEY.cls) with _info.json."""
     from vitdeep.commands.shards import run_demo_shards, run_shards
@@ -146,12 +148,14 @@ def shards_command(
     if demo:
         if src is None or out is not None:
             raise UserError("--demo takes exactly one folder: vitdeep shards --demo OUT")
+        if max_size is not None or quality is not None:
+            raise UserError("--demo writes the digits as they are: no --max-size or --quality")
         run_demo_shards(src, shard_size=shard_size or DEMO_SHARD_SIZE, overwrite=overwrite)
         return
     if src is None or out is None:
         raise UserError("give SRC and OUT (or --demo OUT): vitdeep shards SRC OUT")
     run_shards(src, out, splits=split, shard_size=shard_size or DEFAULT_SHARD_SIZE, seed=seed, workers=workers,
-                 overwrite=overwrite)
+                 overwrite=overwrite, max_size=max_size, quality=quality)
 
 
 @app.command("train", context_settings={"max_content_width": 120})

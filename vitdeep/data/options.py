@@ -21,6 +21,9 @@ ERASE_MODES = ("pixel", "rand", "const")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 #: Default limit on the fraction of bad samples before a loader (or `eval`) stops.
 MAX_BAD_FRACTION = 0.01
+#: `vitdeep shards --max-size`: JPEG quality of the images it re-encodes when --quality is not
+#: given (FFCV's `jpeg_quality` default), and the smallest and largest cap of the shorter side.
+DEFAULT_QUALITY, MIN_MAX_SIZE, MAX_MAX_SIZE = 90, 16, 65_536
 #: Longest read timeout accepted: a socket's timeout must fit a C timeval, and a day is patience enough.
 MAX_READ_TIMEOUT, MAX_READ_RETRIES = 86_400.0, 100
 

@@ -1,7 +1,7 @@
 """The shard writer: an ImageFolder tree → webdataset tar shards and a timm-style `_info.json`.
 
-Each sample is `KEY.cls` (the class index as text) and `KEY.<ext>` (the image file's bytes, never
-re-encoded), the key being the file's path below the split folder without its extension. The file
+Each sample is `KEY.cls` (the class index as text) and `KEY.<ext>` (the image file's bytes, not
+re-encoded unless `--max-size` caps the image: `vitdeep.data.capping`), the key being the file's path below the split folder without its extension. The file
 list is shuffled once with a seed, so every shard is a random sample of its split: the training
 stream reads one shard per stretch and relies on that. Files are read by a thread pool, written
 in order by webdataset's `ShardWriter` into a scratch folder, and moved into place with the
@@ -36,6 +36,7 @@ from typing import Any
 from rich.progress import Progress
 from webdataset.writer import ShardWriter
 
+from vitdeep.data.capping import Cap, cap_image, cap_options
 from vitdeep.data.info import INFO_NAMES
 from vitdeep.data.info_doc import check_info
 from vitdeep.data.options import IMAGE_EXTENSIONS
@@ -230,28 +231,44 @@ def _in_order(function: Callable, jobs: list, workers: int) -> Iterator:
                 future.cancel()  # Ctrl-C: wait only for the reads already running
 
 
+def _read_capped(job: tuple[Path, Cap | None]) -> tuple[bytes | None, bool, str | None]:
+    """`(path, cap)` → (bytes to store, whether they were re-encoded, None), or (None, False, why
+    it is skipped): the whole file, capped with a `cap` (`vitdeep.data.capping`)."""
+    path, cap = job
+    data, problem = _read_image((path, None))
+    if data is None or cap is None:
+        return data, False, problem
+    try:
+        capped = cap_image(data, cap)
+    except Exception:  # PIL raises many types for broken files
+        return None, False, "undecodable image (cannot be capped)"
+    return (data, False, None) if capped is None else (capped, True, None)
+
+
 def _shard_pattern(split: str) -> re.Pattern:
     return re.compile(rf"{re.escape(split)}-\d{{6}}\.tar")
 
 
 def _write_split(split: str, images: list[_Image], skipped: Counter, out: Path, shard_size: str, workers: int,
-                 progress: Progress | None) -> dict:
+                 progress: Progress | None, cap: Cap | None = None) -> dict:
     """Write one split's shards into a scratch folder, then move them into `out`. A file that
-    changed since it was listed (gone, or no image any more) is skipped and counted."""
+    changed since it was listed (gone, or no image any more) is skipped and counted; with a `cap`,
+    so is one that cannot be decoded to be capped."""
     maxcount, maxsize = parse_shard_size(shard_size)
     task = progress.add_task(split, total=len(images)) if progress is not None else None
     counts: Counter = Counter()
-    total_bytes = 0
+    total_bytes = capped = 0
     with tempfile.TemporaryDirectory(dir=out, prefix=f".{split}-") as scratch:
         with ShardWriter(f"{scratch}/{split}-%06d.tar", maxcount=maxcount, maxsize=maxsize, verbose=0,
                          encoder=False, mtime=0) as writer:
-            for image, (data, problem) in zip(images, _in_order(_read_image, [(i.path, None) for i in images], workers)):
+            for image, (data, recoded, problem) in zip(images, _in_order(_read_capped, [(i.path, cap) for i in images], workers)):
                 if progress is not None:
                     progress.advance(task)
                 if data is None:
-                    skipped[f"{problem}, since listed"] += 1
+                    skipped[problem if problem.startswith("undecodable") else f"{problem}, since listed"] += 1
                     continue
-                writer.write({"__key__": image.key, "cls": str(image.label).encode(), image.ext: data})
+                writer.write({"__key__": image.key, "cls": str(image.label).encode(), "jpg" if recoded else image.ext: data})
+                capped += recoded
                 counts[os.path.basename(writer.fname)] += 1
                 total_bytes += len(data)
         for stale in out.iterdir():
@@ -260,8 +277,9 @@ def _write_split(split: str, images: list[_Image], skipped: Counter, out: Path, 
         for name in counts:
             os.replace(Path(scratch) / name, out / name)
     names = sorted(counts)
-    return {"name": split, "num_samples": sum(counts.values()), "filenames": names,
-            "shard_lengths": [counts[n] for n in names], "bytes": total_bytes}
+    entry = {"name": split, "num_samples": sum(counts.values()), "filenames": names,
+             "shard_lengths": [counts[n] for n in names], "bytes": total_bytes}
+    return entry if cap is None else {**entry, **cap.record(), "capped_images": capped}
 
 
 def write_shards(
@@ -273,6 +291,8 @@ def write_shards(
     seed: int = 0,
     workers: int = 8,
     overwrite: bool = False,
+    max_size: int | None = None,
+    quality: int | None = None,
     progress: Progress | None = None,
     on_split: SplitWritten | None = None,
 ) -> dict:
@@ -282,10 +302,13 @@ def write_shards(
     shards of a split, and an `_info.json` that `vitdeep shards` did not write, are replaced only
     with `overwrite`. Other splits already in `out/_info.json` are kept. `progress` (rich) counts
     the files written; `on_split(entry, skipped, seconds)` hears of each split done, `skipped`
-    counting the files passed over by reason.
+    counting the files passed over by reason. `max_size` caps the images' shorter side, re-encoding
+    those above it as JPEG of `quality` (`vitdeep.data.capping`); without it every file is stored
+    as it came.
     """
     src, out = Path(src), Path(out)
     parse_shard_size(shard_size)
+    cap = cap_options(max_size, quality)
     if workers < 1:
         raise UserError(f"`workers` must be >= 1, got {workers}", params=("workers",))
     if out.exists() and not out.is_dir():
@@ -315,7 +338,7 @@ def write_shards(
     try:
         for split, (images, skipped) in planned.items():
             start = time.perf_counter()
-            entry = _write_split(split, images, skipped, out, shard_size, workers, progress)
+            entry = _write_split(split, images, skipped, out, shard_size, workers, progress, cap)
             seconds = time.perf_counter() - start
             info["splits"][split] = {**entry, "seed": seed, "shard_size": shard_size, "source": str(src.resolve())}
             _save_info(out, info)
