@@ -19,9 +19,9 @@ from vitdeep.architecture import ARCHITECTURE_OPTIONS, DEFAULT_IMG_SIZE, DEFAULT
 from vitdeep.cli_options import number_option, with_config_options
 from vitdeep.config import FINETUNE_RECIPE, DataConfig, ModelFields, OptimConfig, RunConfig
 from vitdeep.data.options import DEFAULT_QUALITY, MAX_BAD_FRACTION, MAX_MAX_SIZE, MIN_MAX_SIZE, AugmentConfig, ReadPolicy
-from vitdeep.engine.cluster import DEFAULT_GPU_MEMORY, DEFAULT_GPU_TFLOPS, DEFAULT_GPUS_PER_NODE, DEFAULT_MFU, Cluster
+from vitdeep.engine.cluster import DEFAULT_GPU_MEMORY, DEFAULT_GPU_TFLOPS, DEFAULT_GPUS_PER_NODE, DEFAULT_MFU, MAX_CORES, MAX_DECODE_RATE, Cluster
 from vitdeep.errors import StoppedBySignal, Terminated, TrainingStopped, UserError, as_flags
-from vitdeep.fields import MAX_RANKS, MAX_SAMPLES, MAX_STEPS, MAX_WORKERS, at_least, clip, range_of
+from vitdeep.fields import MAX_RANKS, MAX_SAMPLES, MAX_STEPS, MAX_WORKERS, above, at_least, clip, range_of
 
 app = typer.Typer(
     name="vitdeep",
@@ -216,6 +216,9 @@ def plan_command(
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the numbers to this JSON file."),
     measure: bool = typer.Option(False, "--measure", help="Also run one real training step here at the planned settings and print predicted vs measured memory (under `deepspeed --num_gpus N` for N ranks)."),
     check: bool = typer.Option(False, "--check", help="Exit 1 when the run as asked does not fit (for scripts and CI)."),
+    measure_data: bool = typer.Option(False, "--measure-data", help="Measure here the images/s one CPU core decodes and augments for this run (its image size and augmentation, on its --data shards or sample photos); cached per machine and input."),
+    decode_rate: Optional[float] = number_option(None, "--decode-rate", above(0, MAX_DECODE_RATE), "Images/s one CPU core decodes and augments, measured elsewhere (e.g. `plan --measure-data` on a compute node). Default: the committed benchmark's, named in the output."),
+    cores_per_node: Optional[int] = number_option(None, "--cores-per-node", at_least(1, MAX_CORES), "CPU cores of one node for the input verdict (default: this machine's usable cores)."),
 ) -> None:
     """Will this run fit, and how long will it take: per-GPU memory (model states, EMA, traced
     activations), verdict, largest micro-batch, the cheapest change that fits, and time. Takes
@@ -229,7 +232,7 @@ def plan_command(
 
         recipe = {**FINETUNE_RECIPE, **source_model_options(source)}
     record = run_plan(resolve_config(options, config, recipe), nodes, gpus_per_node, gpu_memory, gpu_tflops, mfu, json_path,
-                      measure, config=config)
+                      measure, config=config, measure_data=measure_data, decode_rate=decode_rate, cores_per_node=cores_per_node)
     if check and record and not record["fits"]:
         raise typer.Exit(code=1)
 

@@ -16,7 +16,9 @@ from typing import Any
 
 from vitdeep.config import TrainConfig
 from vitdeep.data.info import DatasetInfo, read_dataset_info
-from vitdeep.engine.capacity import Cluster, MemoryEstimate, build_report, print_report
+from vitdeep.data.decode_rate import committed_decode_rate, measured_decode_rate, usable_cores
+from vitdeep.engine.capacity import CapacityReport, Cluster, MemoryEstimate, build_report, print_report
+from vitdeep.engine.input_verdict import InputVerdict, choose_decode_rate
 from vitdeep.engine.cluster import DEFAULT_GPUS_PER_NODE, IMAGENET_CLASSES, IMAGENET_TRAIN_SAMPLES, parse_memory
 from vitdeep.engine.plan import RunPlan, make_plan
 from vitdeep.errors import UserError
@@ -62,10 +64,17 @@ def run_plan(
     json_path: Path | None,
     measure: bool,
     config: Path | None = None,
+    measure_data: bool = False,
+    decode_rate: float | None = None,
+    cores_per_node: int | None = None,
 ) -> dict[str, Any]:
     """Plan, print, and (--json) write; with `measure`, also run and measure one step on this
     launch's ranks. Returns what --json writes (on rank 0; other ranks return {}). The JSON file
-    is never the `config` file or inside the shards' folder, and replaces a file only with `overwrite`."""
+    is never the `config` file or inside the shards' folder, and replaces a file only with `overwrite`.
+
+    The input verdict (`engine.input_verdict`) prices decoding at the rate `measure_data` measures
+    here, the `decode_rate` given, or the committed benchmark's, on `cores_per_node` cores
+    (default: this machine's usable cores)."""
     import torch
 
     from vitdeep.engine.deepspeed import world_from_env
@@ -103,8 +112,13 @@ def run_plan(
         notes.append(f"--measure: global batch = micro-batch × {cluster.world_size} ranks (no accumulation), "
                      f"optimizer {'fused AdamW (CUDA)' if cluster.device == 'cuda' else 'AdamW on the CPU'}")
     # every rank of a --measure launch runs the step; rank 0 alone prices and reports it
-    report = build_report(plan, cluster, notes) if is_main_process() else None
-    record = report.to_dict() if report else {}
+    report = verdict = None
+    if is_main_process():
+        decode = choose_decode_rate(measure_data, decode_rate, assumed=committed_decode_rate, measure=lambda: measured_decode_rate(
+            cfg.model.img_size, cfg.augment, plan.train_info if cfg.data.data else None))
+        report = build_report(plan, cluster, notes, decode)
+        verdict = input_verdict(report, cores_per_node or usable_cores())
+    record = {**report.to_dict(), "input": verdict.to_dict() if verdict else None} if report else {}
     if measure:
         from vitdeep.engine.measure import measure_step
 
@@ -114,11 +128,22 @@ def run_plan(
             record["predicted_vs_measured"] = compare(report.requested, measured)
     if report:
         print_report(report)
+        for line in verdict.lines() if verdict else ["input: no decoding rate known: `--measure-data` measures it here, `--decode-rate N` takes one"]:
+            make_console().print(line, markup=False)
         if measure:
             print_comparison(record["predicted_vs_measured"], measured)
         if json_path is not None:
             json_path.write_text(json.dumps(record, indent=2) + "\n")
     return record
+
+
+def input_verdict(report: CapacityReport, cores_per_node: int) -> InputVerdict | None:
+    """The node's input pipeline against what its ranks consume (None without a decoding rate)."""
+    time, cfg = report.time, report.plan.cfg
+    if time.decode is None:
+        return None
+    return InputVerdict(time.images_per_second_node, time.decode, cores_per_node, report.cluster.gpus_per_node,
+                        cfg.model.img_size, cfg.augment.reduced_decode)
 
 
 def compare(predicted: MemoryEstimate, measured: dict[str, Any]) -> list[dict[str, Any]]:

@@ -36,15 +36,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
 from functools import cached_property
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from vitdeep.data.decode_rate import DecodeRate, committed_decode_rate
 from vitdeep.engine.cluster import Cluster
 from vitdeep.engine.deepspeed import fill_ds_config, load_ds_config
 from vitdeep.engine.memtrace import GradientPath, StepMemory, StepTracer
@@ -65,7 +64,6 @@ TRAIN_FLOPS_FACTOR = {False: 3, True: 4}
 #: DeepSpeed's engine all-reduces gradients without ZeRO in flattened chunks of this many elements
 #: (`MEMORY_OPT_ALLREDUCE_SIZE`).
 ALLREDUCE_CHUNK = 500_000_000
-BENCHMARK_RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 
 
 def gb(nbytes: float) -> float:
@@ -443,30 +441,6 @@ def changes_to_try(plan: RunPlan) -> list[tuple[str, str | None, bool]]:
     return changes
 
 
-@dataclass(frozen=True)
-class DecodeRate:
-    """Images per second one CPU core decodes and augments, from the committed benchmark results."""
-
-    per_core: float
-    source: str
-    detail: str
-
-
-def committed_decode_rate(results: Path = BENCHMARK_RESULTS) -> DecodeRate | None:
-    """The training-pipeline row of `benchmarks/data_throughput.py` in benchmarks/results/*.json
-    (images/s of the vitdeep loader divided by its worker processes); the fastest machine's."""
-    rates = []
-    for path in sorted(results.glob("*.json")):
-        record = json.loads(path.read_text())
-        for row in record.get("rows", []):
-            extra = row.get("extra", {})
-            if row.get("group", "").startswith("7") and row.get("name", "").startswith("train") and extra.get("workers"):
-                per_core = extra["vitdeep_img_s"] / extra["workers"]
-                detail = f"{row.get('note', '')}; {record.get('machine', {}).get('name', path.stem)}, {record.get('date', '')}"
-                rates.append(DecodeRate(per_core, f"benchmarks/results/{path.name}", detail))
-    return max(rates, key=lambda r: r.per_core, default=None)
-
-
 @dataclass
 class TimeEstimate:
     forward_flops: int
@@ -512,9 +486,10 @@ class TimeEstimate:
         }
 
 
-def estimate_time(plan: RunPlan, cluster: Cluster, grad_checkpointing: bool) -> TimeEstimate:
+def estimate_time(plan: RunPlan, cluster: Cluster, grad_checkpointing: bool, decode: DecodeRate | None = None) -> TimeEstimate:
     """Step, epoch and total time at `cluster.mfu` of `cluster.gpu_tflops`, and the image rate the
-    data pipeline must sustain on each node."""
+    data pipeline must sustain on each node (its ranks' share: the global batch over the nodes),
+    with the CPU cores that takes at `decode` (default: the committed benchmark's rate)."""
     _, forward = plan.model_stats()
     factor = TRAIN_FLOPS_FACTOR[grad_checkpointing]
     flops_per_step = factor * forward * plan.batch.global_batch
@@ -528,7 +503,7 @@ def estimate_time(plan: RunPlan, cluster: Cluster, grad_checkpointing: bool) -> 
         steps_per_epoch=plan.steps_per_epoch,
         total_steps=plan.total_steps,
         images_per_second_node=plan.batch.global_batch / step / cluster.nodes,
-        decode=committed_decode_rate(),
+        decode=decode or committed_decode_rate(),
     )
 
 
@@ -601,9 +576,10 @@ class CapacityReport:
         }
 
 
-def build_report(plan: RunPlan, cluster: Cluster, notes: list[str] | None = None) -> CapacityReport:
+def build_report(plan: RunPlan, cluster: Cluster, notes: list[str] | None = None, decode: DecodeRate | None = None) -> CapacityReport:
     """Price `plan` on `cluster`: the requested settings, the largest micro-batch, and, when the
-    run does not fit, the changes of `changes_to_try` in order until one fits."""
+    run does not fit, the changes of `changes_to_try` in order until one fits (`decode`: the
+    per-core decoding rate to price the input pipeline at)."""
     if plan.world_size != cluster.world_size:
         raise ValueError(f"the plan is for {plan.world_size} ranks, the cluster has {cluster.world_size}")
     model = MemoryModel(plan, cluster)
@@ -620,7 +596,7 @@ def build_report(plan: RunPlan, cluster: Cluster, notes: list[str] | None = None
             if fitting is not None and with_ckpt:
                 break  # the cheapest fitting change, and what checkpointing alone buys, are known
     best = next((option for option in options if option.fitting), None)
-    time = estimate_time(plan, cluster, best.grad_checkpointing if best else ckpt)
+    time = estimate_time(plan, cluster, best.grad_checkpointing if best else ckpt, decode)
     return CapacityReport(plan, cluster, requested, largest, options, time, list(notes or []))
 
 

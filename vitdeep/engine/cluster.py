@@ -24,6 +24,8 @@ IMAGENET_CLASSES = 1000
 
 #: The most memory (1 PiB) and peak TFLOP/s one GPU may be said to have.
 MAX_GPU_MEMORY, MAX_TFLOPS = 2**50, 1e6
+#: The most CPU cores one node, and images/s one core, may be said to have (`plan --cores-per-node`, `--decode-rate`).
+MAX_CORES, MAX_DECODE_RATE = 2**20, 1e7
 
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
