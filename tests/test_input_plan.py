@@ -93,3 +93,27 @@ def test_plan_measures_the_runs_own_shards(digit_shards, quick_measure, tmp_path
     rate = json.loads(out.read_text())["input"]["decode_rate"]
     assert rate["source"] == "measured here" and str(digit_shards) in rate["detail"]
     assert quick_measure.is_file()
+
+
+def test_training_warns_once_when_its_first_batches_wait_for_data():
+    """A fake clock: 10 ms of compute per micro-batch, and waits for data of 30 ms (bound) or 0.5 ms."""
+    from vitdeep.engine import input_watch
+    from vitdeep.engine.input_watch import InputWatch
+
+    def run(wait: float, reduced_decode: bool = True) -> list[str]:
+        now = [0.0]
+        watch = InputWatch(ranks_per_node=4, cores=16, reduced_decode=reduced_decode, clock=lambda: now[0])
+        lines = []
+        for _ in range(input_watch.SKIP + input_watch.WINDOW + 10):
+            now[0] += wait
+            line = watch.waited(wait, 8)
+            now[0] += 0.010
+            lines += [line] if line else []
+        return lines
+
+    bound = run(0.030)
+    assert len(bound) == 1 and bound[0].startswith("input-bound: the rank waited for data 75% of micro-batches 5-36")
+    assert "its loader delivered 200 img/s (800 for the node's 4 rank(s)), the model took 800 (3,200)" in bound[0]
+    assert "16 usable cores" in bound[0] and "--max-size" in bound[0] and "--reduced-decode" not in bound[0]
+    assert "--reduced-decode" in run(0.030, reduced_decode=False)[0]
+    assert run(0.0005) == []

@@ -15,6 +15,7 @@ import datetime
 import json
 import os
 import random
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -39,6 +40,7 @@ from vitdeep.data.pipeline import (
     train_loader,
 )
 from vitdeep.data.seeding import DROP_PATH, uniforms
+from vitdeep.data.decode_rate import usable_cores
 from vitdeep.data.storage import use_read_policy
 from vitdeep.engine.checkpoint import (
     load_checkpoint,
@@ -62,6 +64,7 @@ from vitdeep.engine.deepspeed import (
 )
 from vitdeep.engine.ema import PartitionedEma
 from vitdeep.engine.evaluate import EvalResult, counter_over_ranks, evaluate
+from vitdeep.engine.input_watch import InputWatch
 from vitdeep.engine.plan import RunPlan, make_plan
 from vitdeep.engine.ledger import SampleLedger, trim_ledgers
 from vitdeep.engine.reshard import load_resharded
@@ -73,6 +76,7 @@ from vitdeep.models import create_model
 from vitdeep.models.layers import drop_path_layers, sample_drop_paths
 from vitdeep.engine.weights import build_model, load_weights_into, read_weights
 from vitdeep.monitor import RunLogger, is_main_process, make_console, progress_bar
+from vitdeep.ranks import read_ranks
 
 
 def freeze_blocks(model: torch.nn.Module, count: int) -> None:
@@ -169,6 +173,7 @@ class Trainer:
         self._micro_in_step = 0
         self._loader = None
         self._probe_images: torch.Tensor | None = None
+        self.input_watch = InputWatch(read_ranks().local_world_size or 1, usable_cores(), cfg.augment.reduced_decode)
         self._reset_window()
 
     # -- set-up -------------------------------------------------------------------------------
@@ -283,11 +288,14 @@ class Trainer:
         batches = iter(self._loader)
         while self.batch_in_epoch < plan.micro_per_epoch and self.step < plan.total_steps:
             at_step_start = self._micro_in_step == 0
+            asked = time.perf_counter()
             batch = self._next_batch(batches, interruptible=at_step_start)
+            waited = time.perf_counter() - asked
             if at_step_start:
                 self._at_step_start()
             if not isinstance(batch, TrainBatch):  # the per-rank order: no per-sample seeds
                 batch = TrainBatch(*batch, seeds=None, positions=[], keys=[], substitutes=[], stats=self._loader.stats)
+            self._watch_input(waited, len(batch.images))
             if self._probe_images is None:
                 self._probe_images = batch.images[:16].clone()
             stepped = self._train_micro_batch(batch.images, batch.labels, batch.seeds)
@@ -296,6 +304,17 @@ class Trainer:
             self.batch_in_epoch += 1
             if stepped:
                 self._after_step()
+
+    def _watch_input(self, waited: float, images: int) -> None:
+        """Warn once, in one line from each node's first rank, when its first micro-batches
+        waited for data (`input_watch`)."""
+        warning = self.input_watch.waited(waited, images)
+        if warning is None or self.dist.local_rank != 0:
+            return
+        if self.dist.is_main:
+            self.console.print(f"[yellow]{warning}", highlight=False)
+        else:
+            print(f"rank {self.dist.rank}: {warning}", file=sys.stderr, flush=True)
 
     def _next_batch(self, batches, interruptible: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The next micro-batch; at a step boundary a stop signal cuts a wait for data short."""
