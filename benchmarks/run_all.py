@@ -11,6 +11,7 @@ Groups (each also runs alone: `.venv/bin/python benchmarks/<module>.py`):
 7. data_throughput  vitdeep's WebDataset loaders vs torchvision ImageFolder
 8. compile_speed.py a training step through the engine with engine.compile() (`--compile`) vs eager
 9. sample_randomness.py erasing, mixing and drop path drawn per sample (elastic runs) vs timm's per batch
+10. data_throughput  per-core decode + augment: full-size / capped shards, reduced decoding, vs ImageFolder
 
 Every row is a ratio against a baseline measured in the same process (the ZeRO rows: the same
 2-rank run), with both absolute numbers beside it; times are medians of interleaved rounds after
@@ -76,6 +77,29 @@ def data_rows(s: Shapes) -> list[Row]:
     return out
 
 
+FEEDING_GROUP = "10 input cost per core"
+#: The input issue's goals (vitdeep / ImageFolder on the same photos): capped shards on the bench
+#: photos, reduced decoding on photos of 1,000 px or more.
+FEEDING_GOALS = {1: (">=", 1.2), 3: (">=", 1.5)}
+
+
+def feeding_rows(s: Shapes) -> list[Row]:
+    """`data_throughput.run_feeding` as rows: per-core decode + augment rates, one worker."""
+    images, passes = (512, 2) if s.reps > 3 else (128, 1)
+    rows = data_throughput.run_feeding(images=images, passes=passes)
+    torch.set_num_threads(1)
+    out = []
+    for index, r in enumerate(rows):
+        p = r["images"]
+        out.append(Row(FEEDING_GROUP, f"{r['pipeline']}: vitdeep vs torchvision ImageFolder on the originals", "torchvision",
+                       r["torchvision_img_s_per_core"], "vitdeep", r["vitdeep_img_s_per_core"], "img/s",
+                       goal=FEEDING_GOALS.get(index),
+                       note=f"per core: {p['count']} photos (JPEG, mean {p['width']}×{p['height']}, {p['kbytes']} KB), {r['img_size']} px, "
+                            f"DeiT's augmentation to uint8 batches of {r['batch']}, {r['workers']} worker; best of {passes} passes each",
+                       extra={k: v for k, v in r.items() if k != "images"} | {"photos": p}))
+    return out
+
+
 GROUPS = {
     "1": ("1 model speed", model_speed.run),
     "2": ("2 remedy overhead", remedies.run),
@@ -86,10 +110,11 @@ GROUPS = {
     "7": (DATA_GROUP, data_rows),
     "8": ("8 compile", compile_speed.run),
     "9": (sample_randomness.GROUP, sample_randomness.run),
+    "10": (FEEDING_GROUP, feeding_rows),
 }
 #: Run order: the in-process DeepSpeed engines after the plain models (they start a process
 #: group and touch global state), the data loaders (worker processes) last.
-ORDER = ("1", "2", "9", "3", "5", "6", "4", "8", "7")
+ORDER = ("1", "2", "9", "3", "5", "6", "4", "8", "7", "10")
 
 
 def markdown(rows: list[Row], info: dict, date: str, seconds: float, s: Shapes) -> str:
@@ -149,7 +174,7 @@ def main() -> int:
         seconds[name] = time.perf_counter() - t0
         out.print(f"[dim]{name}: {len(group_rows)} rows in {seconds[name]:.0f} s")
         rows += group_rows
-    rows.sort(key=lambda r: r.group)
+    rows.sort(key=lambda r: int(r.group.split()[0]))
     total = time.perf_counter() - start
     date = dt.date.today().isoformat()
     print_rows(rows, f"vitdeep benchmarks — {info['name']} — {date} — {total / 60:.1f} min", out)
