@@ -126,3 +126,50 @@ def test_reduced_decoding_is_faster_on_large_jpegs(large_jpeg):
         return min(times)
 
     assert best(full, _full) / best(reduced, open_lazy) >= 1.5
+
+
+@pytest.fixture(scope="module")
+def large_jpeg_shards(tmp_path_factory):
+    """8 JPEGs of 1,200 × 900 (two classes) as shards."""
+    from vitdeep.data.shards import write_shards
+
+    root = tmp_path_factory.mktemp("large-photos")
+    for index in range(8):
+        folder = root / "train" / f"class_{index % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{index}.jpg").write_bytes(_jpeg(1200 + 40 * index, 900))
+    out = tmp_path_factory.mktemp("large-shards")
+    write_shards(root, out, shard_size="4", workers=1)
+    return out
+
+
+def test_the_lane_loader_draws_the_same_views_with_reduced_decoding(large_jpeg_shards):
+    """The training order on JPEG shards: the same samples, seeds and boxes (up to the DCT scaling's
+    pixels) as full decoding, and reduced decoding is as deterministic as full decoding."""
+    from vitdeep.data.lane_layout import LaneLayout
+    from vitdeep.data.pipeline import lane_loader
+
+    def batches(reduced: bool) -> list:
+        loader = lane_loader(large_jpeg_shards, layout=LaneLayout(4, 8, paired=False), micro_batch=8, img_size=64, rank=0,
+                             world_size=1, seed=0, epoch=0, num_workers=0, aug=AugmentConfig(reduced_decode=reduced))
+        return list(loader)
+
+    full, reduced, again = batches(False), batches(True), batches(True)
+    assert [b.keys for b in full] == [b.keys for b in reduced] and all(b.seeds.equal(r.seeds) for b, r in zip(full, reduced))
+    assert all(r.images.equal(a.images) for r, a in zip(reduced, again))
+    difference = max((b.images.float() - r.images.float()).abs().mean().item() for b, r in zip(full, reduced))
+    assert 0 < difference < 4
+
+
+def test_the_eval_loader_decodes_reduced_only_when_asked(large_jpeg_shards):
+    """At 64 px the 900 px photos decode at 1/8 (libjpeg's 8 × 8 block means, then bicubic to 73):
+    a few levels of 255 from the full decode's bicubic downsample."""
+    from vitdeep.data.pipeline import eval_loader
+
+    def images(reduced: bool):
+        loader = eval_loader(large_jpeg_shards, micro_batch=8, img_size=64, crop_ratio=0.875, rank=0, world_size=1,
+                             num_workers=0, split="train", reduced_decode=reduced)
+        return next(iter(loader))[0].float()
+
+    full, reduced = images(False), images(True)
+    assert full.equal(images(False)) and 0 < (full - reduced).abs().mean() < 8

@@ -274,6 +274,7 @@ def eval_command(
     ),
     out: Path = typer.Option(Path("eval.json"), "--out", help="JSON file for the results (with per-class accuracy, the sample accounting and the checkpoint evaluated)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out when it exists."),
+    reduced_decode: bool = typer.Option(False, "--reduced-decode", help="Decode JPEGs at 1/2-1/8 scale when the shorter side is at least twice the resize (off: numbers comparable with published ones)."),
 ) -> None:
     """Exact top-1 / top-5 / loss over a sharded set, on one process or many ranks."""
     from vitdeep.commands.eval import run_eval
@@ -284,7 +285,7 @@ def eval_command(
         run_eval(
             checkpoint, data, out=out, model_name=model, img_size=img_size, crop_ratio=crop_ratio, ema=ema,
             batch_size=batch_size, workers=workers, split=split, num_samples=num_samples,
-            max_bad_fraction=max_bad_fraction, overwrite=overwrite, reads=reads,
+            max_bad_fraction=max_bad_fraction, overwrite=overwrite, reads=reads, reduced_decode=reduced_decode,
         )
 
 

@@ -38,6 +38,7 @@ def run_eval(
     dist_timeout: float = 30.0,
     overwrite: bool = False,
     reads: ReadPolicy | None = None,
+    reduced_decode: bool = False,
 ) -> EvalResult:
     """`vitdeep eval`: exact top-1 / top-5 / loss of any loadable source over a sharded set, on
     however many ranks launched it; prints a table and writes `out` (JSON) on rank 0, with the
@@ -46,7 +47,8 @@ def run_eval(
     Every check runs before the evaluation: the output path (never an input, nor an existing file
     without `overwrite`), the shards, the weights. Too much bad or missing data (over all ranks),
     or no readable sample at all, is an error after it, and `out` is not written. `reads` sets the
-    timeouts and retries of remote reads (default: the process's).
+    timeouts and retries of remote reads (default: the process's). `reduced_decode` decodes JPEGs
+    at the reduced scale the resize allows (off by default: comparable with published numbers).
     """
     check_output_file(out, "--out", "eval.json")
     if not 0.0 <= max_bad_fraction <= 1.0:
@@ -68,6 +70,7 @@ def run_eval(
     loader = eval_loader(
         info, micro_batch=batch_size, img_size=model.img_size, crop_ratio=crop_ratio, rank=dist_info.rank,
         world_size=dist_info.world_size, num_workers=workers, num_classes=model.num_classes, max_bad_fraction=None,
+        reduced_decode=reduced_decode,
     )
     preprocess = BatchPreprocessor(None, dist_info.device, torch.float32)
     console = make_console()
@@ -92,7 +95,7 @@ def run_eval(
             "checkpoint": str(checkpoint), "ema": ema,
             "evaluated": {"path": weights.source, "step": weights.step, "ema": ema, "kind": weights.kind},
             "data": str(data), "img_size": model.img_size,
-            "crop_ratio": crop_ratio, "world_size": dist_info.world_size, **result.scalars(),
+            "crop_ratio": crop_ratio, "reduced_decode": reduced_decode, "world_size": dist_info.world_size, **result.scalars(),
             "images_per_s": result.images_per_s, **result.accounting(),
             "per_class": [
                 {"class": i, "name": classes[i] if i < len(classes) else str(i), "top1": top1, "count": count}
