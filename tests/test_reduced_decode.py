@@ -128,19 +128,59 @@ def test_reduced_decoding_is_faster_on_large_jpegs(large_jpeg):
     assert best(full, _full) / best(reduced, open_lazy) >= 1.5
 
 
+def _broken_past_the_header(data: bytes) -> bytes:
+    """A JPEG whose header reads and which ends with its end marker, but whose Huffman table
+    libjpeg refuses when it decodes (PIL's header parser skips that table)."""
+    table = data.find(b"\xff\xc4")
+    return data[: table + 5] + b"\xff" * 16 + data[table + 21 :]
+
+
+def _jpeg_shards(root, out, images: dict[str, bytes]):
+    from vitdeep.data.shards import write_shards
+
+    for index, (name, data) in enumerate(images.items()):
+        folder = root / "train" / f"class_{index % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{name}.jpg").write_bytes(data)
+    write_shards(root, out, shard_size="4", workers=1)
+    return out
+
+
 @pytest.fixture(scope="module")
 def large_jpeg_shards(tmp_path_factory):
     """8 JPEGs of 1,200 × 900 (two classes) as shards."""
-    from vitdeep.data.shards import write_shards
+    return _jpeg_shards(tmp_path_factory.mktemp("large-photos"), tmp_path_factory.mktemp("large-shards"),
+                        {str(index): _jpeg(1200 + 40 * index, 900) for index in range(8)})
 
-    root = tmp_path_factory.mktemp("large-photos")
-    for index in range(8):
-        folder = root / "train" / f"class_{index % 2}"
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / f"{index}.jpg").write_bytes(_jpeg(1200 + 40 * index, 900))
-    out = tmp_path_factory.mktemp("large-shards")
-    write_shards(root, out, shard_size="4", workers=1)
-    return out
+
+def test_a_jpeg_broken_past_its_header_is_counted_bad_where_it_is_decoded(tmp_path):
+    """Left undecodable until its crop, it is counted as an undecodable image and its views borrow
+    the lane's last good image, in training; skipped and counted in evaluation."""
+    from vitdeep.data.lane_layout import LaneLayout
+    from vitdeep.data.pipeline import eval_loader, lane_loader
+
+    good = _jpeg(1000, 800)
+    broken = _broken_past_the_header(good)
+    with pytest.raises(OSError):
+        Image.open(io.BytesIO(broken)).load()
+    images = {f"{index}": good for index in range(7)} | {"broken": broken}
+    shards = _jpeg_shards(tmp_path / "photos", tmp_path / "shards", images)
+    positions = []
+    for seed in (5, 3, 2):  # the broken one first in the lane (the next image stands in), amid, last (the one before)
+        loader = lane_loader(shards, layout=LaneLayout(1, 8, paired=False), micro_batch=8, img_size=64, rank=0,
+                             world_size=1, seed=seed, epoch=0, num_workers=0, aug=AugmentConfig(), max_bad_fraction=None,
+                             shuffle_buffer=8)
+        (batch,) = list(loader)
+        assert sorted(batch.keys) == sorted(f"class_{i % 2}/{name}" for i, name in enumerate(images))
+        broken_at = next(i for i, key in enumerate(batch.keys) if key.endswith("broken"))
+        positions.append(broken_at)
+        stand_in = batch.keys[broken_at + 1 if broken_at < 7 else broken_at - 1]
+        assert batch.substitutes == [stand_in if i == broken_at else None for i in range(8)]
+        assert batch.stats.bad == {"undecodable image": 1} and batch.stats.samples == 7
+    assert positions == [0, 2, 7]
+    evaluated = eval_loader(shards, micro_batch=4, img_size=64, crop_ratio=0.875, rank=0, world_size=1, num_workers=0,
+                            split="train", reduced_decode=True, max_bad_fraction=None)
+    assert sum(len(labels) for _, labels in evaluated) == 7 and evaluated.bad_samples == 1
 
 
 def test_the_lane_loader_draws_the_same_views_with_reduced_decoding(large_jpeg_shards):

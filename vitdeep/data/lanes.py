@@ -55,7 +55,7 @@ from vitdeep.data.lane_layout import LaneLayout
 from vitdeep.data.samples import _META, BadDataLog, BadSample, ReadStats, decode_sample, group_members, is_local, shard_samples
 from vitdeep.data.seeding import AUGMENT, mix64
 from vitdeep.data.streams import NoData, _stack, _worker, preserved_rngs, reseed, stream_seed
-from vitdeep.data.reduced_decode import takes_lazy_images
+from vitdeep.data.reduced_decode import decode, takes_lazy_images
 from vitdeep.data.transforms import Transform
 
 logger = logging.getLogger(__name__)
@@ -201,6 +201,9 @@ class _Image:
     key: str
     image: object = None  # PIL image, or None for a bad / missing sample
     label: int = -1
+    #: The key of the image whose pixels stand in for this one, found undecodable only when a
+    #: transform decoded it (a lazily opened JPEG whose data is broken past its header).
+    borrowed: str | None = None
 
 
 class LaneReader:
@@ -214,6 +217,8 @@ class LaneReader:
         self.next_entry = first_entry
         self._images = self._filled(first_entry // order.views)
         self._current: tuple[_Image, _Image] | None = None
+        self._ahead: deque[tuple[_Image, _Image]] = deque()  # read past by `_stand_in`, not yet taken
+        self._last_good: _Image | None = None
 
     def take(self, entry: int) -> Entry:
         if entry != self.next_entry:
@@ -221,12 +226,48 @@ class LaneReader:
         self.next_entry += 1
         index, view = divmod(entry, self.order.views)
         while self._current is None or self._current[0].index != index:
-            self._current = next(self._images)
+            self._current = self._ahead.popleft() if self._ahead else next(self._images)
         wanted, used = self._current
         augment_seed, sample_seed = self.order.sample_seeds(self.seed, entry)
         reseed(augment_seed)  # the caller keeps its generators (`LaneStream` preserves them around a part)
-        tensor = self.transform(used.image)
-        return Entry(tensor, used.label, wanted.key, sample_seed, None if used is wanted else used.key)
+        try:
+            tensor = self.transform(used.image)
+        except BadSample as error:
+            self._borrow(used, str(error))
+            reseed(augment_seed)
+            tensor = self.transform(used.image)
+        self._last_good = used
+        substitute = used.borrowed or (None if used is wanted else used.key)
+        return Entry(tensor, used.label, wanted.key, sample_seed, substitute)
+
+    def _borrow(self, image: _Image, reason: str) -> None:
+        """`image` was counted good but its transform could not decode it: count it bad, and give
+        it (for this view and its others) the pixels and label of a stand-in (`_stand_in`)."""
+        self.bad.sample({"__key__": image.key}, reason)
+        self.bad.stats.samples -= 1
+        stand_in = self._stand_in(image)
+        image.image, image.label, image.borrowed = stand_in.image, stand_in.label, stand_in.key
+
+    def _stand_in(self, broken: _Image) -> _Image:
+        """As for a bad sample (`_filled`): the lane's next image that decodes, else the last good
+        one. Images read past on the way are kept for their own turn."""
+        for candidate in itertools.chain((used for _, used in list(self._ahead)), self._read_ahead()):
+            if candidate is broken or candidate.borrowed is not None:
+                continue
+            try:
+                decode(candidate.image)
+            except BadSample:
+                continue
+            return candidate
+        if self._last_good is None:
+            raise NoData(f"no decodable image in lane {self.lane} to stand in for {broken.key}")
+        return self._last_good
+
+    def _read_ahead(self) -> Iterator[_Image]:
+        """The images after those read so far, each kept for its turn."""
+        for pair in self._images:
+            self._ahead.append(pair)
+            yield pair[1]
 
     # -- reading -----------------------------------------------------------------------------
 

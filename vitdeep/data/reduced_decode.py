@@ -25,7 +25,7 @@ from timm.data.transforms import RandomResizedCropAndInterpolation, ResizeKeepRa
 from torchvision.transforms import CenterCrop, Resize
 from torchvision.transforms import functional as F
 
-from vitdeep.data.samples import LAZY_BYTES
+from vitdeep.data.samples import LAZY_BYTES, BadSample
 
 #: libjpeg's DCT scalings PIL's `draft` can ask for, largest first.
 REDUCTIONS = (8, 4, 2)
@@ -39,16 +39,25 @@ def reduction(region: tuple[float, float], output: tuple[int, int]) -> int:
 
 def decode(image: Image.Image, k: int = 1) -> tuple[Image.Image, float]:
     """`image` decoded in RGB, from its own copy at 1/`k` of its size where it was opened lazily
-    (else as it is), and the size of one decoded pixel in the original's pixels."""
-    scale = 1.0
+    (else as it is), and the size of one decoded pixel in the original's pixels. A lazy image
+    whose data cannot be decoded is a `BadSample`, as it would have been where it was read."""
     data = getattr(image, LAZY_BYTES, None)
-    if data is not None:
-        image = Image.open(io.BytesIO(data))
-        if k > 1:
-            width = image.size[0]
-            drafted = image.draft("RGB", (max(width // k, 1), max(image.size[1] // k, 1)))
-            if drafted is not None:
-                scale = width / drafted[1][2]
+    if data is None:
+        return (image.convert("RGB") if image.mode != "RGB" else image), 1.0
+    try:
+        return _decode_copy(data, k)
+    except Exception as error:  # PIL raises many types for broken data
+        raise BadSample(f"undecodable image: {error}") from None
+
+
+def _decode_copy(data: bytes, k: int) -> tuple[Image.Image, float]:
+    scale = 1.0
+    image = Image.open(io.BytesIO(data))
+    if k > 1:
+        width = image.size[0]
+        drafted = image.draft("RGB", (max(width // k, 1), max(image.size[1] // k, 1)))
+        if drafted is not None:
+            scale = width / drafted[1][2]
     if image.mode != "RGB":
         return image.convert("RGB"), scale
     image.load()

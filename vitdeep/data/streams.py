@@ -224,7 +224,7 @@ class TrainStream(IterableDataset):
         decoded = []
         for sample in chunk:
             try:
-                decoded.append(decode_sample(sample, self.plan.num_classes, lazy=takes_lazy_images(self.transform)))
+                decoded.append(decode_sample(sample, self.plan.num_classes))  # in full: the lanes alone decode lazily
             except BadSample as error:
                 if bad is not None:
                     bad.sample(sample, str(error))
@@ -286,11 +286,12 @@ class EvalStream(IterableDataset):
         for sample in self._samples(me, bad):
             try:
                 image, label = decode_sample(sample, plan.num_classes, lazy=takes_lazy_images(self.transform))
+                view = self.transform(image)  # a lazily opened JPEG is decoded (or found broken) here
             except BadSample as error:
                 bad.sample(sample, str(error))
                 continue
             stats.samples += 1
-            batch.append((self.transform(image), label, sample["__key__"]))
+            batch.append((view, label, sample["__key__"]))
             if len(batch) == plan.batch:
                 yield *self._collate(batch), stats.snapshot()
                 batch = []
