@@ -74,8 +74,17 @@ class ModelFields(Checked):
     compile: bool = option(False, "torch.compile the model through DeepSpeed's engine.compile() (off by default: not yet measured on a GPU).")
 
 
+#: The most register tokens, and the largest ContraNorm scale, a run takes.
+MAX_REG_TOKENS, MAX_CONTRANORM_SCALE = 1024, 1e3
+
+
 def _remedy_field(remedy: Any) -> tuple[str, Any, Any]:
-    """A remedy's switch: off unless set, or (on in some families) the family's default unless set."""
+    """A remedy's switch: off unless set, or (on in some families) the family's default unless set;
+    a remedy with a value (register tokens, ContraNorm's scale): 0 = off."""
+    if remedy.kind is int:
+        return remedy.name, int, option(0, remedy.help, at_least(0, MAX_REG_TOKENS))
+    if remedy.kind is float:
+        return remedy.name, float, option(0.0, remedy.help, at_least(0, MAX_CONTRANORM_SCALE))
     if remedy.on_by_default:
         return remedy.name, Optional[bool], option(None, remedy.help)
     return remedy.name, bool, option(False, remedy.help)
