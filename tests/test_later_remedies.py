@@ -40,6 +40,17 @@ def _randomise(model: nn.Module, seed: int = 0) -> None:
                 buffer.copy_(0.5 + torch.rand(buffer.shape, generator=gen))
 
 
+def _timm_vit(**options) -> nn.Module:
+    """timm's ViT of the tiny size with these options, random weights, in eval mode."""
+    torch.manual_seed(0)
+    reference = timm.models.vision_transformer.VisionTransformer(
+        img_size=IMG, patch_size=PATCH, embed_dim=WIDTH, depth=DEPTH, num_heads=HEADS, num_classes=10, qkv_bias=True,
+        **options,
+    ).eval()
+    _randomise(reference)
+    return reference
+
+
 def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item()
 
@@ -184,12 +195,7 @@ class AuthorsContraNorm(nn.Module):
 def test_contranorm_matches_the_authors_drop_in_norm_layer():
     """The authors replace timm's ViT `norm_layer` by their ContraNorm (`main.py`): a timm ViT built
     that way, its state dict in their format, loads into vitdeep and gives the same logits."""
-    torch.manual_seed(0)
-    reference = timm.models.vision_transformer.VisionTransformer(
-        img_size=IMG, patch_size=PATCH, embed_dim=WIDTH, depth=DEPTH, num_heads=HEADS, num_classes=10, qkv_bias=True,
-        norm_layer=partial(AuthorsContraNorm, scale=0.3),
-    ).eval()
-    _randomise(reference)
+    reference = _timm_vit(norm_layer=partial(AuthorsContraNorm, scale=0.3))
     state = reference.state_dict()
     assert "blocks.0.norm1.layernorm.weight" in state and "norm.layernorm.bias" in state
     model = create_model("deit_tiny_12", contranorm=0.3, **TINY).eval()
@@ -209,12 +215,7 @@ def test_contranorm_matches_the_authors_drop_in_norm_layer():
 def test_qk_norm_and_register_tokens_match_timm(options):
     """timm's ViT with `qk_norm` / `reg_tokens` (class token, position embedding over the prefix
     tokens): the same state-dict keys, and the same logits."""
-    torch.manual_seed(0)
-    reference = timm.models.vision_transformer.VisionTransformer(
-        img_size=IMG, patch_size=PATCH, embed_dim=WIDTH, depth=DEPTH, num_heads=HEADS, num_classes=10, qkv_bias=True,
-        **options,
-    ).eval()
-    _randomise(reference)
+    reference = _timm_vit(**options)
     model = create_model("deit_tiny_12", **options, **TINY).eval()
     assert set(model.state_dict()) == set(reference.state_dict())
     model.load_state_dict(reference.state_dict())
@@ -281,3 +282,33 @@ def test_order_of_talking_heads_and_reattention_on_one_map():
     expected = attn.reattention.var_norm(F.conv2d(mixed, attn.reattention.reatten_matrix.weight, attn.reattention.reatten_matrix.bias))
     with torch.no_grad():
         assert _max_diff(attn.attention_matrix(q, k), expected) <= TOLERANCE
+
+
+# -- LayerScale per depth (CaiT's rule) from a run's options, so that a grid over depths can set it --
+
+
+@pytest.mark.parametrize("depth, expected", [(12, 0.1), (18, 0.1), (24, 1e-5), (36, 1e-6)])
+def test_layer_scale_by_depth_follows_cait(depth, expected):
+    from vitdeep.config import resolve_config
+    from vitdeep.engine.plan import model_kwargs_for
+    from vitdeep.losses import Objective
+
+    cfg = resolve_config({"model": "deit_small_12", "depth": depth, "layer_scale_by_depth": True})
+    assert model_kwargs_for(cfg, 10, Objective(cfg.loss))["init_values"] == expected
+    cfg = resolve_config({"model": "deit_small_12", "depth": depth, "layer_scale_by_depth": True, "init_values": 0.5})
+    assert model_kwargs_for(cfg, 10, Objective(cfg.loss))["init_values"] == 0.5
+    cfg = resolve_config({"model": "deit_small_12", "depth": depth})
+    assert "init_values" not in model_kwargs_for(cfg, 10, Objective(cfg.loss))
+
+
+def test_every_remedy_is_listed_by_vitdeep_models_and_a_flag_of_analyze(capsys, monkeypatch):
+    from vitdeep.cli import main
+
+    monkeypatch.setenv("COLUMNS", "200")
+    for command in (["models", "deit_tiny_12"], ["analyze", "--help"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(command)
+        assert exit_info.value.code == 0
+        out = " ".join(capsys.readouterr().out.split())
+        for remedy in REMEDIES:
+            assert "--" + remedy.name.replace("_", "-") in out, (command, remedy.name)

@@ -52,6 +52,15 @@ REMEDIES = (
 REMEDY_BY_NAME = {remedy.name: remedy for remedy in REMEDIES}
 REMEDY_NAMES = tuple(remedy.name for remedy in REMEDIES)
 
+def cait_layer_scale_init(depth: int) -> float:
+    """LayerScale init by depth, as in the CaiT paper: 0.1 up to 18 blocks, 1e-5 up to 24, 1e-6
+    deeper. CaiT models use it unless `init_values` is set; DeiT models with
+    `layer_scale_by_depth`."""
+    if depth <= 18:
+        return 0.1
+    return 1e-5 if depth <= 24 else 1e-6
+
+
 #: Options that define a model's architecture: a checkpoint resumes only into the same values, and
 #: a finetune inherits those its source was trained with (`INHERITED_OPTIONS`).
 ARCHITECTURE_OPTIONS = ("depth", "embed_dim", "num_heads", "img_size", "patch_size", "num_classes", *REMEDY_NAMES,

@@ -70,6 +70,7 @@ class ModelFields(Checked):
     proj_drop: float = option(0.0, "Dropout after attention / MLP projections.", BELOW_1)
     pos_drop: float = option(0.0, "Dropout on the embeddings once the position embedding is added.", BELOW_1)
     init_values: Optional[float] = option(None, "LayerScale init (DeiT: off unless set; CaiT: by depth).", above(0, MAX_WEIGHT))
+    layer_scale_by_depth: bool = option(False, "LayerScale with CaiT's init by depth (0.1 up to 18 blocks, 1e-5 up to 24, 1e-6 deeper) unless --init-values is set: for a grid over depths.")
     grad_checkpointing: bool = option(False, "Activation checkpointing (recompute blocks in backward).")
     compile: bool = option(False, "torch.compile the model through DeepSpeed's engine.compile() (off by default: not yet measured on a GPU).")
 

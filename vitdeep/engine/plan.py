@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vitdeep.architecture import ARCHITECTURE_OPTIONS
+from vitdeep.architecture import ARCHITECTURE_OPTIONS, cait_layer_scale_init
 from vitdeep.config import TrainConfig
 from vitdeep.data.lane_layout import STREAM_FORMAT, LaneLayout, choose_lanes, lane_shuffle_buffer
 from vitdeep.data.pipeline import DatasetInfo, epoch_batches, read_dataset_info
@@ -102,6 +102,10 @@ class RunPlan:
             "GFLOPs per image (forward)": round(flops / 1e9, 3),
             "talking heads": switch[bool(options["talking_heads"])],
             "AttnScale / FeatScale": f"{switch[options['attnscale']]} / {switch[options['featscale']]}",
+            "Re-attention / QK-norm": f"{switch[options['reattention']]} / {switch[options['qk_norm']]}",
+            "ContraNorm scale": options["contranorm"] or "off",
+            "register tokens": options["reg_tokens"],
+            "LayerScale init": options.get("init_values") or "off",
             "drop path": options["drop_path_rate"],
             "objective": " + ".join(f"{weight:g}·{name}" for name, weight in weights.items()),
             "start from": self.cfg.run.init_from or "random init",
@@ -145,6 +149,8 @@ def model_kwargs_for(cfg: TrainConfig, num_classes: int, objective: Objective) -
     architecture option the model section sets, the dropouts, and the heads the objective needs."""
     m = cfg.model
     kwargs: dict[str, Any] = {name: getattr(m, name) for name in ARCHITECTURE_OPTIONS if getattr(m, name, None) is not None}
+    if m.layer_scale_by_depth and m.init_values is None:
+        kwargs["init_values"] = cait_layer_scale_init(m.depth or get_spec(m.model).depth)
     kwargs.update(
         num_classes=num_classes,
         drop_path_rate=m.drop_path,

@@ -17,15 +17,9 @@ import torch.nn.functional as F
 from timm.layers import Mlp, PatchEmbed, trunc_normal_
 from torch import nn
 
+from vitdeep.architecture import cait_layer_scale_init
 from vitdeep.models.base import DeepTransformer, check_patch_grid
 from vitdeep.models.layers import Block, TalkingHeadsAttention, check_heads
-
-
-def cait_layer_scale_init(depth: int) -> float:
-    """LayerScale init by depth, as in the CaiT paper: 0.1 up to 18 blocks, 1e-5 at 24, 1e-6 deeper."""
-    if depth <= 18:
-        return 0.1
-    return 1e-5 if depth <= 24 else 1e-6
 
 
 class LayerScaleBlock(Block):
