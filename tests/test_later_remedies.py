@@ -312,3 +312,30 @@ def test_every_remedy_is_listed_by_vitdeep_models_and_a_flag_of_analyze(capsys, 
         out = " ".join(capsys.readouterr().out.split())
         for remedy in REMEDIES:
             assert "--" + remedy.name.replace("_", "-") in out, (command, remedy.name)
+
+
+@pytest.mark.slow
+def test_all_remedies_train_under_zero3_on_two_ranks(digit_shards, tmp_path):
+    """Every remedy at once (registers, Re-attention's BatchNorm buffers, ContraNorm, QK-norm …)
+    through DeepSpeed ZeRO-3 on 2 ranks: the run finishes, logs finite losses and saves a
+    checkpoint with every remedy's parameters."""
+    import json
+
+    from tests.launch import SMALL, deepspeed_cmd, metrics, run
+    from vitdeep.engine.checkpoint import complete_checkpoints, read_marker
+
+    ds_config = tmp_path / "zero3_fp32.json"
+    ds_config.write_text(json.dumps({
+        "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto", "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 100},
+    }))
+    out = tmp_path / "run"
+    flags = ["--talking-heads", "--reattention", "--attnscale", "--featscale", "--qk-norm", "--contranorm", "0.2",
+             "--reg-tokens", "2", "--layer-scale-by-depth"]
+    run(deepspeed_cmd(["train", "--data", str(digit_shards), "--out", str(out), *SMALL, "--depth", "2", "--steps", "3",
+                       "--ds-config", str(ds_config), "--oversmoothing-every", "1", "--mixup", "0", "--cutmix", "0", *flags]))
+    rows = metrics(out)
+    assert sorted(rows) == [1, 2, 3] and all(math.isfinite(row["loss"]) for row in rows.values())
+    marker = read_marker(complete_checkpoints(out)[-1])
+    assert {k: marker["model_kwargs"][k] for k in ("reattention", "qk_norm", "contranorm", "reg_tokens", "init_values")} == {
+        "reattention": True, "qk_norm": True, "contranorm": 0.2, "reg_tokens": 2, "init_values": 0.1}
