@@ -20,7 +20,7 @@ from vitdeep.cli_options import number_option, with_config_options
 from vitdeep.config import FINETUNE_RECIPE, DataConfig, ModelFields, OptimConfig, RunConfig
 from vitdeep.data.options import MAX_BAD_FRACTION, AugmentConfig, ReadPolicy
 from vitdeep.engine.cluster import DEFAULT_GPU_MEMORY, DEFAULT_GPU_TFLOPS, DEFAULT_GPUS_PER_NODE, DEFAULT_MFU, Cluster
-from vitdeep.errors import StoppedBySignal, Terminated, TrainingStopped, UserError, as_flags
+from vitdeep.errors import OversmoothingStopped, StoppedBySignal, Terminated, TrainingStopped, UserError, as_flags
 from vitdeep.fields import MAX_RANKS, MAX_SAMPLES, MAX_STEPS, MAX_WORKERS, at_least, clip, range_of
 
 app = typer.Typer(
@@ -430,6 +430,11 @@ def main(argv: list[str] | None = None) -> None:
     except TrainingStopped as error:
         _report(as_flags(error), error)
         sys.exit(1)
+    except OversmoothingStopped as error:
+        from vitdeep.engine.alarm import EXIT_OVERSMOOTHED
+
+        _report(as_flags(error), error)
+        sys.exit(EXIT_OVERSMOOTHED)
     except Exception as error:
         if isinstance(error, OSError) and error.errno == errno.ENAMETOOLONG:  # a path the user gave, wherever it was first used
             print(_line(f"error: a file name is too long for the file system: {clip(str(error.filename), 120)}"), file=sys.stderr)

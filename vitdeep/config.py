@@ -149,6 +149,8 @@ class RunConfig(Checked):
     keep_last: int = option(3, "Checkpoints kept besides the best by validation top-1.", at_least(1, MAX_STEPS))
     log_every: int = option(20, "Log losses, lr and images/s every N optimizer steps.", at_least(1, MAX_STEPS))
     oversmoothing_every: int = option(500, "Log layer-wise CosSim / attention std every N steps (0 = off).", at_least(0, MAX_STEPS))
+    oversmoothing_alarm: float = option(0.0, "Over-smoothing alarm (0 = off): fires when the last layer's patch CosSim stays above X for 3 measurements, or rises at each by more than 0.25 in all; needs --oversmoothing-every > 0.", within(0, 1))
+    oversmoothing_action: Literal["warn", "stop"] = option("warn", "What the alarm does: warn (a line, an `alarm` row in metrics.jsonl, a TensorBoard text), or stop (also save a checkpoint, then exit with code 3).")
     val_every: int = option(1, "Validate (after saving a checkpoint) every N epochs; 0 = only at the run's end (always validated, also when --steps ends it mid-epoch).", at_least(0, MAX_EPOCHS))
     max_bad_steps: int = option(5, "Stop after this many non-finite losses in a row.", at_least(1, MAX_STEPS))
     dist_timeout: float = option(30.0, "Minutes a collective may wait before the run fails (a lost node).", above(0, MAX_DIST_TIMEOUT))
@@ -160,6 +162,9 @@ class RunConfig(Checked):
     sample_ledger: bool = option(False, "Record the sample keys and global positions of every step in OUT/ledger/ (one file per rank), e.g. to check the order across a resume.")
 
     def check(self) -> None:
+        if self.oversmoothing_alarm > 0 and self.oversmoothing_every == 0:
+            raise UserError("`oversmoothing_alarm` watches the CosSim that `oversmoothing_every` measures: set it above 0",
+                            params=("oversmoothing_alarm", "oversmoothing_every"))
         if self.resume is not None and self.overwrite:
             raise UserError("`resume` continues the run in `out` and `overwrite` replaces it: choose one", params=("resume", "out", "overwrite"))
 
