@@ -325,6 +325,7 @@ def ablate_command(
     collect: Optional[Path] = typer.Option(None, "--collect", metavar="DIR", help="(Re)build DIR's results.json / .md / .png from the cells that finished."),
     list_grids: bool = typer.Option(False, "--list", help="Print the bundled grids and their cells."),
     max_cells: int = number_option(MAX_CELLS, "--max-cells", at_least(1, MAX_STEPS), "Refuse a grid of more cells than this (counted before any is built)."),
+    seeds: int = number_option(1, "--seeds", at_least(1, MAX_STEPS), "Run every cell with this many seeds (the run's --seed and those after it); the table and figure show mean ± std over them."),
 ) -> None:
     """Run an ablation grid: every cell a vitdeep training run in OUT/cells/<name>/ (same seed,
     budget, data and DeepSpeed config; only the grid's options change), resumable, evaluated and
@@ -333,7 +334,7 @@ def ablate_command(
     from vitdeep.ablate import run_command
 
     run_command(grid, options, ranks=ranks, emit=emit, dry_run=dry_run, demo=demo, collect=collect, list_grids=list_grids,
-                max_cells=max_cells)
+                max_cells=max_cells, seeds=seeds)
 
 
 @app.command("train-cells", hidden=True)
