@@ -105,7 +105,7 @@ class RunPlan:
             "Re-attention / QK-norm": f"{switch[options['reattention']]} / {switch[options['qk_norm']]}",
             "ContraNorm scale": options["contranorm"] or "off",
             "register tokens": options["reg_tokens"],
-            "LayerScale init": options.get("init_values") or "off",
+            "LayerScale init": resolved_architecture(self.cfg.model.model, self.model_kwargs).get("init_values") or "off",
             "drop path": options["drop_path_rate"],
             "objective": " + ".join(f"{weight:g}·{name}" for name, weight in weights.items()),
             "start from": self.cfg.run.init_from or "random init",
