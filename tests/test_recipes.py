@@ -150,3 +150,12 @@ def test_config_names_a_bundled_recipe_or_a_file(digit_shards, tmp_path, capsys)
     loop = tmp_path / "loop.yaml"
     loop.write_text(f"recipe:\n  reproduces: x\n  source: x\n  published_top1: null\n  command: train\n  extends: {loop}\n")
     refuses(["train", "--config", str(loop), "--data", str(digit_shards), "--out", str(tmp_path / "e")], capsys, "extends itself", tmp_path / "e")
+
+
+def test_a_finetune_recipe_from_a_source_without_ema_says_which_flag(digit_shards, tmp_path, capsys):
+    source = tmp_path / "plain.pth"
+    torch.manual_seed(0)
+    torch.save({"model": create_model("deit_base_12", img_size=224, embed_dim=64, num_heads=4, num_classes=10).state_dict()}, source)
+    out = tmp_path / "out"
+    refuses(["finetune", "--from", str(source), "--config", "deit_base_12_losses_384", "--data", str(digit_shards), "--out", str(out),
+             *SMALL_WIDTH, "--dry-run"], capsys, "--no-init-from-ema", out)

@@ -234,7 +234,14 @@ def make_plan(cfg: TrainConfig, world_size: int, train_info: DatasetInfo | None 
     meta_model = cached_meta_model(cfg.model.model, **model_kwargs)  # every option and shape checked now, at no cost
     init_weights = None
     if cfg.run.init_from:
-        init_weights = read_weights(cfg.run.init_from, ema=cfg.run.init_from_ema)
+        try:
+            init_weights = read_weights(cfg.run.init_from, ema=cfg.run.init_from_ema)
+        except UserError as error:
+            if "ema" not in error.params:
+                raise
+            # the run's option is `init_from_ema` (the 384 / 512 px recipes set it, as Gong et al.'s --finetune)
+            raise UserError(f"{cfg.run.init_from} holds no EMA weights to start from; turn `init_from_ema` off "
+                            f"(--no-init-from-ema) to start from its weights", params=("init_from_ema",)) from None
         adapt_state_dict(init_weights.state_dict, meta_model, init_weights.source, init_weights.kind)
     if not 0 <= cfg.optim.freeze_blocks <= len(meta_model.blocks):
         raise UserError(f"`freeze_blocks` {cfg.optim.freeze_blocks} is outside 0..{len(meta_model.blocks)} (the model's depth)", params=("freeze_blocks",))
