@@ -21,6 +21,7 @@ from typing import Any, Literal, Optional
 from vitdeep.architecture import DEFAULT_IMG_SIZE, DEFAULT_PATCH_SIZE, REMEDIES
 from vitdeep.data.options import MAX_BAD_FRACTION, AugmentConfig, MixConfig, ReadPolicy
 from vitdeep.documents import read_document
+from vitdeep.engine.alarm import ALARM_RISE, ALARM_WINDOW, EXIT_OVERSMOOTHED
 from vitdeep.errors import UserError
 from vitdeep.fields import (
     BELOW_1,
@@ -149,8 +150,8 @@ class RunConfig(Checked):
     keep_last: int = option(3, "Checkpoints kept besides the best by validation top-1.", at_least(1, MAX_STEPS))
     log_every: int = option(20, "Log losses, lr and images/s every N optimizer steps.", at_least(1, MAX_STEPS))
     oversmoothing_every: int = option(500, "Log layer-wise CosSim / attention std every N steps (0 = off).", at_least(0, MAX_STEPS))
-    oversmoothing_alarm: float = option(0.0, "Over-smoothing alarm (0 = off): fires when the last layer's patch CosSim stays above X for 3 measurements, or rises at each by more than 0.25 in all; needs --oversmoothing-every > 0.", within(0, 1))
-    oversmoothing_action: Literal["warn", "stop"] = option("warn", "What the alarm does: warn (a line, an `alarm` row in metrics.jsonl, a TensorBoard text), or stop (also save a checkpoint, then exit with code 3).")
+    oversmoothing_alarm: float = option(0.0, f"Over-smoothing alarm (0 = off): fires when the last layer's patch CosSim stays above X for {ALARM_WINDOW} measurements, or rises at each of them and by more than {ALARM_RISE:g} in all; needs --oversmoothing-every > 0.", within(0, 1))
+    oversmoothing_action: Literal["warn", "stop"] = option("warn", f"What the alarm does: warn (a line, an `alarm` row in metrics.jsonl, a TensorBoard text), or stop (also save a checkpoint, then exit with code {EXIT_OVERSMOOTHED}).")
     val_every: int = option(1, "Validate (after saving a checkpoint) every N epochs; 0 = only at the run's end (always validated, also when --steps ends it mid-epoch).", at_least(0, MAX_EPOCHS))
     max_bad_steps: int = option(5, "Stop after this many non-finite losses in a row.", at_least(1, MAX_STEPS))
     dist_timeout: float = option(30.0, "Minutes a collective may wait before the run fails (a lost node).", above(0, MAX_DIST_TIMEOUT))
