@@ -19,6 +19,7 @@ from vitdeep.ablate.grid import bundled_grids, load_grid, parse_grid, resolve_ce
 from vitdeep.cli import main
 from vitdeep.demo import RECIPE
 from vitdeep.engine.checkpoint import MARKER
+from vitdeep.errors import UserError
 from vitdeep.launcher import error_line, option_flags, run_logged
 
 FAKE_SRUN = Path(__file__).resolve().parent / "scripts" / "fake_srun"
@@ -95,6 +96,29 @@ def test_bundled_grids_resolve(name):
                 assert all(a.options[k] == b.options[k] for k in a.options if k not in a.cell.options and k not in b.cell.options)
 
 
+def test_remedies_grid_puts_each_remedy_alone_against_cross_entropy():
+    """One cell per remedy of `REMEDIES` (talking heads … registers), the losses and LayerScale,
+    each a change of one thing against the plain cross-entropy cell, in both modes; the model
+    each cell builds has its remedy."""
+    from vitdeep.architecture import REMEDIES
+    from vitdeep.engine.plan import model_kwargs_for
+    from vitdeep.losses import Objective
+
+    grid = load_grid("remedies")
+    assert [cell.name for cell in grid.cells] == ["none", "losses", "talking_heads", "attnscale", "featscale", "reattention",
+                                                  "contranorm", "qk_norm", "layerscale", "registers"]
+    for recipe in (None, RECIPE):
+        runs = {run.name: run for run in resolve_cells(grid, {}, recipe)}
+        plain = runs["none"].config
+        assert (plain.loss.cos_weight, plain.loss.contrastive_weight, plain.loss.patch_mix_weight) == (0, 0, 0)
+        for remedy in REMEDIES:
+            cell = next(run for run in runs.values() if remedy.name in run.cell.options)
+            kwargs = model_kwargs_for(cell.config, 10, Objective(cell.config.loss))
+            assert kwargs[remedy.name] and not model_kwargs_for(plain, 10, Objective(plain.loss)).get(remedy.name), remedy.name
+        layerscale = runs["layerscale"].config
+        assert model_kwargs_for(layerscale, 10, Objective(layerscale.loss))["init_values"] == 1e-5  # CaiT's rule at 24 blocks
+
+
 def test_demo_cells_validate_after_their_last_epoch_unless_told_otherwise():
     grid = load_grid("gong-table1")
     assert {run.config.run.val_every for run in resolve_cells(grid, {}, RECIPE)} == {0}
@@ -107,7 +131,7 @@ def test_gong_table1_is_the_papers_seven_loss_combinations():
     weights = {cell.name: (cell.options["cos_weight"], cell.options["contrastive_weight"], cell.options["patch_mix_weight"])
                for cell in grid.cells}
     assert len(weights) == 7 and len(set(weights.values())) == 7 and weights["none"] == (0, 0, 0)
-    assert grid.published == {"none": 81.8, "cos": 82.0, "cons": 82.3, "mix": 82.4, "cons+mix": 82.6}  # docs/method.md §5
+    assert grid.published == {"none": 81.8, "cos": 82.0, "cons": 82.3, "mix": 82.4, "cos+cons": 82.3, "cos+mix": 82.3, "cons+mix": 82.6}  # docs/method.md §5
     assert [heading for heading, _ in grid.columns] == ["ℓ_cos", "ℓ_cons", "ℓ_token"]
 
 
@@ -305,3 +329,64 @@ def test_cells_share_a_launch_and_a_failing_cell_ends_only_its_own(digit_shards,
     assert "non-finite" in logs["diverges"] and not any("non-finite" in logs[name] for name in ("plain", "again", "after"))
     assert all(f"({name}): vitdeep train " in logs[name] for name in cells)  # each log starts at its cell's marker
     assert all(json.loads((out / "status" / f"{name}.json").read_text())["attempts"] == 1 for name in cells)
+
+
+# -- seeds ---------------------------------------------------------------------------------------
+
+
+def test_seeds_run_every_cell_with_consecutive_seeds():
+    grid = load_grid("wang-remedies")
+    runs = resolve_cells(grid, {"seed": 7}, seeds=3)
+    assert [run.name for run in runs[:3]] == ["plain,seed=7", "plain,seed=8", "plain,seed=9"]
+    assert [run.config.run.seed for run in runs[:3]] == [7, 8, 9] and {run.group for run in runs} == {c.name for c in grid.cells}
+    assert all(run.config.model.attnscale == next(c for c in grid.cells if c.name == run.group).options["attnscale"] for run in runs)
+    assert [run.name for run in resolve_cells(grid, {})] == [c.name for c in grid.cells]  # one seed: the grid's own names
+    with pytest.raises(UserError, match="sets its own seed"):
+        resolve_cells(parse_grid("g", {"cells": [{"name": "a", "seed": 3}, {"name": "b"}]}), {}, seeds=2)
+
+
+def test_seeds_average_into_mean_and_spread_in_the_table_and_figure(tmp_path):
+    from vitdeep.ablate.results import _write_figure, markdown_table, seed_groups
+
+    def run(group: str, seed: int, top1: float | None, status: str = "done") -> dict:
+        return {"name": f"{group},seed={seed}", "group": group, "status": status, "error": None, "columns": {"attnscale": group == "on"},
+                "top1": top1, "top5": 99.0, "ema_top1": None, "ema_top5": None, "published_top1": None,
+                "last_layer_cossim": top1 / 100 if top1 else None, "last_layer_attn_std": 0.1, "cossim": [0.1, top1 / 100] if top1 else None,
+                "attn_std": [0.1], "images_per_s": 100.0, "steps": 3, "wall_s": 1.0}
+
+    cells = [run("off", 0, 10.0), run("off", 1, 20.0), run("off", 2, 30.0), run("on", 0, 80.0), run("on", 1, 90.0),
+             run("on", 2, None, status="failed")]
+    groups = seed_groups(cells)
+    off, on = groups
+    assert (off["top1"], off["top1_std"], off["top1_range"], off["done"], off["seeds"]) == (20.0, 10.0, [10.0, 30.0], 3, 3)
+    assert (on["top1"], on["done"]) == (85.0, 2) and on["top1_std"] == pytest.approx(7.0710678)
+    assert off["cossim"] == pytest.approx([0.1, 0.2]) and off["cossim_std"] == pytest.approx([0.0, 0.1])
+    assert seed_groups(cells[:1] + cells[3:4]) == []  # one run per cell: nothing to average
+    grid = {"title": "t", "paper": None, "metric": None, "columns": [["attnscale", "attnscale"]], "published": {}}
+    results = {"grid": grid, "data": "d", "val": "v", "recipe": None, "shared": {}, "cells": cells, "groups": groups}
+    text = markdown_table(results)
+    assert "| off | × | 3/3 | 20.0 ± 10.0 |" in text and "| on | ✓ | 2/3 | 85.0 ± 7.1 |" in text and "Every run:" in text
+    _write_figure(tmp_path / "results.png", results)
+    assert (tmp_path / "results.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_remedies_grid_runs_on_the_digits_with_two_seeds(tmp_path):
+    """`vitdeep ablate remedies --demo --seeds 2` at tiny size (2 blocks, 2 steps): every remedy's
+    cell trains with its remedy under both seeds, and the table and figure average the seeds."""
+    from vitdeep.architecture import REMEDIES
+    from vitdeep.engine.checkpoint import complete_checkpoints, read_marker
+
+    out = tmp_path / "ab"
+    run(single_cmd(["ablate", "remedies", "--demo", "--out", str(out), "--steps", "2", "--depth", "2", "--seeds", "2"]))
+    results = json.loads((out / "results.json").read_text())
+    assert len(results["cells"]) == 20 and all(cell["status"] == "done" for cell in results["cells"])
+    assert [group["name"] for group in results["groups"]][:2] == ["none", "losses"]
+    assert all(group["done"] == 2 and group["top1_std"] is not None for group in results["groups"])
+    cells = load_grid("remedies").cells
+    for remedy in REMEDIES:
+        cell = next(c.name for c in cells if remedy.name in c.options)
+        for seed in (0, 1):
+            marker = read_marker(complete_checkpoints(out / "cells" / f"{cell},seed={seed}")[-1])
+            assert marker["model_kwargs"][remedy.name] and marker["config"]["run"]["seed"] == seed, (remedy.name, seed)
+    assert "±" in (out / "results.md").read_text() and (out / "results.png").stat().st_size > 10_000

@@ -19,7 +19,8 @@ SMALLER = 16
 FAMILIES = {
     "deit": ("vitdeep_deit_tiny_12", {}),
     "deit distilled": ("vitdeep_deit_tiny_12", {"distilled": True}),
-    "deit all remedies": ("vitdeep_deit_tiny_24", {"talking_heads": True, "attnscale": True, "featscale": True}),
+    "deit all remedies": ("vitdeep_deit_tiny_24", {"talking_heads": True, "attnscale": True, "featscale": True, "reattention": True,
+                                                   "qk_norm": True, "contranorm": 0.1, "reg_tokens": 2}),
     "cait talking heads": ("vitdeep_cait_xxs24", {}),
 }
 
@@ -40,12 +41,12 @@ def _images(size: int, batch: int = 2) -> torch.Tensor:
 
 
 def _remedy_layers(model) -> set[str]:
-    return {type(m).__name__ for m in model.modules()} & {"TalkingHeadsAttention", "AttnScale", "FeatScale"}
+    return {type(m).__name__ for m in model.modules()} & {"TalkingHeadsAttention", "AttnScale", "FeatScale", "ReAttention", "ContraNorm"}
 
 
 def test_families_have_their_layers():
     assert _remedy_layers(_model(FAMILIES["deit"])) == set()
-    assert _remedy_layers(_model(FAMILIES["deit all remedies"])) == {"TalkingHeadsAttention", "AttnScale", "FeatScale"}
+    assert _remedy_layers(_model(FAMILIES["deit all remedies"])) == {"TalkingHeadsAttention", "AttnScale", "FeatScale", "ReAttention", "ContraNorm"}
     assert _remedy_layers(_model(FAMILIES["cait talking heads"])) == {"TalkingHeadsAttention"}
     assert _model(FAMILIES["deit distilled"]).dist_token is not None
 

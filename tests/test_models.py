@@ -16,7 +16,7 @@ from vitdeep.config import ModelConfig
 from vitdeep.errors import UserError
 from vitdeep.models import MODELS, create_model, get_spec, model_stats
 from vitdeep.models.checkpoints import adapt_state_dict, options_in_state_dict
-from vitdeep.models.layers import Attention, AttnScale, FeatScale, TalkingHeadsAttention, attention_layer
+from vitdeep.models.layers import Attention, AttnScale, FeatScale, TalkingHeadsAttention, remedy_layers
 from vitdeep.models.registry import model_options, resolved_options
 
 IMG = 32
@@ -330,16 +330,29 @@ def test_depth_override_in_model_stats():
 
 
 def test_each_remedy_is_one_entry_of_the_remedy_list():
-    """A remedy of `REMEDIES` is an `attention_layer` keyword, a model option (the family's default
-    unless set), a config field (so a flag), and recognised in a plain state dict by its parameters."""
-    assert list(inspect.signature(attention_layer).parameters) == list(REMEDY_NAMES)
+    """A remedy of `REMEDIES` is a `remedy_layers` keyword, a model option (the family's default
+    unless set), a config field (so a flag), and recognised in a plain state dict by its parameters
+    (ContraNorm has none: it changes the function only)."""
+    assert list(inspect.signature(remedy_layers).parameters) == list(REMEDY_NAMES)
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     for remedy in REMEDIES:
         for name in ("deit_tiny_12", "cait_xxs24"):
             assert remedy.name in fields and remedy.name in model_options(name)
             assert resolved_options(name)[remedy.name] == remedy.default(get_spec(name).family)
-            with torch.device("meta"):
-                on = create_model(name, depth=2, **{remedy.name: True}).state_dict()
-                off = create_model(name, depth=2, **{remedy.name: False}).state_dict()
+            if get_spec(name).family not in remedy.families:
+                with pytest.raises(UserError, match=remedy.name):
+                    create_model(name, depth=2, **{remedy.name: remedy.value(1)})
+                continue
+            torch.manual_seed(0)
+            on_model = create_model(name, depth=2, img_size=IMG, **{remedy.name: remedy.value(1)}).eval()
+            torch.manual_seed(0)
+            off_model = create_model(name, depth=2, img_size=IMG, **{remedy.name: remedy.value(0)}).eval()
+            on, off = on_model.state_dict(), off_model.state_dict()
+            if remedy.name == "contranorm":
+                assert set(on) == set(off)
+                with torch.no_grad():
+                    assert not torch.allclose(on_model(_images()), off_model(_images()))
+                continue
             assert set(on) > set(off)
-            assert options_in_state_dict(on, name).get(remedy.name) and not options_in_state_dict(off, name).get(remedy.name)
+            assert options_in_state_dict(on, name).get(remedy.name) == remedy.value(1)
+            assert not options_in_state_dict(off, name).get(remedy.name)

@@ -30,14 +30,15 @@ def _dry_run(argv: list[str], capsys) -> str:
 
 
 def _small_source(recipe_name: str, tmp_path: Path) -> Path:
-    """A plain state dict of the recipe's model at 224 px (what the authors finetune from), at
+    """A DeiT-format checkpoint of the recipe's model at 224 px (what the authors finetune from), at
     width 64: real tensors to resample and adapt, small enough for a test."""
     options = load_config_file(recipe_name)
     switches = {"talking_heads": options["talking_heads"]} if "talking_heads" in options else {}
     torch.manual_seed(0)
     model = create_model(options["model"], img_size=224, embed_dim=64, num_heads=4, num_classes=10, **switches)
     path = tmp_path / f"{recipe_name}_source.pth"
-    torch.save({"model": model.state_dict()}, path)
+    # the authors' training checkpoints hold the EMA too, which Gong et al.'s finetunes start from
+    torch.save({"model": model.state_dict(), "model_ema": model.state_dict()}, path)
     return path
 
 
@@ -97,6 +98,24 @@ def test_recipes_follow_the_authors_commands():
     assert (small.model.proj_drop, small.model.pos_drop, small.model.drop) == (0.2, 0.2, 0.0)  # their --drop 0.2
 
 
+def test_paper_recipes_evaluate_and_average_as_their_authors():
+    """Crop 1.0 above 300 px and for CaiT; timm's ModelEma without warm-up; Gong et al.'s finetunes
+    from the EMA weights at main.py's drop path 0.1, with DeiT's 5 warm-up epochs from 1e-6."""
+    from vitdeep.config import FINETUNE_RECIPE
+
+    for recipe in bundled_recipes():
+        if recipe.name == "demo_digits":
+            continue
+        recipe_defaults = FINETUNE_RECIPE if recipe.command == "finetune" else None
+        cfg = resolve_config(load_config_file(recipe.path), recipe=recipe_defaults)
+        high_res_or_cait = cfg.model.img_size > 300 or cfg.model.model.startswith("cait")
+        assert cfg.augment.crop_ratio == (1.0 if high_res_or_cait else 0.875), recipe.name
+        assert cfg.optim.ema_warmup is False, recipe.name
+        if cfg.model.img_size > 300:
+            assert cfg.run.init_from_ema and cfg.model.drop_path == 0.1, recipe.name
+            assert (cfg.optim.warmup_epochs, cfg.optim.warmup_lr) == (5.0, 1e-6), recipe.name
+
+
 def test_recipes_command_lists_them_with_published_numbers(capsys):
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
@@ -109,8 +128,9 @@ def test_recipes_command_lists_them_with_published_numbers(capsys):
             shown = re.escape(recipe.published())
             assert re.search(rf"{recipe.name}\b.*{shown}", printed), recipe.name
     unchecked = {r.name for r in bundled_recipes() if not r.published_checked}
-    assert unchecked == {"cait_s24_attnscale", "cait_s24_featscale", "deit_base_12_losses_300", "deit_base_24_losses_512",
-                         "deit_small_24_attnscale", "deit_small_24_featscale"}, "checked numbers only from the authors' README"
+    assert unchecked == {"cait_s24_attnscale", "cait_s24_featscale", "deit_small_24_attnscale", "deit_small_24_featscale"}, \
+        "checked: Gong et al.'s numbers against their tables"
+    assert re.search(r"deit_base_12_losses_300\b.*82\.7", printed) and "82.6" not in printed
     assert printed.count("(unchecked)") >= len(unchecked)
 
 
@@ -130,3 +150,12 @@ def test_config_names_a_bundled_recipe_or_a_file(digit_shards, tmp_path, capsys)
     loop = tmp_path / "loop.yaml"
     loop.write_text(f"recipe:\n  reproduces: x\n  source: x\n  published_top1: null\n  command: train\n  extends: {loop}\n")
     refuses(["train", "--config", str(loop), "--data", str(digit_shards), "--out", str(tmp_path / "e")], capsys, "extends itself", tmp_path / "e")
+
+
+def test_a_finetune_recipe_from_a_source_without_ema_says_which_flag(digit_shards, tmp_path, capsys):
+    source = tmp_path / "plain.pth"
+    torch.manual_seed(0)
+    torch.save({"model": create_model("deit_base_12", img_size=224, embed_dim=64, num_heads=4, num_classes=10).state_dict()}, source)
+    out = tmp_path / "out"
+    refuses(["finetune", "--from", str(source), "--config", "deit_base_12_losses_384", "--data", str(digit_shards), "--out", str(out),
+             *SMALL_WIDTH, "--dry-run"], capsys, "--no-init-from-ema", out)

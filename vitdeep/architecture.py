@@ -15,26 +15,51 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Remedy:
-    """An over-smoothing remedy that changes the attention of every self-attention block.
+    """An over-smoothing remedy: a layer of every block (attention or norm) or the model's tokens.
 
-    `on_by_default` names the model families where it is on unless turned off (talking heads in
-    CaiT). The layer itself is chosen by `vitdeep.models.layers.attention_layer(**{name: True})`.
+    `kind` is `bool` for a switch, `int` / `float` for a value where 0 is off (the number of
+    register tokens, ContraNorm's scale). `on_by_default` names the model families where a switch
+    is on unless turned off (talking heads in CaiT); `families` those that have it at all. The
+    layers are chosen by `vitdeep.models.layers.remedy_layers(**{name: value})`.
     """
 
     name: str
     help: str
     on_by_default: tuple[str, ...] = ()
+    kind: type = bool
+    families: tuple[str, ...] = ("deit", "cait")
 
-    def default(self, family: str) -> bool:
-        return family in self.on_by_default
+    def default(self, family: str) -> bool | int | float:
+        if self.kind is bool:
+            return family in self.on_by_default
+        return self.kind(0)
+
+    def value(self, value: object) -> bool | int | float:
+        """A given value as this remedy's kind."""
+        return self.kind(value)
 
 
 REMEDIES = (
     Remedy("talking_heads", "Talking-heads attention (default: on for CaiT, off for DeiT).", on_by_default=("cait",)),
+    Remedy("reattention", "Re-attention (DeepViT): a learned head mixing of the attention maps, then BatchNorm."),
     Remedy("attnscale", "AttnScale: learnable per-head high-pass gain on attention."),
     Remedy("featscale", "FeatScale: learnable DC / high-frequency gains on attention output."),
+    Remedy("qk_norm", "QK-norm: LayerNorm on each head's queries and keys (ViT-22B; timm's qk_norm)."),
+    Remedy("contranorm", "ContraNorm scale s (0 = off): every LayerNorm becomes LN(x − s·softmax(x̂x̂ᵀ)·x).", kind=float),
+    Remedy("reg_tokens", "Register tokens (DeiT only; 0 = none), left out of every patch-token loss and diagnostic.",
+           kind=int, families=("deit",)),
 )
+REMEDY_BY_NAME = {remedy.name: remedy for remedy in REMEDIES}
 REMEDY_NAMES = tuple(remedy.name for remedy in REMEDIES)
+
+def cait_layer_scale_init(depth: int) -> float:
+    """LayerScale init by depth, as in the CaiT paper: 0.1 up to 18 blocks, 1e-5 up to 24, 1e-6
+    deeper. CaiT models use it unless `init_values` is set; DeiT models with
+    `layer_scale_by_depth`."""
+    if depth <= 18:
+        return 0.1
+    return 1e-5 if depth <= 24 else 1e-6
+
 
 #: Options that define a model's architecture: a checkpoint resumes only into the same values, and
 #: a finetune inherits those its source was trained with (`INHERITED_OPTIONS`).

@@ -20,7 +20,7 @@ from vitdeep.cli_options import number_option, with_config_options
 from vitdeep.config import FINETUNE_RECIPE, DataConfig, ModelFields, OptimConfig, RunConfig
 from vitdeep.data.options import DEFAULT_QUALITY, MAX_BAD_FRACTION, MAX_MAX_SIZE, MIN_MAX_SIZE, AugmentConfig, ReadPolicy
 from vitdeep.engine.cluster import DEFAULT_GPU_MEMORY, DEFAULT_GPU_TFLOPS, DEFAULT_GPUS_PER_NODE, DEFAULT_MFU, MAX_CORES, MAX_DECODE_RATE, Cluster
-from vitdeep.errors import StoppedBySignal, Terminated, TrainingStopped, UserError, as_flags
+from vitdeep.errors import OversmoothingStopped, StoppedBySignal, Terminated, TrainingStopped, UserError, as_flags
 from vitdeep.fields import MAX_RANKS, MAX_SAMPLES, MAX_STEPS, MAX_WORKERS, above, at_least, clip, range_of
 
 app = typer.Typer(
@@ -333,6 +333,7 @@ def ablate_command(
     collect: Optional[Path] = typer.Option(None, "--collect", metavar="DIR", help="(Re)build DIR's results.json / .md / .png from the cells that finished."),
     list_grids: bool = typer.Option(False, "--list", help="Print the bundled grids and their cells."),
     max_cells: int = number_option(MAX_CELLS, "--max-cells", at_least(1, MAX_STEPS), "Refuse a grid of more cells than this (counted before any is built)."),
+    seeds: int = number_option(1, "--seeds", at_least(1, MAX_STEPS), "Run every cell with this many seeds (the run's --seed and those after it); the table and figure show mean ± std over them."),
 ) -> None:
     """Run an ablation grid: every cell a vitdeep training run in OUT/cells/<name>/ (same seed,
     budget, data and DeepSpeed config; only the grid's options change), resumable, evaluated and
@@ -341,7 +342,7 @@ def ablate_command(
     from vitdeep.ablate import run_command
 
     run_command(grid, options, ranks=ranks, emit=emit, dry_run=dry_run, demo=demo, collect=collect, list_grids=list_grids,
-                max_cells=max_cells)
+                max_cells=max_cells, seeds=seeds)
 
 
 @app.command("train-cells", hidden=True)
@@ -438,6 +439,11 @@ def main(argv: list[str] | None = None) -> None:
     except TrainingStopped as error:
         _report(as_flags(error), error)
         sys.exit(1)
+    except OversmoothingStopped as error:
+        from vitdeep.engine.alarm import EXIT_OVERSMOOTHED
+
+        _report(as_flags(error), error)
+        sys.exit(EXIT_OVERSMOOTHED)
     except Exception as error:
         if isinstance(error, OSError) and error.errno == errno.ENAMETOOLONG:  # a path the user gave, wherever it was first used
             print(_line(f"error: a file name is too long for the file system: {clip(str(error.filename), 120)}"), file=sys.stderr)

@@ -21,6 +21,7 @@ from typing import Any, Literal, Optional
 from vitdeep.architecture import DEFAULT_IMG_SIZE, DEFAULT_PATCH_SIZE, REMEDIES
 from vitdeep.data.options import MAX_BAD_FRACTION, AugmentConfig, MixConfig, ReadPolicy
 from vitdeep.documents import read_document
+from vitdeep.engine.alarm import ALARM_RISE, ALARM_WINDOW, EXIT_OVERSMOOTHED
 from vitdeep.errors import UserError
 from vitdeep.fields import (
     BELOW_1,
@@ -70,12 +71,22 @@ class ModelFields(Checked):
     proj_drop: float = option(0.0, "Dropout after attention / MLP projections.", BELOW_1)
     pos_drop: float = option(0.0, "Dropout on the embeddings once the position embedding is added.", BELOW_1)
     init_values: Optional[float] = option(None, "LayerScale init (DeiT: off unless set; CaiT: by depth).", above(0, MAX_WEIGHT))
+    layer_scale_by_depth: bool = option(False, "LayerScale with CaiT's init by depth (0.1 up to 18 blocks, 1e-5 up to 24, 1e-6 deeper) unless --init-values is set: for a grid over depths.")
     grad_checkpointing: bool = option(False, "Activation checkpointing (recompute blocks in backward).")
     compile: bool = option(False, "torch.compile the model through DeepSpeed's engine.compile() (off by default: not yet measured on a GPU).")
 
 
+#: The most register tokens, and the largest ContraNorm scale, a run takes.
+MAX_REG_TOKENS, MAX_CONTRANORM_SCALE = 1024, 1e3
+
+
 def _remedy_field(remedy: Any) -> tuple[str, Any, Any]:
-    """A remedy's switch: off unless set, or (on in some families) the family's default unless set."""
+    """A remedy's switch: off unless set, or (on in some families) the family's default unless set;
+    a remedy with a value (register tokens, ContraNorm's scale): 0 = off."""
+    if remedy.kind is int:
+        return remedy.name, int, option(0, remedy.help, at_least(0, MAX_REG_TOKENS))
+    if remedy.kind is float:
+        return remedy.name, float, option(0.0, remedy.help, at_least(0, MAX_CONTRANORM_SCALE))
     if remedy.on_by_default:
         return remedy.name, Optional[bool], option(None, remedy.help)
     return remedy.name, bool, option(False, remedy.help)
@@ -139,6 +150,8 @@ class RunConfig(Checked):
     keep_last: int = option(3, "Checkpoints kept besides the best by validation top-1.", at_least(1, MAX_STEPS))
     log_every: int = option(20, "Log losses, lr and images/s every N optimizer steps.", at_least(1, MAX_STEPS))
     oversmoothing_every: int = option(500, "Log layer-wise CosSim / attention std every N steps (0 = off).", at_least(0, MAX_STEPS))
+    oversmoothing_alarm: float = option(0.0, f"Over-smoothing alarm (0 = off): fires when the last layer's patch CosSim stays above X for {ALARM_WINDOW} measurements, or rises at each of them and by more than {ALARM_RISE:g} in all; needs --oversmoothing-every > 0.", within(0, 1))
+    oversmoothing_action: Literal["warn", "stop"] = option("warn", f"What the alarm does: warn (a line, an `alarm` row in metrics.jsonl, a TensorBoard text), or stop (also save a checkpoint, then exit with code {EXIT_OVERSMOOTHED}).")
     val_every: int = option(1, "Validate (after saving a checkpoint) every N epochs; 0 = only at the run's end (always validated, also when --steps ends it mid-epoch).", at_least(0, MAX_EPOCHS))
     max_bad_steps: int = option(5, "Stop after this many non-finite losses in a row.", at_least(1, MAX_STEPS))
     dist_timeout: float = option(30.0, "Minutes a collective may wait before the run fails (a lost node).", above(0, MAX_DIST_TIMEOUT))
@@ -150,6 +163,9 @@ class RunConfig(Checked):
     sample_ledger: bool = option(False, "Record the sample keys and global positions of every step in OUT/ledger/ (one file per rank), e.g. to check the order across a resume.")
 
     def check(self) -> None:
+        if self.oversmoothing_alarm > 0 and self.oversmoothing_every == 0:
+            raise UserError("`oversmoothing_alarm` watches the CosSim that `oversmoothing_every` measures: set it above 0",
+                            params=("oversmoothing_alarm", "oversmoothing_every"))
         if self.resume is not None and self.overwrite:
             raise UserError("`resume` continues the run in `out` and `overwrite` replaces it: choose one", params=("resume", "out", "overwrite"))
 
@@ -175,14 +191,16 @@ class TrainConfig:
         return {name: getattr(getattr(self, section), name) for name, section in flat_fields().items()}
 
 
-#: DeiT's high-resolution finetuning recipe (reference §4): low constant lr, tiny weight decay.
+#: DeiT's high-resolution finetuning recipe (its README's 384 command): low lr, tiny weight decay,
+#: and main.py's 5 warm-up epochs from `warmup_lr` (1e-6), which that command keeps; its cosine
+#: from lr to min_lr = lr is a constant rate.
 FINETUNE_RECIPE: dict[str, Any] = {
     "img_size": 384,
     "base_lr": 5e-6,
     "weight_decay": 1e-8,
     "epochs": 30,
     "schedule": "constant",
-    "warmup_epochs": 0.0,
+    "warmup_epochs": 5.0,
     "min_lr": 5e-6,
 }
 

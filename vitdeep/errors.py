@@ -30,6 +30,11 @@ class TrainingStopped(_Reported, RuntimeError):
     was kept. The CLI prints it as one line and exits with code 1."""
 
 
+class OversmoothingStopped(_Reported, RuntimeError):
+    """The over-smoothing alarm stopped a run (`--oversmoothing-action stop`) after it saved a
+    checkpoint; the message says why. The CLI exits with `EXIT_OVERSMOOTHED`."""
+
+
 class StoppedBySignal(Exception):
     """Every rank stopped together after a stop signal, with a checkpoint where there was work to
     keep; the message says where and how to resume. The CLI exits with `EXIT_STOPPED`."""

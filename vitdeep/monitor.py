@@ -102,6 +102,14 @@ class RunLogger:
             self._writer.add_scalar(f"{kind}/{name}", value, step)
         self._jsonl.write(json.dumps({"kind": kind, "step": step, "time": time.time(), **values}) + "\n")
 
+    def event(self, step: int, kind: str, message: str, values: dict[str, float]) -> None:
+        """One event (e.g. the over-smoothing alarm): a TensorBoard text under `kind/event`, and a
+        metrics row of that kind with the message and the values."""
+        if not self.enabled:
+            return
+        self._writer.add_text(f"{kind}/event", message, step)
+        self._jsonl.write(json.dumps({"kind": kind, "step": step, "time": time.time(), "message": message, **values}) + "\n")
+
     def close(self) -> None:
         if self.enabled:
             self._writer.close()

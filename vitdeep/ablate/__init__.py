@@ -29,6 +29,7 @@ def run_command(
     collect: Path | None = None,
     list_grids: bool = False,
     max_cells: int = MAX_CELLS,
+    seeds: int = 1,
 ) -> None:
     """Dispatch the modes of `vitdeep ablate`; every check runs before anything is written."""
     if list_grids:
@@ -47,7 +48,7 @@ def run_command(
         raise UserError(f"--emit {emit}: the one format is {', '.join(EMIT_FORMATS)}")
     if emit and (demo or dry_run):
         raise UserError(f"--emit {emit} writes a job script for a cluster; it takes neither --demo nor --dry-run")
-    ablation = prepare(grid, options, ranks=ranks, demo=demo, local=emit is None, max_cells=max_cells)
+    ablation = prepare(grid, options, ranks=ranks, demo=demo, local=emit is None, max_cells=max_cells, seeds=seeds)
     if dry_run:
         from vitdeep.ablate.run import print_dry_run
 
@@ -70,7 +71,8 @@ def run_command(
         run_grid(ablation)
 
 
-def prepare(grid_spec: str, options: dict[str, Any], *, ranks: int | None, demo: bool, local: bool, max_cells: int = MAX_CELLS):
+def prepare(grid_spec: str, options: dict[str, Any], *, ranks: int | None, demo: bool, local: bool, max_cells: int = MAX_CELLS,
+            seeds: int = 1):
     """The grid resolved for its folder, every cell's options checked (and, to run here, every
     cell's full run plan); raises `UserError` before anything is written."""
     from vitdeep.ablate.grid import load_grid, resolve_cells
@@ -97,7 +99,9 @@ def prepare(grid_spec: str, options: dict[str, Any], *, ranks: int | None, demo:
     elif not data or not val:
         raise UserError("pass --data SHARDS and --val SHARDS (every cell trains on the one and is evaluated on the other), or --demo")
     grid = load_grid(grid_spec, max_cells)
-    runs = resolve_cells(grid, overrides, recipe, ds_config=default_ds_config() if local else None)
+    if len(grid.cells) * seeds > max_cells:
+        raise UserError(f"grid {grid.name}: {len(grid.cells)} cells × {seeds} seeds is more than --max-cells {max_cells}")
+    runs = resolve_cells(grid, overrides, recipe, ds_config=default_ds_config() if local else None, seeds=seeds)
     ablation = Ablation(grid, Path(out), runs, data, val, ranks or default_ranks(), recipe)
     check_same_grid(ablation)
     if local and not demo:

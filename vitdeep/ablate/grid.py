@@ -43,11 +43,13 @@ PUBLISHED = within(-1e9, 1e9)
 
 @dataclass(frozen=True)
 class Cell:
-    """One run of the grid: its name, the options it sets, and its place on each named axis."""
+    """One run of the grid: its name, the options it sets, and its place on each named axis.
+    With `--seeds N` a grid cell is N runs, `NAME,seed=S`, whose `group` is the grid cell's name."""
 
     name: str
     options: dict[str, Any]
     variants: dict[str, str] = field(default_factory=dict)
+    group: str | None = None
 
 
 @dataclass(frozen=True)
@@ -238,26 +240,33 @@ class CellRun:
     def own(self) -> dict[str, Any]:
         return {name: value for name, value in self.options.items() if name in self.cell.options}
 
+    @property
+    def group(self) -> str:
+        """The grid cell this run is a seed of (its own name without `--seeds`)."""
+        return self.cell.group or self.cell.name
+
 
 def common_options(options: list[dict[str, Any]]) -> dict[str, Any]:
     """The options every one of the mappings has, with the same value (in the first one's order)."""
     return {name: value for name, value in options[0].items() if all(name in o and o[name] == value for o in options)} if options else {}
 
 
-def resolve_cells(grid: Grid, overrides: dict[str, Any], recipe: Path | None = None, ds_config: str | None = None) -> list[CellRun]:
+def resolve_cells(grid: Grid, overrides: dict[str, Any], recipe: Path | None = None, ds_config: str | None = None,
+                  seeds: int = 1) -> list[CellRun]:
     """Every cell's train options, checked against the run config: shared = the grid's `base`
     (or, with a demo `recipe` file, the grid's `demo` options over it) ← `overrides` (the
     command's train flags) ← the cell's options. `ds_config` is the DeepSpeed config used when
-    neither the grid nor the flags name one."""
+    neither the grid nor the flags name one. With `seeds` > 1 every cell runs with the shared
+    seed and the `seeds` − 1 after it (`seeded_cells`)."""
     if "resume" in overrides:
         raise UserError("--resume is not an ablate option: rerunning the grid resumes its unfinished cells by itself")
     shared = {**DEMO_DEFAULTS, **grid.demo} if recipe is not None else dict(grid.base)
     if ds_config is not None and "ds_config" not in shared:
         shared["ds_config"] = ds_config
     shared.update(overrides)
-    _resolve(shared, recipe, f"grid {grid.name}, shared options")
+    first_seed = _resolve(shared, recipe, f"grid {grid.name}, shared options").run.seed
     runs = []
-    for cell in grid.cells:
+    for cell in seeded_cells(grid, seeds, first_seed):
         options = {**shared, **cell.options}
         config = _resolve(options, recipe, f"grid {grid.name}, cell {cell.name}")
         flat = config.flat()
@@ -266,6 +275,23 @@ def resolve_cells(grid: Grid, overrides: dict[str, Any], recipe: Path | None = N
                 raise UserError(f"grid {grid.name}, cell {cell.name}: {name}: null cannot be passed as a flag (leave the option out for its default)")
         runs.append(CellRun(cell, {name: flat[name] for name in options}, config))
     return runs
+
+
+def seeded_cells(grid: Grid, seeds: int, first_seed: int) -> list[Cell]:
+    """The grid's cells, each `seeds` times as `NAME,seed=S` (S = first_seed …) when `seeds` > 1."""
+    if seeds < 1:
+        raise UserError(f"--seeds {seeds} must be at least 1")
+    if seeds == 1:
+        return grid.cells
+    own_seed = next((cell.name for cell in grid.cells if "seed" in cell.options), None)
+    if own_seed is not None:
+        raise UserError(f"grid {grid.name}: cell {own_seed} sets its own seed, which --seeds {seeds} would replace")
+    from vitdeep.config import MAX_SEED
+
+    if first_seed + seeds - 1 > MAX_SEED:
+        raise UserError(f"--seeds {seeds} from seed {first_seed} passes the largest seed, {MAX_SEED}")
+    return [Cell(f"{cell.name},seed={seed}", {**cell.options, "seed": seed}, cell.variants, group=cell.name)
+            for cell in grid.cells for seed in range(first_seed, first_seed + seeds)]
 
 
 def _resolve(options: dict[str, Any], recipe: Path | None, where: str):

@@ -82,8 +82,8 @@ class Ablation:
             "data": self.data,
             "val": self.val,
             "recipe": str(self.recipe) if self.recipe else None,
-            "cells": [{"name": run.name, "options": run.own, "train_options": run.options, "columns": columns_of(self.grid, run)}
-                      for run in self.runs],
+            "cells": [{"name": run.name, "group": run.group, "options": run.own, "train_options": run.options,
+                       "columns": columns_of(self.grid, run)} for run in self.runs],
         }
 
 

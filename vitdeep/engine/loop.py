@@ -42,6 +42,7 @@ from vitdeep.data.pipeline import (
 from vitdeep.data.seeding import DROP_PATH, uniforms
 from vitdeep.data.decode_rate import usable_cores
 from vitdeep.data.storage import use_read_policy
+from vitdeep.engine.alarm import OversmoothingAlarm
 from vitdeep.engine.checkpoint import (
     load_checkpoint,
     prune_checkpoints,
@@ -70,7 +71,7 @@ from vitdeep.engine.ledger import SampleLedger, trim_ledgers
 from vitdeep.engine.reshard import load_resharded
 from vitdeep.engine.rundir import RunLock, clear_run, trim_metrics
 from vitdeep.engine.signals import StopFlag, StopRequested, WaitInterrupted, signal_name, stop_flag
-from vitdeep.errors import StoppedBySignal, TrainingStopped, UserError, as_flags
+from vitdeep.errors import OversmoothingStopped, StoppedBySignal, TrainingStopped, UserError, as_flags
 from vitdeep.losses import Objective
 from vitdeep.models import create_model
 from vitdeep.models.layers import drop_path_layers, sample_drop_paths
@@ -153,6 +154,7 @@ class Trainer:
         if cfg.model.compile:
             self.engine.compile()
         self.ema = PartitionedEma(self.engine, cfg.optim.ema_decay, cfg.optim.ema_warmup) if cfg.optim.ema_decay > 0 else None
+        self.alarm = OversmoothingAlarm(cfg.run.oversmoothing_alarm) if cfg.run.oversmoothing_alarm > 0 else None
         self._seed_rank_rngs()
 
         mix = dataclasses.replace(cfg.mix, patch_aligned=cfg.mix.patch_aligned or self.objective.needs_patch_head)
@@ -553,7 +555,26 @@ class Trainer:
             metrics = oversmoothing_metrics(self.engine.module, images)
         names = sorted(metrics)
         values = self._sum_over_ranks(torch.tensor([metrics[n] for n in names], dtype=torch.float64, device=self.device))
-        self.logger.scalars(self.step, dict(zip(names, (values / self.dist.world_size).tolist())), kind="oversmoothing")
+        measured = dict(zip(names, (values / self.dist.world_size).tolist()))
+        self.logger.scalars(self.step, measured, kind="oversmoothing")
+        if self.alarm is not None:
+            self._sound_alarm(self.alarm.observe(measured["cossim/last"]))
+
+    def _sound_alarm(self, reason: str | None) -> None:
+        """A warning line, an `alarm` row and a TensorBoard text when the alarm fires; with
+        `--oversmoothing-action stop`, a checkpoint and then `OversmoothingStopped`. Every rank
+        sees the same all-reduced CosSim, so every rank decides alike."""
+        if reason is None:
+            return
+        stop = self.cfg.run.oversmoothing_action == "stop"
+        message = f"over-smoothing alarm at step {self.step}: {reason}"
+        self.console.print(f"[yellow]{message}" + ("; stopping" if stop else ""), highlight=False)
+        self.logger.event(self.step, "alarm", message, {"cossim_last": self.alarm.history[-1], "threshold": self.alarm.threshold,
+                                                        "action": self.cfg.run.oversmoothing_action})
+        if stop:
+            if self._saved_step != self.step:
+                self.save()
+            raise OversmoothingStopped(f"{message}; stopped with a checkpoint at step {self.step} in {self.cfg.run.out}", shared=True)
 
     def _sum_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
         if self.dist.world_size > 1:

@@ -16,7 +16,7 @@ Attention is traced on the fake CPU device. torch's CPU `scaled_dot_product_atte
 flash-attention kernel that keeps the output and an fp32 log-sum-exp per query for backward,
 which is what CUDA's flash and memory-efficient kernels keep, so the fused path costs O(N) memory
 in the trace as on the GPU (their backward scratch differs by less than one layer's q, k, v).
-Talking heads or requested attention maps take the explicit N×N path on both devices
+Talking heads, Re-attention or requested attention maps take the explicit N×N path on both devices
 (`Attention._uses_fused_kernel`), and the trace materialises those matrices like the GPU does.
 """
 
@@ -210,12 +210,16 @@ class StepTracer:
 
 
 def _fake_copy(blueprint: nn.Module, mode: FakeTensorMode, dtype: torch.dtype) -> nn.Module:
-    """`blueprint` (built on the meta device) with fake parameters of `dtype`, as the engine
-    holds them (the engine casts every floating-point parameter)."""
+    """`blueprint` (built on the meta device) with fake parameters and buffers of `dtype`, as the
+    engine holds them (the engine casts every floating-point parameter and buffer). Buffers too:
+    a training step updates some in place (Re-attention's BatchNorm statistics)."""
     with mode:
         for module in blueprint.modules():
             for name, param in list(module._parameters.items()):
                 if param is not None:
                     fake = torch.empty(param.shape, dtype=dtype if param.is_floating_point() else param.dtype)
                     module._parameters[name] = nn.Parameter(fake, requires_grad=param.requires_grad)
+            for name, buffer in list(module._buffers.items()):
+                if buffer is not None:
+                    module._buffers[name] = torch.empty(buffer.shape, dtype=dtype if buffer.is_floating_point() else buffer.dtype)
     return blueprint.train()

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vitdeep.architecture import ARCHITECTURE_OPTIONS
+from vitdeep.architecture import ARCHITECTURE_OPTIONS, cait_layer_scale_init
 from vitdeep.config import TrainConfig
 from vitdeep.data.lane_layout import STREAM_FORMAT, LaneLayout, choose_lanes, lane_shuffle_buffer
 from vitdeep.data.pipeline import DatasetInfo, epoch_batches, read_dataset_info
@@ -102,6 +102,10 @@ class RunPlan:
             "GFLOPs per image (forward)": round(flops / 1e9, 3),
             "talking heads": switch[bool(options["talking_heads"])],
             "AttnScale / FeatScale": f"{switch[options['attnscale']]} / {switch[options['featscale']]}",
+            "Re-attention / QK-norm": f"{switch[options['reattention']]} / {switch[options['qk_norm']]}",
+            "ContraNorm scale": options["contranorm"] or "off",
+            "register tokens": options["reg_tokens"],
+            "LayerScale init": resolved_architecture(self.cfg.model.model, self.model_kwargs).get("init_values") or "off",
             "drop path": options["drop_path_rate"],
             "objective": " + ".join(f"{weight:g}·{name}" for name, weight in weights.items()),
             "start from": self.cfg.run.init_from or "random init",
@@ -145,6 +149,8 @@ def model_kwargs_for(cfg: TrainConfig, num_classes: int, objective: Objective) -
     architecture option the model section sets, the dropouts, and the heads the objective needs."""
     m = cfg.model
     kwargs: dict[str, Any] = {name: getattr(m, name) for name in ARCHITECTURE_OPTIONS if getattr(m, name, None) is not None}
+    if m.layer_scale_by_depth and m.init_values is None:
+        kwargs["init_values"] = cait_layer_scale_init(m.depth or get_spec(m.model).depth)
     kwargs.update(
         num_classes=num_classes,
         drop_path_rate=m.drop_path,
@@ -228,7 +234,14 @@ def make_plan(cfg: TrainConfig, world_size: int, train_info: DatasetInfo | None 
     meta_model = cached_meta_model(cfg.model.model, **model_kwargs)  # every option and shape checked now, at no cost
     init_weights = None
     if cfg.run.init_from:
-        init_weights = read_weights(cfg.run.init_from, ema=cfg.run.init_from_ema)
+        try:
+            init_weights = read_weights(cfg.run.init_from, ema=cfg.run.init_from_ema)
+        except UserError as error:
+            if "ema" not in error.params:
+                raise
+            # the run's option is `init_from_ema` (the 384 / 512 px recipes set it, as Gong et al.'s --finetune)
+            raise UserError(f"{cfg.run.init_from} holds no EMA weights to start from; turn `init_from_ema` off "
+                            f"(--no-init-from-ema) to start from its weights", params=("init_from_ema",)) from None
         adapt_state_dict(init_weights.state_dict, meta_model, init_weights.source, init_weights.kind)
     if not 0 <= cfg.optim.freeze_blocks <= len(meta_model.blocks):
         raise UserError(f"`freeze_blocks` {cfg.optim.freeze_blocks} is outside 0..{len(meta_model.blocks)} (the model's depth)", params=("freeze_blocks",))

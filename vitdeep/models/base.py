@@ -76,6 +76,7 @@ class DeepTransformer(nn.Module):
         self.global_pool = check_global_pool(global_pool, global_pools)
         self.dynamic_img_size = dynamic_img_size
         self.grad_checkpointing = False
+        self.num_reg_tokens = 0
         self.feature_info = [dict(module=f"blocks.{i}", num_chs=embed_dim, reduction=patch_size) for i in range(depth)]
 
     @torch.jit.ignore
@@ -202,7 +203,8 @@ class DeepTransformer(nn.Module):
         `reduce_tokens(patch_tokens [B, n, D])` / `reduce_attention(attn [B, H, N, N])`, when given,
         reduce each layer as it is made (a map as its attention layer returns it, before the block's
         MLP runs), and only the results are kept: the diagnostics of a deep model at high resolution
-        then hold one attention map at a time.
+        then hold one attention map at a time. Register tokens are left out of the tokens (as the
+        prefix tokens) and of the attention maps (`without_registers`).
         """
         patches = self.embed_patches(x)
         x = self.embed(patches)
@@ -210,8 +212,9 @@ class DeepTransformer(nn.Module):
         keep = (lambda t, start: t) if reduce_tokens is None else (lambda t, start: reduce_tokens(t[:, start:]))
         tokens = [keep(x, prefix)]
         attentions = []
-        reducing = attention and reduce_attention is not None
-        hooks = [block.attn.register_forward_hook(_reducing_hook(reduce_attention)) for block in self.blocks] if reducing else []
+        hooks = []
+        if attention and (reduce_attention is not None or self.num_reg_tokens):
+            hooks = [block.attn.register_forward_hook(_reducing_hook(self.without_registers, reduce_attention)) for block in self.blocks]
         try:
             for i, block in enumerate(self.blocks):
                 x, attn = self.run_block(block, x, attention)
@@ -235,6 +238,15 @@ class DeepTransformer(nn.Module):
             dist_logits=dist_logits,
             num_prefix_tokens=prefix,
         )
+
+    def without_registers(self, attn: torch.Tensor) -> torch.Tensor:
+        """An attention map `[B, H, N, N]` without the register tokens' rows and columns (the
+        diagnostics leave registers out; the class / distillation tokens stay)."""
+        if not self.num_reg_tokens:
+            return attn
+        end = self.block_prefix_tokens
+        keep = torch.cat([torch.arange(end - self.num_reg_tokens), torch.arange(end, attn.shape[-1])]).to(attn.device)
+        return attn.index_select(-1, keep).index_select(-2, keep)
 
     def run_block(self, block: nn.Module, x: torch.Tensor, need_weights: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """One block, recomputed in the backward pass under `set_grad_checkpointing` (eager paths)."""
@@ -262,7 +274,7 @@ class DeepTransformer(nn.Module):
     def no_weight_decay(self) -> set[str]:
         """Tokens and position embeddings. Biases, norms and the 1-D scales (γ, ω, λ) are left out
         of weight decay by their dimension (`param.ndim <= 1`), as timm's param groups do."""
-        return {name for name in ("pos_embed", "cls_token", "dist_token") if getattr(self, name, None) is not None}
+        return {name for name in ("pos_embed", "cls_token", "dist_token", "reg_token") if getattr(self, name, None) is not None}
 
     @property
     def num_layer_ids(self) -> int:
@@ -272,7 +284,7 @@ class DeepTransformer(nn.Module):
     def layer_id(self, name: str) -> int:
         """Depth of a parameter for layer-wise lr decay: 0 for embeddings, i+1 for block i,
         the top id for everything after the blocks."""
-        if name.startswith(("cls_token", "dist_token", "pos_embed", "patch_embed")):
+        if name.startswith(("cls_token", "dist_token", "reg_token", "pos_embed", "patch_embed")):
             return 0
         if name.startswith("blocks."):
             return int(name.split(".")[1]) + 1
@@ -310,12 +322,14 @@ class DeepTransformer(nn.Module):
         self.reset_classifier(0, "")
 
 
-def _reducing_hook(reduce: Callable[[torch.Tensor], torch.Tensor]) -> Callable:
-    """A forward hook that replaces an attention layer's map `(out, attn)` by `reduce(attn)`."""
+def _reducing_hook(select: Callable[[torch.Tensor], torch.Tensor], reduce: Optional[Callable[[torch.Tensor], torch.Tensor]]) -> Callable:
+    """A forward hook that replaces an attention layer's map `(out, attn)` by `reduce(select(attn))`
+    (`select(attn)` without `reduce`)."""
 
     def hook(module: nn.Module, inputs: tuple, output: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         out, attn = output
-        return out, reduce(attn)
+        attn = select(attn)
+        return out, attn if reduce is None else reduce(attn)
 
     return hook
 

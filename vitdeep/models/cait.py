@@ -2,7 +2,9 @@
 patches, then class-attention blocks where the class token joins.
 
 State-dict keys are timm's `Cait` (`gamma_1`/`gamma_2`, `blocks_token_only`), so timm / official
-CaiT checkpoints load as is. AttnScale and FeatScale apply to the self-attention blocks only.
+CaiT checkpoints load as is. The attention remedies (AttnScale, FeatScale, Re-attention, QK-norm)
+apply to the self-attention blocks only; ContraNorm replaces every norm. No register tokens (a
+DeiT option).
 """
 
 from __future__ import annotations
@@ -15,15 +17,9 @@ import torch.nn.functional as F
 from timm.layers import Mlp, PatchEmbed, trunc_normal_
 from torch import nn
 
+from vitdeep.architecture import cait_layer_scale_init
 from vitdeep.models.base import DeepTransformer, check_patch_grid
 from vitdeep.models.layers import Block, TalkingHeadsAttention, check_heads
-
-
-def cait_layer_scale_init(depth: int) -> float:
-    """LayerScale init by depth, as in the CaiT paper: 0.1 up to 18 blocks, 1e-5 at 24, 1e-6 deeper."""
-    if depth <= 18:
-        return 0.1
-    return 1e-5 if depth <= 24 else 1e-6
 
 
 class LayerScaleBlock(Block):
@@ -84,8 +80,9 @@ class ClassAttentionBlock(nn.Module):
 
 class Cait(DeepTransformer):
     """CaiT with uniform drop-path over the self-attention blocks (none in class attention), talking
-    heads unless another attention layer is chosen (`attn_layer`: the over-smoothing remedies,
-    `vitdeep.models.layers.attention_layer`), and an optional `patch_head`."""
+    heads unless another attention layer is chosen (`attn_layer`, `norm_layer`: the over-smoothing
+    remedies, `vitdeep.models.layers.remedy_layers`; the norm layer everywhere, class attention
+    included, as timm's `norm_layer`), and an optional `patch_head`."""
 
     def __init__(
         self,
@@ -109,6 +106,7 @@ class Cait(DeepTransformer):
         patch_head: bool = False,
         dynamic_img_size: bool = True,
         attn_layer: Callable[..., nn.Module] = TalkingHeadsAttention,
+        norm_layer: Optional[Callable[[int], nn.Module]] = None,
     ) -> None:
         super().__init__(embed_dim, depth, patch_size, global_pool, dynamic_img_size)
         check_patch_grid(img_size, patch_size)
@@ -118,7 +116,7 @@ class Cait(DeepTransformer):
         self.num_classes = num_classes
         self.num_prefix_tokens = self.final_prefix_tokens = 1
         self.pos_embed_prefix_tokens = self.block_prefix_tokens = 0
-        norm_layer = partial(nn.LayerNorm, eps=1e-6)
+        norm_layer = norm_layer or partial(nn.LayerNorm, eps=1e-6)
 
         self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
                                       strict_img_size=not dynamic_img_size, output_fmt="NHWC")

@@ -2,7 +2,8 @@
 
 Position embeddings are resampled to the model's grid (prefix slots kept); the authors' parameter
 names are mapped to ours (Gong et al.'s bias-free talking heads `proj_pre` / `proj_post`, Wang et
-al.'s `lamb` / `lamb1` / `lamb2`); parameters the source lacks start at their identity values (ω = 0,
+al.'s `lamb` / `lamb1` / `lamb2`, DeepViT's `attn.reatten_matrix` / `attn.var_norm`, ContraNorm's
+`….layernorm.*`); parameters the source lacks start at their identity values (ω = 0,
 λ = 0, γ = 1, talking heads = identity) or, for a new classifier / patch head, at their initial
 values, and are listed in the report; a classifier / patch head the model does not have (a
 finetune without ℓ_token, `num_classes=0`) is left out and listed too; anything else that does not
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from vitdeep.architecture import SWITCHES
+from vitdeep.architecture import REMEDY_BY_NAME, SWITCHES
 from vitdeep.errors import UserError
 
 #: Official FeatScale code (Wang et al.) adds λ-terms twice in its ViT blocks, once in CaiT.
@@ -68,15 +69,28 @@ def _summarise(keys: list[str]) -> str:
 GONG_TALKING_HEADS = {"proj_pre": "proj_l", "proj_post": "proj_w"}
 
 
+#: DeepViT's Re-attention (`blocks.i.attn.reatten_matrix` / `var_norm`) and the authors' ContraNorm
+#: (a LayerNorm at `….layernorm`) → vitdeep's names: the same tensors under another path.
+RENAMED_OFFICIAL = (
+    (re.compile(r"^(blocks\.\d+\.attn\.)((?:reatten_matrix|var_norm)\..+)$"), r"\1reattention.\2"),
+    (re.compile(r"^(.*norm\d?)\.layernorm\.(weight|bias)$"), r"\1.\2"),
+)
+
+
 def _convert_official(state_dict: dict[str, torch.Tensor], family: str, report: LoadReport) -> dict[str, torch.Tensor]:
     """The authors' parameter names. Wang et al.: `blocks.i.attn.lamb` (ω), `blocks.i.lamb1/2`
     (λ). Gong et al.: `blocks.i.attn.proj_pre/proj_post.weight`, talking heads without bias,
-    which are timm's `proj_l` / `proj_w` with a zero bias."""
+    which are timm's `proj_l` / `proj_w` with a zero bias. DeepViT and ContraNorm: renamed
+    (`RENAMED_OFFICIAL`)."""
     converted = {}
     for key, value in state_dict.items():
         wang = re.match(r"^(blocks\.\d+\.)(attn\.lamb|lamb1|lamb2)$", key)
         gong = re.match(r"^(blocks\.\d+\.attn\.)(proj_pre|proj_post)\.weight$", key)
-        if wang is not None:
+        renamed = next((pattern.sub(new, key) for pattern, new in RENAMED_OFFICIAL if pattern.match(key)), None)
+        if renamed is not None:
+            converted[renamed] = value
+            report.converted.append(f"{key} → {renamed}")
+        elif wang is not None:
             prefix, name = wang.groups()
             if name == "attn.lamb":
                 new_key = f"{prefix}attn.attn_scale.omega"
@@ -199,15 +213,21 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: nn.Module) 
 def options_in_state_dict(state_dict: dict[str, torch.Tensor], model_name: str) -> dict[str, bool]:
     """The switches (`SWITCHES`: the remedies, a patch head, a distillation token) that a plain
     state dict of `model_name`'s family holds the parameters of, under our names or the authors',
-    e.g. `{"talking_heads": True}`. A switch's parameters are those a model gains when it is on."""
+    e.g. `{"talking_heads": True}`, and the number of register tokens. A switch's parameters are
+    those a model gains when it is on. ContraNorm has none: its scale must be named."""
     from vitdeep.models.registry import get_spec, model_options
 
     spec = get_spec(model_name)
-    keys = set(_convert_official(state_dict, spec.family, LoadReport("", "")))
-    found = {}
+    state = _convert_official(state_dict, spec.family, LoadReport("", ""))
+    found: dict[str, bool | int] = {}
     for switch in SWITCHES:
-        if switch in model_options(spec.name) and any(pattern.fullmatch(key) for pattern in _switch_keys(spec.name, switch) for key in keys):
+        remedy = REMEDY_BY_NAME.get(switch)
+        if remedy is not None and spec.family not in remedy.families:
+            continue
+        if switch in model_options(spec.name) and any(pattern.fullmatch(key) for pattern in _switch_keys(spec.name, switch) for key in state):
             found[switch] = True
+    if found.pop("reg_tokens", False):
+        found["reg_tokens"] = int(state["reg_token"].shape[1])
     return found
 
 

@@ -1,10 +1,16 @@
 """Attention, its over-smoothing remedies as layers, and the transformer block.
 
-The remedies are layer choices, as timm's `attn_layer` / `block_fn`: `TalkingHeadsAttention` is an
-`Attention` that mixes heads around the softmax, `AttnScale` fills `Attention`'s slot for the
-attention matrix, and `FeatScale` its slot for the branch output. `attention_layer(**switches)`
-turns the switches of `vitdeep.architecture.REMEDIES` into the attention layer a `Block` builds;
-a new remedy is a layer here, one keyword of `attention_layer`, and its entry in that list.
+The remedies are layer choices, as timm's `attn_layer` / `norm_layer`: `TalkingHeadsAttention` is an
+`Attention` that mixes heads around the softmax, `ReAttention` (DeepViT) fills `Attention`'s slot
+for the post-softmax maps, `AttnScale` its slot for the attention matrix, `FeatScale` its slot for
+the branch output, QK-norm (timm's `qk_norm`) normalises queries and keys, and `ContraNorm` is the
+norm layer. `remedy_layers(**values)` turns the values of `vitdeep.architecture.REMEDIES` into the
+model class's layer arguments; a new remedy is a layer here, one keyword of `remedy_layers`, and
+its entry in that list.
+
+Where several act on one attention map the order is fixed: logits → talking heads' `proj_l` →
+softmax → talking heads' `proj_w` → Re-attention → AttnScale → `·V`. Attention dropout acts on the
+map Re-attention receives (as DeepViT's code), otherwise on the map `V` is multiplied by.
 
 Parameter names follow timm (`qkv`, `proj`, `proj_l`, `proj_w`, `ls1.gamma`) so that a model
 built without the remedies has exactly timm's state-dict keys. A remedy layer that adds parameters
@@ -77,17 +83,59 @@ class FeatScale(nn.Module):
         return {"lambda1": torch.zeros_like(self.lambda1), "lambda2": torch.zeros_like(self.lambda2)}
 
 
+class ReAttention(nn.Module):
+    """Re-attention (Zhou et al. 2021, DeepViT): a learned `H×H` mixing of the post-softmax maps
+    (a 1×1 convolution over heads, with bias), then a BatchNorm over heads, as the authors'
+    `ReAttention` (`models/layers.py`, `transform_scale=False`). Its maps are no longer
+    row-stochastic. Parameter names are the authors' (`reatten_matrix`, `var_norm`); the
+    convolution keeps PyTorch's default init, as theirs (their `_init_weights` touches only
+    linears and norms). No identity values exist: BatchNorm in training normalises with the
+    batch's statistics, so a checkpoint without Re-attention does not load into a model with it."""
+
+    def __init__(self, num_heads: int) -> None:
+        super().__init__()
+        self.reatten_matrix = nn.Conv2d(num_heads, num_heads, 1, 1)
+        self.var_norm = nn.BatchNorm2d(num_heads)
+
+    def forward(self, attn: torch.Tensor) -> torch.Tensor:
+        return self.var_norm(self.reatten_matrix(attn))
+
+
+#: ContraNorm's temperature τ: the authors' default (`--temp 1.0`), which their examples keep.
+CONTRANORM_TEMPERATURE = 1.0
+
+
+class ContraNorm(nn.LayerNorm):
+    """ContraNorm (Guo et al. 2023) before a LayerNorm: `LN(x − s·softmax(x̂x̂ᵀ/τ)·x)` with `x̂` the
+    tokens normalised to unit length, the softmax over keys, over every token of the sequence
+    (the authors' `ContraNorm` of `ViT_imagenet/models.py` with a fixed scale: no `dual_norm`,
+    `pre_norm`, `learnable` or `identity`). It replaces every LayerNorm of the model, as the
+    authors' drop-in `norm_layer`. A LayerNorm itself, with its parameter names: a plain
+    checkpoint loads as is, and the authors' `….layernorm.weight` load as `….weight`."""
+
+    def __init__(self, dim: int, scale: float, temperature: float = CONTRANORM_TEMPERATURE, eps: float = 1e-6) -> None:
+        super().__init__(dim, eps=eps)
+        self.scale = scale
+        self.temperature = temperature
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xn = F.normalize(x, dim=-1)
+        sim = torch.softmax((xn @ xn.transpose(-2, -1)) / self.temperature, dim=-1)
+        return F.layer_norm(x - self.scale * (sim @ x), self.normalized_shape, self.weight, self.bias, self.eps)
+
+
 def check_heads(dim: int, num_heads: int) -> None:
     if num_heads <= 0 or dim % num_heads:
         raise UserError(f"num_heads={num_heads} does not divide the width embed_dim={dim}")
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention (timm's), with two slots for remedies: `attn_scale_layer(num_heads)`
-    acts on the post-softmax matrix (AttnScale), `feat_scale_layer(dim)` on the branch output after
-    the projection and its dropout (FeatScale). Subclasses may mix heads around the softmax
-    (`mix_logits` / `mix_weights`), which needs the explicit matrix (`needs_matrix`, set by
-    `add_head_mixing`).
+    """Multi-head self-attention (timm's, with its `qk_norm`), with three slots for remedies:
+    `re_attention_layer(num_heads)` and then `attn_scale_layer(num_heads)` act on the post-softmax
+    matrix (Re-attention, AttnScale), `feat_scale_layer(dim)` on the branch output after the
+    projection and its dropout (FeatScale). Subclasses may mix heads around the softmax
+    (`mix_logits` / `mix_weights`). Head mixing and Re-attention need the explicit matrix
+    (`needs_matrix`).
 
     The fused kernel (`F.scaled_dot_product_attention`) runs whenever it is exact: no head mixing,
     no attention map requested, and no attention dropout under AttnScale (dropout must act on the
@@ -102,6 +150,8 @@ class Attention(nn.Module):
         qkv_bias: bool = True,
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
+        qk_norm: bool = False,
+        re_attention_layer: Optional[Callable[[int], nn.Module]] = None,
         attn_scale_layer: Optional[Callable[[int], nn.Module]] = None,
         feat_scale_layer: Optional[Callable[[int], nn.Module]] = None,
     ) -> None:
@@ -111,11 +161,15 @@ class Attention(nn.Module):
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        # timm's qk_norm: the model's LayerNorm (eps 1e-6) over each head's queries and keys
+        self.q_norm = nn.LayerNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
-        self.needs_matrix = False
+        self.needs_matrix = re_attention_layer is not None
         self.add_head_mixing(num_heads)
+        self.reattention = re_attention_layer(num_heads) if re_attention_layer is not None else None
         self.attn_scale = attn_scale_layer(num_heads) if attn_scale_layer is not None else None
         self.feat_scale = feat_scale_layer(dim) if feat_scale_layer is not None else None
 
@@ -134,27 +188,32 @@ class Attention(nn.Module):
             return False
         return self.attn_scale is None or not (self.training and self.attn_drop.p > 0)
 
-    def attention_matrix(self, q: torch.Tensor, k: torch.Tensor, in_place: bool = False) -> torch.Tensor:
-        """The post-softmax matrix the block applies: after head mixing and AttnScale. `in_place`
+    def attention_matrix(self, q: torch.Tensor, k: torch.Tensor, in_place: bool = False, dropout: bool = False) -> torch.Tensor:
+        """The post-softmax matrix the block applies: after head mixing, Re-attention and AttnScale
+        (the module docstring's order), with the attention dropout where `dropout`. `in_place`
         (only without autograd) takes the softmax in the logits' storage: the same values, one
         N×N matrix less at a time, for the diagnostics of deep models at high resolution."""
         attn = self.mix_logits((q * self.scale) @ k.transpose(-2, -1))
         attn = self.mix_weights(torch.softmax(attn, dim=-1, out=attn) if in_place else attn.softmax(dim=-1))
+        if self.reattention is not None:
+            attn = self.reattention(self.attn_drop(attn) if dropout else attn)
+            dropout = False
         if self.attn_scale is not None:
             attn = self.attn_scale(attn)
-        return attn
+        return self.attn_drop(attn) if dropout else attn
 
     def forward(self, x: torch.Tensor, need_weights: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         B, N, C = x.shape
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
         attn: Optional[torch.Tensor] = None
         if self._uses_fused_kernel(need_weights):
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
             if self.attn_scale is not None:
                 out = self.attn_scale.fused(out, v)
         else:
-            attn = self.attention_matrix(q, k, in_place=need_weights and not torch.is_grad_enabled())
-            out = self.attn_drop(attn) @ v
+            attn = self.attention_matrix(q, k, in_place=need_weights and not torch.is_grad_enabled(), dropout=True)
+            out = attn @ v
         out = self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, C)))
         if self.feat_scale is not None:
             out = self.feat_scale(out)
@@ -184,14 +243,38 @@ class TalkingHeadsAttention(Attention):
         return {f"{name}.{p}": eye if p == "weight" else torch.zeros_like(eye[0]) for name in ("proj_l", "proj_w") for p in ("weight", "bias")}
 
 
-def attention_layer(*, talking_heads: bool = False, attnscale: bool = False, featscale: bool = False) -> Callable[..., nn.Module]:
-    """The attention layer (timm's `attn_layer`) for these remedy switches
-    (`vitdeep.architecture.REMEDIES`)."""
+def attention_layer(*, talking_heads: bool = False, reattention: bool = False, attnscale: bool = False,
+                    featscale: bool = False, qk_norm: bool = False) -> Callable[..., nn.Module]:
+    """The attention layer (timm's `attn_layer`) for these remedy switches."""
     return partial(
         TalkingHeadsAttention if talking_heads else Attention,
+        qk_norm=qk_norm,
+        re_attention_layer=ReAttention if reattention else None,
         attn_scale_layer=AttnScale if attnscale else None,
         feat_scale_layer=FeatScale if featscale else None,
     )
+
+
+def norm_layer(contranorm: float = 0.0) -> Callable[[int], nn.Module]:
+    """The models' norm layer: LayerNorm (eps 1e-6), or ContraNorm with scale `contranorm` > 0
+    (0 = off, as the authors' `--scale`)."""
+    if contranorm > 0:
+        return partial(ContraNorm, scale=contranorm)
+    return partial(nn.LayerNorm, eps=1e-6)
+
+
+def remedy_layers(*, talking_heads: bool = False, reattention: bool = False, attnscale: bool = False,
+                  featscale: bool = False, qk_norm: bool = False, contranorm: float = 0.0, reg_tokens: int = 0) -> dict:
+    """The model class's layer arguments for the values of `vitdeep.architecture.REMEDIES`: its
+    attention layer, its norm layer and (when set) its register tokens."""
+    layers = dict(
+        attn_layer=attention_layer(talking_heads=talking_heads, reattention=reattention, attnscale=attnscale,
+                                   featscale=featscale, qk_norm=qk_norm),
+        norm_layer=norm_layer(contranorm),
+    )
+    if reg_tokens:
+        layers["reg_tokens"] = reg_tokens
+    return layers
 
 
 class SampleDropPath(DropPath):

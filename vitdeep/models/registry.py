@@ -25,7 +25,7 @@ from vitdeep.export_format import export_crop_ratio, export_options
 from vitdeep.models.base import DeepTransformer
 from vitdeep.models.cait import Cait, cait_layer_scale_init
 from vitdeep.models.checkpoints import checkpoint_filter_fn
-from vitdeep.models.layers import attention_layer
+from vitdeep.models.layers import remedy_layers
 from vitdeep.models.vit import VisionTransformer
 
 DEIT_SIZES = {"tiny": (192, 3), "small": (384, 6), "base": (768, 12), "large": (1024, 16)}
@@ -108,13 +108,14 @@ def family_of(model: nn.Module) -> str:
 
 
 #: Class arguments the options choose rather than take (`class_kwargs`).
-LAYER_CHOICES = ("attn_layer",)
+LAYER_CHOICES = ("attn_layer", "norm_layer")
 
 
 def model_options(name: str) -> list[str]:
-    """Keyword options `create_model` accepts for this model: its class's arguments and the remedies."""
+    """Keyword options `create_model` accepts for this model: its class's arguments and the remedies
+    (every remedy, so that one option set fits every model; a family that lacks one takes it off)."""
     params = inspect.signature(get_spec(name).model_cls.__init__).parameters
-    return [p for p in params if p not in ("self", *LAYER_CHOICES)] + list(REMEDY_NAMES)
+    return [p for p in params if p not in ("self", *LAYER_CHOICES, *REMEDY_NAMES)] + list(REMEDY_NAMES)
 
 
 def resolved_options(name: str, **kwargs) -> dict:
@@ -139,13 +140,16 @@ def resolved_architecture(name: str, kwargs: dict) -> dict:
 
 def class_kwargs(spec: ModelSpec, kwargs: dict) -> dict:
     """The model class's arguments for these options: the named size's dimensions, and the
-    remedies (the family's defaults unless set) as the blocks' attention layer."""
+    remedies (the family's defaults unless set) as the blocks' attention and norm layers and the
+    model's register tokens. A remedy the family lacks must be off."""
     kwargs = dict(kwargs)
-    switches = {}
+    values = {}
     for remedy in REMEDIES:
         value = kwargs.pop(remedy.name, None)
-        switches[remedy.name] = remedy.default(spec.family) if value is None else bool(value)
-    return {**spec.kwargs(), **kwargs, "attn_layer": attention_layer(**switches)}
+        values[remedy.name] = remedy.default(spec.family) if value is None else remedy.value(value)
+        if values[remedy.name] and spec.family not in remedy.families:
+            raise UserError(f"{remedy.name} is an option of {', '.join(remedy.families)} models only, not of {spec.name}")
+    return {**spec.kwargs(), **kwargs, **remedy_layers(**values)}
 
 
 def create_model(name: str, **kwargs) -> nn.Module:
@@ -153,7 +157,8 @@ def create_model(name: str, **kwargs) -> nn.Module:
 
     Options are the model class's keyword arguments (`img_size`, `patch_size`, `num_classes`,
     `drop_path_rate`, `patch_head`, `distilled` for DeiT, `init_values` for LayerScale, …) and the
-    remedies (`talking_heads`, `attnscale`, `featscale`). Unknown names and options raise `UserError`.
+    remedies (`talking_heads`, `reattention`, `attnscale`, `featscale`, `qk_norm`, `contranorm`,
+    `reg_tokens`). Unknown names and options raise `UserError`.
     """
     spec = get_spec(name)
     options = model_options(name)

@@ -13,14 +13,17 @@ import torch
 from timm.layers import PatchEmbed, trunc_normal_
 from torch import nn
 
+from vitdeep.errors import UserError
 from vitdeep.models.base import GLOBAL_POOLS, DeepTransformer, check_patch_grid
 from vitdeep.models.layers import Attention, Block, check_heads
 
 
 class VisionTransformer(DeepTransformer):
     """ViT / DeiT with a class token (and optional distillation token), linear-in-depth
-    drop-path, optional LayerScale, the attention layer of every block as a choice (`attn_layer`:
-    the over-smoothing remedies, `vitdeep.models.layers.attention_layer`) and an optional
+    drop-path, optional LayerScale, the attention and norm layers as choices (`attn_layer`,
+    `norm_layer`: the over-smoothing remedies, `vitdeep.models.layers.remedy_layers`), optional
+    register tokens (`reg_tokens`: prefix tokens after the class / distillation tokens, left out
+    of every patch-token loss and diagnostic, as timm's `reg_tokens`) and an optional
     `patch_head` (a linear classifier shared by all patch tokens, for the patch-mixing loss)."""
 
     def __init__(
@@ -45,6 +48,8 @@ class VisionTransformer(DeepTransformer):
         patch_head: bool = False,
         dynamic_img_size: bool = True,
         attn_layer: Callable[..., nn.Module] = Attention,
+        norm_layer: Optional[Callable[[int], nn.Module]] = None,
+        reg_tokens: int = 0,
     ) -> None:
         # the distillation head reads the class and distillation tokens: token pooling or none
         super().__init__(embed_dim, depth, patch_size, global_pool, dynamic_img_size, ("token", "") if distilled else GLOBAL_POOLS)
@@ -52,14 +57,19 @@ class VisionTransformer(DeepTransformer):
         check_heads(embed_dim, num_heads)
         self.img_size = img_size
         self.num_classes = num_classes
-        self.num_prefix_tokens = self.pos_embed_prefix_tokens = self.block_prefix_tokens = self.final_prefix_tokens = 2 if distilled else 1
-        norm_layer = partial(nn.LayerNorm, eps=1e-6)
+        if reg_tokens < 0:
+            raise UserError(f"reg_tokens={reg_tokens} must be 0 or more")
+        self.num_reg_tokens = reg_tokens
+        prefix = (2 if distilled else 1) + reg_tokens
+        self.num_prefix_tokens = self.pos_embed_prefix_tokens = self.block_prefix_tokens = self.final_prefix_tokens = prefix
+        norm_layer = norm_layer or partial(nn.LayerNorm, eps=1e-6)
 
         self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
                                       strict_img_size=not dynamic_img_size, output_fmt="NHWC")
         num_patches = self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.dist_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if distilled else None
+        self.reg_token = nn.Parameter(torch.zeros(1, reg_tokens, embed_dim)) if reg_tokens else None
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + self.num_prefix_tokens, embed_dim))
         self.pos_drop = nn.Dropout(pos_drop_rate)
 
@@ -89,15 +99,20 @@ class VisionTransformer(DeepTransformer):
         nn.init.normal_(self.cls_token, std=1e-6)
         if self.dist_token is not None:
             trunc_normal_(self.dist_token, std=0.02)
+        if self.reg_token is not None:
+            nn.init.normal_(self.reg_token, std=1e-6)  # timm's
 
     def embed(self, patches: torch.Tensor) -> torch.Tensor:
-        """The sequence entering block 1 from the patch grid: prefix tokens prepended, position
-        embedding added."""
+        """The sequence entering block 1 from the patch grid: prefix tokens (class, distillation,
+        registers, in that order) prepended, position embedding added (over the prefix tokens too,
+        as timm's ViT without `no_embed_class`)."""
         batch, grid_h, grid_w, dim = patches.shape
         pos_embed = self.position_embedding([grid_h, grid_w])
         prefix = [self.cls_token.expand(batch, -1, -1)]
         if self.dist_token is not None:
             prefix.append(self.dist_token.expand(batch, -1, -1))
+        if self.reg_token is not None:
+            prefix.append(self.reg_token.expand(batch, -1, -1))
         x = torch.cat(prefix + [patches.view(batch, -1, dim)], dim=1)
         return self.pos_drop(x + pos_embed)
 
