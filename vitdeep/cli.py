@@ -64,7 +64,7 @@ def models_command(
 @app.command("recipes")
 def recipes_command() -> None:
     """List the bundled recipes: the published results they reproduce, with their top-1."""
-    from vitdeep.recipebook import print_recipe_table
+    from vitdeep.commands.recipes import print_recipe_table
 
     print_recipe_table()
 

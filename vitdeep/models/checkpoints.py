@@ -20,6 +20,7 @@ from torch import nn
 
 from vitdeep.architecture import SWITCHES
 from vitdeep.errors import UserError
+from vitdeep.models.registry import create_model, family_of, get_spec, model_options
 
 #: Official FeatScale code (Wang et al.) adds λ-terms twice in its ViT blocks, once in CaiT.
 OFFICIAL_FEATSCALE_FACTOR = {"deit": 2.0, "cait": 1.0}
@@ -115,8 +116,6 @@ def _is_classifier(key: str) -> bool:
 
 def adapt_state_dict(state_dict: dict[str, torch.Tensor], model: nn.Module, source: str = "", kind: str = "") -> tuple[dict[str, torch.Tensor], LoadReport]:
     """Fit `state_dict` to `model` (see the module docstring); raises `UserError` on a mismatch."""
-    from vitdeep.models.registry import family_of
-
     report = LoadReport(source, kind)
     state = _convert_official(state_dict, family_of(model), report)
     target = model.state_dict()
@@ -200,8 +199,6 @@ def options_in_state_dict(state_dict: dict[str, torch.Tensor], model_name: str) 
     """The switches (`SWITCHES`: the remedies, a patch head, a distillation token) that a plain
     state dict of `model_name`'s family holds the parameters of, under our names or the authors',
     e.g. `{"talking_heads": True}`. A switch's parameters are those a model gains when it is on."""
-    from vitdeep.models.registry import get_spec, model_options
-
     spec = get_spec(model_name)
     keys = set(_convert_official(state_dict, spec.family, LoadReport("", "")))
     found = {}
@@ -214,8 +211,6 @@ def options_in_state_dict(state_dict: dict[str, torch.Tensor], model_name: str) 
 @functools.cache
 def _switch_keys(model_name: str, switch: str) -> tuple[re.Pattern, ...]:
     """Patterns of the parameters `switch` adds to a model (any block index)."""
-    from vitdeep.models.registry import create_model
-
     with torch.device("meta"):
         on, off = (set(create_model(model_name, depth=1, **{switch: value}).state_dict()) for value in (True, False))
     return tuple(re.compile(re.escape(key).replace(r"blocks\.0\.", r"blocks\.\d+\.")) for key in sorted(on - off))

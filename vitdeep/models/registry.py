@@ -1,4 +1,5 @@
-"""The model zoo: names, sizes, construction, parameter / FLOP counts, and timm registration.
+"""The model zoo: names, sizes, construction, parameter / FLOP counts (timm registration is
+`timm_hub.py`).
 
 This is the one place model dimensions are written down; the CLI table and the README read it.
 The options a model is built with are its class's keyword arguments and the over-smoothing
@@ -15,16 +16,13 @@ from functools import lru_cache
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from vitdeep.architecture import ARCHITECTURE_OPTIONS, DEFAULT_IMG_SIZE, EVAL_CROP_RATIO, INTERPOLATION, REMEDIES, REMEDY_NAMES
 from vitdeep.errors import UserError
-from vitdeep.export_format import export_crop_ratio, export_options
 from vitdeep.models.base import DeepTransformer
 from vitdeep.models.cait import Cait, cait_layer_scale_init
-from vitdeep.models.checkpoints import checkpoint_filter_fn
 from vitdeep.models.layers import attention_layer
 from vitdeep.models.vit import VisionTransformer
 
@@ -160,7 +158,7 @@ def create_model(name: str, **kwargs) -> nn.Module:
     unknown = sorted(set(kwargs) - set(options))
     if unknown:
         raise UserError(f"model '{spec.name}' has no option {', '.join(unknown)} (options: {', '.join(options)})")
-    return _with_cfg(spec.model_cls(**class_kwargs(spec, kwargs)))
+    return with_pretrained_cfg(spec.model_cls(**class_kwargs(spec, kwargs)))
 
 
 def cached_meta_model(name: str, **kwargs) -> nn.Module:
@@ -224,48 +222,10 @@ PRETRAINED_CFG = dict(
     crop_pct=EVAL_CROP_RATIO, interpolation=INTERPOLATION, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
     first_conv="patch_embed.proj", classifier="head",
 )
-default_cfgs = generate_default_cfgs({f"vitdeep_{name}": PRETRAINED_CFG for name in MODELS})
-
-
-def _with_cfg(model: nn.Module, cfg: dict | None = None) -> nn.Module:
+def with_pretrained_cfg(model: nn.Module, cfg: dict | None = None) -> nn.Module:
     """The model with its `pretrained_cfg` (timm's) describing the model as built: its input size
     and classes."""
     cfg = dict(cfg or PRETRAINED_CFG)
     cfg.update(input_size=(model.patch_embed.proj.in_channels, model.img_size, model.img_size), num_classes=model.num_classes)
     model.pretrained_cfg = model.default_cfg = cfg
     return model
-
-
-def _timm_entrypoint(spec: ModelSpec):
-    def entrypoint(pretrained: bool = False, **kwargs) -> nn.Module:
-        overlay = kwargs.get("pretrained_cfg_overlay") or {}
-        if pretrained and overlay.get("file"):
-            # a vitdeep export knows its options: build the model it was saved from
-            kwargs = {**(export_options(overlay["file"]) or {}), **kwargs}
-            crop = export_crop_ratio(overlay["file"])
-            kwargs["pretrained_cfg_overlay"] = {"num_classes": kwargs.get("num_classes", 1000),
-                                                **({"crop_pct": crop} if crop is not None else {}), **overlay}
-        out_indices = kwargs.pop("out_indices", 3)
-        model = build_model_with_cfg(
-            spec.model_cls, f"vitdeep_{spec.name}", pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-            feature_cfg=dict(out_indices=out_indices, feature_cls="getter"), **class_kwargs(spec, kwargs),
-        )
-        return _with_cfg(model, model.pretrained_cfg) if isinstance(model, DeepTransformer) else model
-
-    entrypoint.__name__ = f"vitdeep_{spec.name}"
-    entrypoint.__qualname__ = entrypoint.__name__
-    entrypoint.__module__ = __name__
-    entrypoint.__doc__ = f"vitdeep {spec.name}: {spec.family}, depth {spec.depth}, width {spec.embed_dim}."
-    return entrypoint
-
-
-def _register_with_timm() -> None:
-    """Every model is also `timm.create_model("vitdeep_<name>")` once `vitdeep.models` is imported."""
-    module = sys.modules[__name__]
-    for spec in MODELS.values():
-        entrypoint = _timm_entrypoint(spec)
-        setattr(module, entrypoint.__name__, entrypoint)
-        register_model(entrypoint)
-
-
-_register_with_timm()
