@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import difflib
 import inspect
-import sys
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -21,7 +20,6 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from vitdeep.architecture import ARCHITECTURE_OPTIONS, DEFAULT_IMG_SIZE, EVAL_CROP_RATIO, INTERPOLATION, REMEDIES, REMEDY_NAMES
 from vitdeep.errors import UserError
-from vitdeep.models.base import DeepTransformer
 from vitdeep.models.cait import Cait, cait_layer_scale_init
 from vitdeep.models.layers import attention_layer
 from vitdeep.models.vit import VisionTransformer
