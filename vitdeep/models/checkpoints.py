@@ -20,10 +20,8 @@ from torch import nn
 
 from vitdeep.architecture import SWITCHES
 from vitdeep.errors import UserError
-from vitdeep.models.registry import create_model, family_of, get_spec, model_options
+from vitdeep.models.registry import FAMILIES, create_model, family_of, get_spec, model_options
 
-#: Official FeatScale code (Wang et al.) adds λ-terms twice in its ViT blocks, once in CaiT.
-OFFICIAL_FEATSCALE_FACTOR = {"deit": 2.0, "cait": 1.0}
 
 
 @dataclass
@@ -83,7 +81,7 @@ def _convert_official(state_dict: dict[str, torch.Tensor], family: str, report: 
                 new_key = f"{prefix}attn.attn_scale.omega"
             else:
                 new_key = f"{prefix}attn.feat_scale.lambda{name[-1]}"
-                value = value * OFFICIAL_FEATSCALE_FACTOR[family]
+                value = value * FAMILIES[family].official_featscale_factor
             converted[new_key] = value
             report.converted.append(f"{key} → {new_key}")
         elif gong is not None:
