@@ -184,6 +184,19 @@ def test_fx_forward_and_backward(family):
     assert all(p.grad is not None for p in fx_model.parameters())
 
 
+def test_fx_traced_model_scripts_and_runs(family):
+    """timm's `test_model_forward_fx_torchscript`: FX-trace, then TorchScript, then run. The traced
+    forward's signature carries base.py's annotations, so they must be real types, not the strings
+    of postponed annotations (which TorchScript cannot resolve)."""
+    with timm.set_scriptable(True):
+        model = _model(family).eval()
+    scripted = torch.jit.script(_fx_model(model))
+    x = _images(TINY["img_size"])
+    with torch.no_grad():
+        (out,) = scripted(x).values()
+        assert torch.allclose(out, model(x), atol=1e-6)
+
+
 def test_traced_model_keeps_the_input_check(family):
     traced = torch.fx.symbolic_trace(_model(family).eval())
     with pytest.raises(UserError, match="does not tile into 8-pixel patches"):

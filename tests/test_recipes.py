@@ -13,7 +13,8 @@ from tests.launch import refuses
 from vitdeep.cli import main
 from vitdeep.config import load_config_file, resolve_config
 from vitdeep.models import create_model
-from vitdeep.recipebook import RECIPE_DIR, bundled_recipes, read_recipe, recipe_names
+from vitdeep.commands.recipes import bundled_recipes, read_recipe
+from vitdeep.recipebook import RECIPE_DIR, recipe_names
 
 RECIPES = recipe_names()
 #: Finetune recipes start from a checkpoint of the same depth; the test's is this narrow.

@@ -64,7 +64,7 @@ def models_command(
 @app.command("recipes")
 def recipes_command() -> None:
     """List the bundled recipes: the published results they reproduce, with their top-1."""
-    from vitdeep.recipebook import print_recipe_table
+    from vitdeep.commands.recipes import print_recipe_table
 
     print_recipe_table()
 
@@ -192,11 +192,12 @@ def _run_training(options: dict, config: Optional[Path], dry_run: bool, recipe: 
                   command: str = "train") -> None:
     from vitdeep.config import resolve_config
     from vitdeep.engine.capacity import check_fits
-    from vitdeep.engine.loop import plan_from_env, print_plan, train
+    from vitdeep.commands.dry_run import print_dry_run
+    from vitdeep.engine.loop import plan_from_env, train
 
     plan = plan_from_env(resolve_config(options, config, recipe))
     if dry_run:
-        print_plan(plan, command)
+        print_dry_run(plan, command)
         return
     check_fits(plan)
     train(plan)

@@ -51,6 +51,7 @@ from vitdeep.engine.plan import RunPlan
 from vitdeep.errors import UserError
 from vitdeep.losses import Objective
 from vitdeep.models import create_model
+from vitdeep.models.freezing import freeze_blocks
 
 #: CUDA context + cuBLAS / cuDNN workspaces + NCCL communicator buffers on one GPU: about 0.6 GB
 #: for the context and workspaces of torch 2.x on an H100, NCCL up to 1 GB across many peers.
@@ -325,8 +326,6 @@ class MemoryModel:
 
     def blueprint(self) -> torch.nn.Module:
         """The run's model on the meta device, frozen blocks marked."""
-        from vitdeep.engine.loop import freeze_blocks
-
         with torch.device("meta"):
             model = create_model(self.plan.cfg.model.model, **self.plan.model_kwargs)
         freeze_blocks(model, self.plan.cfg.optim.freeze_blocks)
@@ -692,17 +691,11 @@ def check_fits(plan: RunPlan, gpu_memory: int | None = None) -> None:
     )
 
 
-def print_memory_lines(plan: RunPlan) -> None:
-    """The planner's memory lines for `--dry-run`: this launch's ranks, on this machine's GPU
-    (the verdict only where there is one)."""
-    from vitdeep.monitor import make_console
-
+def this_machine_memory(plan: RunPlan) -> tuple[MemoryEstimate, int | None]:
+    """The memory per rank of `plan` on this launch's ranks and this machine's GPU, and that GPU's
+    memory (None without one: there is no verdict to give)."""
     on_gpu = torch.cuda.is_available()
     memory = torch.cuda.get_device_properties(0).total_memory if on_gpu else Cluster().gpu_memory
     cluster = Cluster(nodes=1, gpus_per_node=plan.world_size, gpu_memory=memory, device="cuda" if on_gpu else "cpu")
     estimate = MemoryModel(plan, cluster).estimate(plan.ds_config, plan.batch.micro_batch, plan.cfg.model.grad_checkpointing)
-    console = make_console()
-    console.print(memory_table(estimate, f"memory per rank ({estimate.zero.label}, {plan.world_size} rank(s), `vitdeep plan` for other clusters)"))
-    if on_gpu:
-        verdict = "fits" if estimate.total <= memory else "does not fit"
-        console.print(f"{verdict}: {gb(estimate.total):.1f} GB of this GPU's {gb(memory):.1f} GB")
+    return estimate, memory if on_gpu else None

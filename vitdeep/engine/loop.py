@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
 import os
 import random
 import sys
@@ -74,22 +73,11 @@ from vitdeep.engine.signals import StopFlag, StopRequested, WaitInterrupted, sig
 from vitdeep.errors import OversmoothingStopped, StoppedBySignal, TrainingStopped, UserError, as_flags
 from vitdeep.losses import Objective
 from vitdeep.models import create_model
+from vitdeep.models.freezing import freeze_blocks
 from vitdeep.models.layers import drop_path_layers, sample_drop_paths
 from vitdeep.engine.weights import build_model, load_weights_into, read_weights
 from vitdeep.monitor import RunLogger, is_main_process, make_console, progress_bar
 from vitdeep.ranks import read_ranks
-
-
-def freeze_blocks(model: torch.nn.Module, count: int) -> None:
-    """Freeze the embeddings and the first `count` blocks (no gradients, not in the optimizer)."""
-    if count <= 0:
-        return
-    frozen = [model.patch_embed, *model.blocks[:count]]
-    for module in frozen:
-        module.requires_grad_(False)
-    for name in ("cls_token", "dist_token", "pos_embed"):
-        if getattr(model, name, None) is not None:
-            getattr(model, name).requires_grad_(False)
 
 
 def load_teacher(spec: str, plan: RunPlan, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
@@ -717,20 +705,3 @@ def plan_from_env(cfg) -> RunPlan:
     use_read_policy(cfg.data.read_policy())
     _, world_size, _ = world_from_env()
     return make_plan(cfg, world_size)
-
-
-def print_plan(plan: RunPlan, command: str = "train") -> None:
-    """The `--dry-run` output of `vitdeep COMMAND`: the resolved run and the DeepSpeed config it would use."""
-    from rich.table import Table
-
-    table = Table(title=f"vitdeep {command} --dry-run", show_header=False)
-    for key, value in plan.summary().items():
-        shown = f"{value:,}" if isinstance(value, int) else f"{value:.4g}" if isinstance(value, float) else str(value)
-        table.add_row(key, shown)
-    console = make_console()
-    console.print(table)
-    console.print("DeepSpeed config:")
-    console.print_json(json.dumps(plan.ds_config))
-    from vitdeep.engine.capacity import print_memory_lines
-
-    print_memory_lines(plan)

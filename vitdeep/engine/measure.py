@@ -118,9 +118,9 @@ def measure_step(plan: RunPlan) -> dict[str, Any]:
     from vitdeep.data.pipeline import BatchPreprocessor
     from vitdeep.engine.deepspeed import build_optimizer, engine_dtype, init_distributed, initialize
     from vitdeep.engine.ema import PartitionedEma
-    from vitdeep.engine.loop import freeze_blocks
     from vitdeep.losses import Objective
     from vitdeep.models import create_model
+    from vitdeep.models.freezing import freeze_blocks
 
     cfg = plan.cfg
     objective = Objective(cfg.loss)

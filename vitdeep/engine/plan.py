@@ -33,7 +33,7 @@ from vitdeep.errors import UserError
 from vitdeep.losses import Objective
 from vitdeep.models import count_parameters, get_spec, model_stats
 from vitdeep.models.checkpoints import adapt_state_dict
-from vitdeep.models.registry import cached_meta_model, resolved_architecture, resolved_options
+from vitdeep.models.registry import FAMILIES, cached_meta_model, resolved_architecture, resolved_options
 from vitdeep.paths import check_output_dir
 
 #: DeiT's learning-rate scaling rule: lr = base_lr × global_batch / 512.
@@ -161,8 +161,9 @@ def model_kwargs_for(cfg: TrainConfig, num_classes: int, objective: Objective) -
         patch_head=objective.needs_patch_head,
     )
     if objective.needs_teacher:
-        if get_spec(m.model).family != "deit":
-            raise UserError(f"distillation needs a distillation token; {m.model} is a CaiT model (use a deit_* model)")
+        family = get_spec(m.model).family
+        if not FAMILIES[family].distillation_token:
+            raise UserError(f"distillation needs a distillation token; {m.model} is a {family} model, which has none (use a deit_* model)")
         kwargs["distilled"] = True
     return kwargs
 

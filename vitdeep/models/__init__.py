@@ -6,6 +6,7 @@ Importing this package also registers every model with timm as `vitdeep_<name>`.
 from vitdeep.models.base import DeepTransformer
 from vitdeep.models.cait import Cait
 from vitdeep.models.registry import MODELS, ModelSpec, count_flops, count_parameters, create_model, get_spec, model_stats
+from vitdeep.models.timm_hub import default_cfgs  # noqa: F401  (registers the zoo with timm)
 from vitdeep.models.vit import VisionTransformer
 from vitdeep.outputs import AuxOutput
 

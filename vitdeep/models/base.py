@@ -14,7 +14,6 @@ sequence after the blocks), `block_prefix_tokens` (prefix tokens in the blocks' 
 `_prune_head`.
 """
 
-from __future__ import annotations
 
 from typing import Any, Callable, Optional, Union
 

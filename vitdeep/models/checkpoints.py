@@ -21,9 +21,8 @@ from torch import nn
 
 from vitdeep.architecture import REMEDY_BY_NAME, SWITCHES
 from vitdeep.errors import UserError
+from vitdeep.models.registry import FAMILIES, create_model, family_of, get_spec, model_options
 
-#: Official FeatScale code (Wang et al.) adds λ-terms twice in its ViT blocks, once in CaiT.
-OFFICIAL_FEATSCALE_FACTOR = {"deit": 2.0, "cait": 1.0}
 
 
 @dataclass
@@ -96,7 +95,7 @@ def _convert_official(state_dict: dict[str, torch.Tensor], family: str, report: 
                 new_key = f"{prefix}attn.attn_scale.omega"
             else:
                 new_key = f"{prefix}attn.feat_scale.lambda{name[-1]}"
-                value = value * OFFICIAL_FEATSCALE_FACTOR[family]
+                value = value * FAMILIES[family].official_featscale_factor
             converted[new_key] = value
             report.converted.append(f"{key} → {new_key}")
         elif gong is not None:
@@ -129,8 +128,6 @@ def _is_classifier(key: str) -> bool:
 
 def adapt_state_dict(state_dict: dict[str, torch.Tensor], model: nn.Module, source: str = "", kind: str = "") -> tuple[dict[str, torch.Tensor], LoadReport]:
     """Fit `state_dict` to `model` (see the module docstring); raises `UserError` on a mismatch."""
-    from vitdeep.models.registry import family_of
-
     report = LoadReport(source, kind)
     state = _convert_official(state_dict, family_of(model), report)
     target = model.state_dict()
@@ -215,8 +212,6 @@ def options_in_state_dict(state_dict: dict[str, torch.Tensor], model_name: str) 
     state dict of `model_name`'s family holds the parameters of, under our names or the authors',
     e.g. `{"talking_heads": True}`, and the number of register tokens. A switch's parameters are
     those a model gains when it is on. ContraNorm has none: its scale must be named."""
-    from vitdeep.models.registry import get_spec, model_options
-
     spec = get_spec(model_name)
     state = _convert_official(state_dict, spec.family, LoadReport("", ""))
     found: dict[str, bool | int] = {}
@@ -234,8 +229,6 @@ def options_in_state_dict(state_dict: dict[str, torch.Tensor], model_name: str) 
 @functools.cache
 def _switch_keys(model_name: str, switch: str) -> tuple[re.Pattern, ...]:
     """Patterns of the parameters `switch` adds to a model (any block index)."""
-    from vitdeep.models.registry import create_model
-
     with torch.device("meta"):
         on, off = (set(create_model(model_name, depth=1, **{switch: value}).state_dict()) for value in (True, False))
     return tuple(re.compile(re.escape(key).replace(r"blocks\.0\.", r"blocks\.\d+\.")) for key in sorted(on - off))

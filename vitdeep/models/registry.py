@@ -1,4 +1,5 @@
-"""The model zoo: names, sizes, construction, parameter / FLOP counts, and timm registration.
+"""The model zoo: names, sizes, construction, parameter / FLOP counts (timm registration is
+`timm_hub.py`).
 
 This is the one place model dimensions are written down; the CLI table and the README read it.
 The options a model is built with are its class's keyword arguments and the over-smoothing
@@ -9,31 +10,58 @@ from __future__ import annotations
 
 import difflib
 import inspect
-import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import Callable
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from vitdeep.architecture import ARCHITECTURE_OPTIONS, DEFAULT_IMG_SIZE, EVAL_CROP_RATIO, INTERPOLATION, REMEDIES, REMEDY_NAMES
+from vitdeep.architecture import ARCHITECTURE_OPTIONS, DEFAULT_IMG_SIZE, EVAL_CROP_RATIO, INTERPOLATION, REMEDIES, REMEDY_NAMES, cait_layer_scale_init
 from vitdeep.errors import UserError
-from vitdeep.export_format import export_crop_ratio, export_options
-from vitdeep.models.base import DeepTransformer
-from vitdeep.models.cait import Cait, cait_layer_scale_init
-from vitdeep.models.checkpoints import checkpoint_filter_fn
+from vitdeep.models.cait import Cait
 from vitdeep.models.layers import remedy_layers
 from vitdeep.models.vit import VisionTransformer
 
-DEIT_SIZES = {"tiny": (192, 3), "small": (384, 6), "base": (768, 12), "large": (1024, 16)}
-DEIT_DEPTHS = (12, 24, 36, 48)
-CAIT_SIZES = {"xxs": (192, 4), "xs": (288, 6), "s": (384, 8), "m": (768, 16)}
-CAIT_DEPTHS = {"xxs": (24, 36), "xs": (24, 36), "s": (24, 36), "m": (36, 48)}
-#: timm's CaiT-XXS36 keeps the depth-24 LayerScale init.
-CAIT_INIT_OVERRIDES = {"cait_xxs36": 1e-5}
+
+
+@dataclass(frozen=True)
+class Family:
+    """A model family: everything outside its class that differs between families, in one entry.
+    A new family is its class (on `models/base.py`) and one row of `FAMILIES`."""
+
+    name: str
+    model_cls: type[nn.Module]
+    #: size name → (width, heads), and size name → the depths the zoo registers
+    sizes: dict[str, tuple[int, int]]
+    depths: dict[str, tuple[int, ...]]
+    #: the zoo name of a size at a depth, e.g. "deit_{size}_{depth}"
+    name_format: str
+    #: Wang et al.'s official FeatScale code adds the λ-terms twice in its ViT blocks, once in
+    #: CaiT's: their λ is scaled by this factor into ours when their checkpoints load.
+    official_featscale_factor: float
+    #: whether the family can carry DeiT's distillation token (`--distill`)
+    distillation_token: bool
+    #: the LayerScale init a depth gets when `init_values` is not given (None: the class's default)
+    layer_scale_init: Callable[[int], float] | None = None
+    #: zoo names whose LayerScale init is not the depth rule's
+    init_overrides: dict[str, float] = field(default_factory=dict)
+
+
+_DEIT_SIZES = {"tiny": (192, 3), "small": (384, 6), "base": (768, 12), "large": (1024, 16)}
+_CAIT_SIZES = {"xxs": (192, 4), "xs": (288, 6), "s": (384, 8), "m": (768, 16)}
+FAMILIES: dict[str, Family] = {
+    family.name: family for family in (
+        Family("deit", VisionTransformer, _DEIT_SIZES, {size: (12, 24, 36, 48) for size in _DEIT_SIZES}, "deit_{size}_{depth}",
+               official_featscale_factor=2.0, distillation_token=True),
+        Family("cait", Cait, _CAIT_SIZES, {"xxs": (24, 36), "xs": (24, 36), "s": (24, 36), "m": (36, 48)}, "cait_{size}{depth}",
+               official_featscale_factor=1.0, distillation_token=False, layer_scale_init=cait_layer_scale_init,
+               # timm's CaiT-XXS36 keeps the depth-24 LayerScale init
+               init_overrides={"cait_xxs36": 1e-5}),
+    )
+}
 #: timm models with exactly the same architecture (for checkpoints and equivalence tests).
 TIMM_TWINS = {
     "deit_tiny_12": "deit_tiny_patch16_224",
@@ -63,7 +91,7 @@ class ModelSpec:
 
     @property
     def model_cls(self) -> type[nn.Module]:
-        return Cait if self.family == "cait" else VisionTransformer
+        return FAMILIES[self.family].model_cls
 
     @property
     def timm_twin(self) -> str | None:
@@ -77,15 +105,12 @@ class ModelSpec:
 
 
 def _build_specs() -> dict[str, ModelSpec]:
-    specs = [
-        ModelSpec(f"deit_{size}_{depth}", "deit", dim, depth, heads)
-        for size, (dim, heads) in DEIT_SIZES.items()
-        for depth in DEIT_DEPTHS
-    ]
-    for size, (dim, heads) in CAIT_SIZES.items():
-        for depth in CAIT_DEPTHS[size]:
-            name = f"cait_{size}{depth}"
-            specs.append(ModelSpec(name, "cait", dim, depth, heads, CAIT_INIT_OVERRIDES.get(name)))
+    specs = []
+    for family in FAMILIES.values():
+        for size, (dim, heads) in family.sizes.items():
+            for depth in family.depths[size]:
+                name = family.name_format.format(size=size, depth=depth)
+                specs.append(ModelSpec(name, family.name, dim, depth, heads, family.init_overrides.get(name)))
     return {spec.name: spec for spec in specs}
 
 
@@ -103,8 +128,12 @@ def get_spec(name: str) -> ModelSpec:
 
 
 def family_of(model: nn.Module) -> str:
-    """'cait' or 'deit': decides e.g. how official FeatScale weights convert."""
-    return "cait" if isinstance(model, Cait) else "deit"
+    """The family a built model belongs to (its class's, or the nearest base class's)."""
+    for cls in type(model).__mro__:
+        for family in FAMILIES.values():
+            if cls is family.model_cls:
+                return family.name
+    raise ValueError(f"{type(model).__name__} is not a vitdeep model family's class")
 
 
 #: Class arguments the options choose rather than take (`class_kwargs`).
@@ -133,8 +162,9 @@ def resolved_architecture(name: str, kwargs: dict) -> dict:
     out too, so that `--depth 12` and no `--depth` compare equal for a 12-block model."""
     options = resolved_options(name, **kwargs)
     values = {k: options[k] for k in ARCHITECTURE_OPTIONS if k in options}
-    if get_spec(name).family == "cait" and values.get("init_values") is None:
-        values["init_values"] = cait_layer_scale_init(values["depth"])
+    layer_scale_init = FAMILIES[get_spec(name).family].layer_scale_init
+    if layer_scale_init is not None and values.get("init_values") is None:
+        values["init_values"] = layer_scale_init(values["depth"])
     return values
 
 
@@ -165,7 +195,7 @@ def create_model(name: str, **kwargs) -> nn.Module:
     unknown = sorted(set(kwargs) - set(options))
     if unknown:
         raise UserError(f"model '{spec.name}' has no option {', '.join(unknown)} (options: {', '.join(options)})")
-    return _with_cfg(spec.model_cls(**class_kwargs(spec, kwargs)))
+    return with_pretrained_cfg(spec.model_cls(**class_kwargs(spec, kwargs)))
 
 
 def cached_meta_model(name: str, **kwargs) -> nn.Module:
@@ -229,48 +259,10 @@ PRETRAINED_CFG = dict(
     crop_pct=EVAL_CROP_RATIO, interpolation=INTERPOLATION, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
     first_conv="patch_embed.proj", classifier="head",
 )
-default_cfgs = generate_default_cfgs({f"vitdeep_{name}": PRETRAINED_CFG for name in MODELS})
-
-
-def _with_cfg(model: nn.Module, cfg: dict | None = None) -> nn.Module:
+def with_pretrained_cfg(model: nn.Module, cfg: dict | None = None) -> nn.Module:
     """The model with its `pretrained_cfg` (timm's) describing the model as built: its input size
     and classes."""
     cfg = dict(cfg or PRETRAINED_CFG)
     cfg.update(input_size=(model.patch_embed.proj.in_channels, model.img_size, model.img_size), num_classes=model.num_classes)
     model.pretrained_cfg = model.default_cfg = cfg
     return model
-
-
-def _timm_entrypoint(spec: ModelSpec):
-    def entrypoint(pretrained: bool = False, **kwargs) -> nn.Module:
-        overlay = kwargs.get("pretrained_cfg_overlay") or {}
-        if pretrained and overlay.get("file"):
-            # a vitdeep export knows its options: build the model it was saved from
-            kwargs = {**(export_options(overlay["file"]) or {}), **kwargs}
-            crop = export_crop_ratio(overlay["file"])
-            kwargs["pretrained_cfg_overlay"] = {"num_classes": kwargs.get("num_classes", 1000),
-                                                **({"crop_pct": crop} if crop is not None else {}), **overlay}
-        out_indices = kwargs.pop("out_indices", 3)
-        model = build_model_with_cfg(
-            spec.model_cls, f"vitdeep_{spec.name}", pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-            feature_cfg=dict(out_indices=out_indices, feature_cls="getter"), **class_kwargs(spec, kwargs),
-        )
-        return _with_cfg(model, model.pretrained_cfg) if isinstance(model, DeepTransformer) else model
-
-    entrypoint.__name__ = f"vitdeep_{spec.name}"
-    entrypoint.__qualname__ = entrypoint.__name__
-    entrypoint.__module__ = __name__
-    entrypoint.__doc__ = f"vitdeep {spec.name}: {spec.family}, depth {spec.depth}, width {spec.embed_dim}."
-    return entrypoint
-
-
-def _register_with_timm() -> None:
-    """Every model is also `timm.create_model("vitdeep_<name>")` once `vitdeep.models` is imported."""
-    module = sys.modules[__name__]
-    for spec in MODELS.values():
-        entrypoint = _timm_entrypoint(spec)
-        setattr(module, entrypoint.__name__, entrypoint)
-        register_model(entrypoint)
-
-
-_register_with_timm()
