@@ -76,7 +76,8 @@ def prepare(grid_spec: str, options: dict[str, Any], *, ranks: int | None, demo:
     """The grid resolved for its folder, every cell's options checked (and, to run here, every
     cell's full run plan); raises `UserError` before anything is written."""
     from vitdeep.ablate.grid import load_grid, resolve_cells
-    from vitdeep.ablate.run import Ablation, check_plans, check_same_grid
+    from vitdeep.ablate.cells import Ablation
+    from vitdeep.ablate.run import check_plans, check_same_grid
     from vitdeep.launcher import default_ds_config, default_ranks
 
     overrides = dict(options)

@@ -50,7 +50,7 @@ def train_cells(path: Path) -> None:
 
     import torch
 
-    from vitdeep.ablate.run import finish_cell
+    from vitdeep.ablate.cells import finish_cell
     from vitdeep.config import resolve_config
     from vitdeep.data.pipeline import StreamReplay
     from vitdeep.engine.capacity import check_fits

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from vitdeep.ablate.grid import common_options
-from vitdeep.ablate.run import (
+from vitdeep.ablate.cells import (
     GRID_FILE,
     cell_dir,
     clock,

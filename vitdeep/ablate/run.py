@@ -20,150 +20,31 @@ newest complete checkpoint, or afresh).
 
 from __future__ import annotations
 
-import functools
-import json
 import shlex
 import statistics
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from rich.markup import escape
 
-from vitdeep.ablate.grid import CellRun, Grid, format_value
+from vitdeep.ablate.cells import (
+    GRID_FILE,
+    Ablation,
+    clock,
+    finish_or_error,
+    is_finished,
+    is_trained,
+    log_file,
+    read_json,
+    status_file,
+    update_status,
+)
+from vitdeep.ablate.grid import CellRun, format_value
+from vitdeep.ablate.launch import LAUNCH_FILE, marked_index, write_launch
+from vitdeep.ablate.results import RESULT_FILES, collect
+from vitdeep.ablate.slurm import SBATCH_NAME
 from vitdeep.errors import TrainingStopped, UserError
-
-GRID_FILE = "grid.json"
-
-
-@dataclass
-class Ablation:
-    """A grid resolved for one folder: the cells' runs and what they share."""
-
-    grid: Grid
-    out: Path
-    runs: list[CellRun]
-    data: str
-    val: str
-    ranks: int
-    #: The demo recipe file the cells' options lie over (--demo), else None.
-    recipe: Path | None = None
-
-    def cell_dir(self, name: str) -> Path:
-        return cell_dir(self.out, name)
-
-    def number(self, run: CellRun) -> int:
-        """The cell's place in the grid, from 1 (by name, which is unique: a list search per cell
-        would be quadratic in a grid of thousands)."""
-        return self._numbers[run.name]
-
-    @functools.cached_property
-    def _numbers(self) -> dict[str, int]:
-        return {run.name: number for number, run in enumerate(self.runs, 1)}
-
-    def cell_options(self, run: CellRun) -> dict[str, Any]:
-        """The cell's full train options: its own and the shared ones, its data and folder, and
-        `resume: auto` once its folder exists."""
-        folder = self.cell_dir(run.name)
-        return {"data": self.data, "val": self.val, "out": str(folder), **run.options,
-                **({"resume": "auto"} if folder.exists() else {})}
-
-    def train_args(self, run: CellRun) -> list[str]:
-        """`vitdeep train …` of one cell, as its options say."""
-        from vitdeep.launcher import option_flags
-
-        return ["train", *(["--config", str(self.recipe)] if self.recipe else []), *option_flags(self.cell_options(run))]
-
-    def record(self) -> dict[str, Any]:
-        """`grid.json`: the layout `--collect` needs, and each cell's options (a rerun must match them)."""
-        return {
-            "grid": self.grid.describe(),
-            "data": self.data,
-            "val": self.val,
-            "recipe": str(self.recipe) if self.recipe else None,
-            "cells": [{"name": run.name, "group": run.group, "options": run.own, "train_options": run.options,
-                       "columns": columns_of(self.grid, run)} for run in self.runs],
-        }
-
-
-def cell_dir(out: Path, name: str) -> Path:
-    return Path(out) / "cells" / name
-
-
-def status_file(out: Path, name: str) -> Path:
-    return Path(out) / "status" / f"{name}.json"
-
-
-def log_file(out: Path, name: str) -> Path:
-    return Path(out) / "logs" / f"{name}.log"
-
-
-def columns_of(grid: Grid, run: CellRun) -> dict[str, Any]:
-    """The cell's value in each table column: the option it ran with, or its named-axis variant."""
-    flat = run.config.flat()
-    return {heading: flat[option] if option else run.cell.variants[heading] for heading, option in grid.columns}
-
-
-def read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def is_trained(folder: Path) -> bool:
-    return (folder / "summary.json").is_file()
-
-
-def finish_files(folder: Path) -> list[Path]:
-    """What finishing writes into a trained cell: eval.json, eval_ema.json (with an EMA), analysis."""
-    config = read_json(folder / "config.json") or {}
-    ema = config.get("optim", {}).get("ema_decay", 0) > 0
-    return [folder / "eval.json", *([folder / "eval_ema.json"] if ema else []), folder / "analysis" / "metrics.json"]
-
-
-def is_finished(folder: Path) -> bool:
-    return is_trained(folder) and all(path.is_file() for path in finish_files(folder))
-
-
-def finish_cell(folder: Path) -> None:
-    """Evaluate a trained cell on its validation shards (raw and EMA) and analyse its
-    over-smoothing there, with the crop ratio it was validated at: in one process, or on every
-    rank of a launch (the evaluation split between them, the analysis on rank 0). A rerun
-    replaces the cell's earlier evaluation and analysis: they are its own."""
-    import torch.distributed as dist
-
-    from vitdeep.commands.analyze import run_analyze
-    from vitdeep.commands.eval import run_eval
-    from vitdeep.monitor import is_main_process
-
-    config = read_json(folder / "config.json")
-    if config is None:
-        raise UserError(f"{folder} has no readable config.json")
-    val, crop_ratio, workers = config["data"]["val"], config["augment"]["crop_ratio"], config["data"]["workers"]
-    if not val:
-        raise UserError(f"{folder} was trained without --val: nothing to evaluate the cell on")
-    run_eval(str(folder), val, out=folder / "eval.json", crop_ratio=crop_ratio, workers=workers, overwrite=True)
-    if config["optim"]["ema_decay"] > 0:
-        run_eval(str(folder), val, out=folder / "eval_ema.json", crop_ratio=crop_ratio, workers=workers, ema=True,
-                 overwrite=True)
-    if is_main_process():
-        run_analyze(model=None, checkpoint=folder, images=None, data=val, out=folder / "analysis", crop_ratio=crop_ratio,
-                    overwrite=True)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-
-
-def update_status(out: Path, name: str, **changes: Any) -> dict[str, Any]:
-    from vitdeep.engine.checkpoint import write_json_atomic
-
-    path = status_file(out, name)
-    status = {"status": "pending", "error": None, "attempts": 0, "wall_s": 0.0, **(read_json(path) or {}), **changes}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, status)
-    return status
-
 
 # ---- preparing: everything checked before anything is written --------------------------------
 
@@ -172,9 +53,6 @@ def check_same_grid(ablation: Ablation) -> None:
     """A folder holds one grid: a rerun must ask for the same cells with the same options. A folder
     without `grid.json` holds nothing under the names a grid writes (they are not a grid's), and
     no grid writes into the shards it reads."""
-    from vitdeep.ablate.launch import LAUNCH_FILE
-    from vitdeep.ablate.results import RESULT_FILES
-    from vitdeep.ablate.slurm import SBATCH_NAME
     from vitdeep.paths import claim_outputs, data_folders
 
     recorded = read_json(ablation.out / GRID_FILE)
@@ -229,7 +107,6 @@ def run_grid(ablation: Ablation) -> dict[str, Any]:
 
     Trained cells are finished here; the others train in one launch, and after a cell that
     fails, the cells behind it in a new one."""
-    from vitdeep.ablate.results import collect
     from vitdeep.monitor import make_console
 
     console = make_console()
@@ -261,7 +138,6 @@ def _finish_trained(console, ablation: Ablation, run: CellRun) -> None:
 def _launch(console, ablation: Ablation, runs: list[CellRun]) -> list[CellRun]:
     """Train, evaluate and analyse `runs` in one DeepSpeed launch; returns the cells it did not
     reach because one before them failed."""
-    from vitdeep.ablate.launch import write_launch
     from vitdeep.launcher import deepspeed_command, run_logged
 
     cells = [{"index": ablation.number(run), "name": run.name, "options": ablation.cell_options(run),
@@ -297,8 +173,6 @@ class _LaunchTracker:
 
     def switch(self, line: str) -> Path | None:
         """The log of the cell a marker line starts (and the previous cell recorded), else None."""
-        from vitdeep.ablate.launch import marked_index
-
         position = self.positions.get(marked_index(line))
         if position is None:
             return None
@@ -328,18 +202,6 @@ def _record_end(console, ablation: Ablation, run: CellRun, error: str | None, wa
         console.print(f"[red]{escape(run.name)} failed: {escape(error)}[/] (the grid goes on)", soft_wrap=True)
 
 
-def finish_or_error(console, folder: Path) -> str | None:
-    """Finish a trained cell; the error line when that fails (the grid goes on)."""
-    try:
-        finish_cell(folder)
-    except UserError as error:
-        return f"error: {error}"
-    except Exception as error:
-        console.print_exception()
-        return f"{type(error).__name__}: {error}".splitlines()[0]
-    return None
-
-
 def _show_progress(console, ablation: Ablation, index: int) -> None:
     """The grid's progress above the cell's own: cell i of N, and an ETA from the wall times of
     the cells finished so far (this session's and earlier ones')."""
@@ -356,14 +218,6 @@ def _show_progress(console, ablation: Ablation, index: int) -> None:
     progress.add_task(ablation.grid.name, total=len(names), completed=len(done), eta=eta)
     console.rule(f"[bold]cell {index + 1} of {len(names)}: {escape(names[index])}")
     console.print(progress.make_tasks_table(progress.tasks))
-
-
-def clock(seconds: float | None) -> str:
-    """`h:mm:ss`, or – when unknown."""
-    if seconds is None:
-        return "–"
-    minutes, secs = divmod(int(round(seconds)), 60)
-    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
 
 
 def print_dry_run(ablation: Ablation) -> None:

@@ -15,7 +15,7 @@ import shlex
 from pathlib import Path
 
 from vitdeep.ablate.grid import common_options
-from vitdeep.ablate.run import Ablation
+from vitdeep.ablate.cells import Ablation
 from vitdeep.errors import UserError
 from vitdeep.launcher import option_flags
 from vitdeep.paths import follow_umask
