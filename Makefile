@@ -1,4 +1,5 @@
-# vitdeep: `make demo` runs the main job on built-in data, `make test` runs the test suite,
+# vitdeep: `make demo` runs the main job on built-in data, `make test` runs the test suite (`make
+# test-fast` the tests that start no other process),
 # `make bench` prints the benchmark tables, `make gpu-check` runs the prepared GPU check (≤ 5 min on
 # one CUDA GPU; results in benchmarks/results/gpu-<card>.*). Each creates .venv on first use.
 PYTHON ?= python3
@@ -8,7 +9,7 @@ READY := $(VENV)/.ready
 # DeepSpeed picks the CPU accelerator on machines without a GPU.
 export DS_ACCELERATOR ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu)
 
-.PHONY: setup demo test bench gpu-check clean
+.PHONY: setup demo test test-fast bench gpu-check clean
 
 setup: $(READY)
 
@@ -23,6 +24,10 @@ demo: $(READY)
 
 test: $(READY)
 	$(PY) -m pytest
+
+# The inner loop: every test that starts no other vitdeep process (tests/conftest.py enforces the mark).
+test-fast: $(READY)
+	$(PY) -m pytest -m "not slow"
 
 bench: $(READY)
 	$(PY) benchmarks/run_all.py

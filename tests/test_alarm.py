@@ -51,6 +51,7 @@ def test_the_alarm_needs_measurements(digit_shards, tmp_path, capsys):
              "--oversmoothing-every", "0"], capsys, "--oversmoothing-every", out)
 
 
+@pytest.mark.slow
 def test_the_alarm_stops_a_run_with_a_checkpoint_and_its_own_exit_code(digit_shards, tmp_path):
     """A 6-block ViT at random init has alike tokens: a low threshold fires at the third
     measurement (step 3); `stop` saves that step, logs the alarm and exits with code 3."""

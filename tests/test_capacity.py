@@ -308,6 +308,7 @@ def test_no_plan_check_is_a_train_option(digit_shards, tmp_path, capsys):
 MEASURED_CONFIGS = {"deit_tiny_24": ("cpu_fp32", "zero1_bf16", "zero2_bf16", "zero3_bf16"), "cait_xxs24": ("cpu_fp32", "zero2_bf16", "zero3_bf16")}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", sorted(MEASURED_CONFIGS))
 def test_measured_step_agrees_with_the_plan_on_two_ranks(model, tmp_path):
     """`--measure` (through `run_plan`) on 2 CPU ranks, 64 px, micro-batch 32, one launch per model:

@@ -105,10 +105,13 @@ def _steps(transform) -> list[str]:
 
 def test_zero_turns_augmentation_parts_off():
     assert _steps(train_transform(AugmentConfig(), 32)) == [
-        "RandomResizedCropAndInterpolation", "RandomHorizontalFlip", "RandAugment", "MaybePILToTensor"]
+        "ReducedDecodeCrop", "RandomHorizontalFlip", "RandAugment", "MaybePILToTensor"]
     assert _steps(train_transform(AugmentConfig(rand_augment=""), 32)) == [
-        "RandomResizedCropAndInterpolation", "RandomHorizontalFlip", "ColorJitter", "MaybePILToTensor"]
+        "ReducedDecodeCrop", "RandomHorizontalFlip", "ColorJitter", "MaybePILToTensor"]
     assert _steps(train_transform(AugmentConfig(rand_augment="", color_jitter=0, hflip=0), 32)) == [
+        "ReducedDecodeCrop", "MaybePILToTensor"]
+    # without reduced decoding the crop is timm's own
+    assert _steps(train_transform(AugmentConfig(rand_augment="", color_jitter=0, hflip=0, reduced_decode=False), 32)) == [
         "RandomResizedCropAndInterpolation", "MaybePILToTensor"]
 
 

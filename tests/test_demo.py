@@ -3,6 +3,8 @@
 import dataclasses
 import json
 
+import pytest
+
 from tests.launch import run, single_cmd
 from vitdeep.demo import RECIPE, VARIANTS
 from vitdeep.config import load_config_file, resolve_config
@@ -19,6 +21,7 @@ def test_demo_recipe_is_a_valid_run_config():
         assert set(weights) <= set(dataclasses.asdict(cfg.loss))  # each one a loss option of the run config
 
 
+@pytest.mark.slow
 def test_demo_pipeline_at_a_tiny_budget(tmp_path):
     out = tmp_path / "demo"
     result = run(single_cmd(["demo", "--out", str(out), "--steps", "3"]), timeout=900)

@@ -87,6 +87,7 @@ def test_schedule_applies_layer_decay_scale():
     assert len(lrs) == 1 and math.isclose(lrs[0], LrSchedule(peak_lr=1e-3, total_steps=10).lr_at(3))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ds_config", ["zero1_bf16", "zero2_bf16", "zero3_bf16", "cpu_fp32", "zero2_autocast_bf16"])
 def test_partitioned_ema_is_exact_under_every_zero_stage(ds_config):
     from tests.launch import free_port

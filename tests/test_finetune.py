@@ -42,6 +42,7 @@ def zero3_run(digit_shards, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_eval_on_two_ranks_equals_one_rank_and_the_training_validation(zero3_run, digit_shards, tmp_path):
     one, two = tmp_path / "one.json", tmp_path / "two.json"
     run(single_cmd(["eval", "--checkpoint", str(zero3_run), "--data", str(digit_shards), "--workers", "1", "--out", str(one)]))
@@ -54,6 +55,7 @@ def test_eval_on_two_ranks_equals_one_rank_and_the_training_validation(zero3_run
     assert one["top1"] == pytest.approx(trained["top1"], abs=1e-9)  # loading loses nothing
 
 
+@pytest.mark.slow
 def test_consolidated_ema_of_a_zero3_run(zero3_run):
     torch.manual_seed(0)  # the run's seed: the EMA with decay 1 is the initial model
     marker = read_marker(complete_checkpoints(zero3_run)[-1])
@@ -65,6 +67,7 @@ def test_consolidated_ema_of_a_zero3_run(zero3_run):
     assert not torch.equal(trained["blocks.0.attn.qkv.weight"], initial["blocks.0.attn.qkv.weight"])
 
 
+@pytest.mark.slow
 def test_resampled_position_embedding_is_bicubic_of_the_source_grid(zero3_run):
     weights = read_weights(zero3_run)
     model, report = build_model(weights, img_size=64)
@@ -76,6 +79,7 @@ def test_resampled_position_embedding_is_bicubic_of_the_source_grid(zero3_run):
     assert torch.allclose(model.pos_embed[:, 1:], expected, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_finetune_at_64px_from_a_zero3_checkpoint(zero3_run, digit_shards, tmp_path, capsys):
     out = tmp_path / "ft"
     with pytest.raises(SystemExit) as exit_info:
@@ -109,6 +113,7 @@ def test_finetune_at_64px_from_a_zero3_checkpoint(zero3_run, digit_shards, tmp_p
     assert set(trained_keys) <= changed, sorted(set(trained_keys) - changed)  # every tensor of blocks 2-5 and the head trained
 
 
+@pytest.mark.slow
 def test_export_loads_in_timm_with_the_checkpoints_logits(zero3_run, tmp_path):
     import vitdeep.models  # noqa: F401  (registers vitdeep_* with timm)
 
@@ -344,6 +349,7 @@ def test_timm_vit_large_loads_as_deit_large_24_with_depth_and_width_checks(tmp_p
     ("timm_large", ["--model", "deit_large_12", "--depth", "12"], "source depth 24, width 64; model depth 12, width 64"),
     ("run", ["--img-size", "30"], "img_size=30 is not divisible by patch_size=4"),
 ])
+@pytest.mark.slow
 def test_bad_sources_exit_2(zero3_run, digit_shards, tmp_path, capsys, source, extra, needle):
     paths = {"missing": tmp_path / "nope.pth", "garbage": tmp_path / "garbage.pth", "run": zero3_run}
     (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint at all")

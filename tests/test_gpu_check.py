@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.launch import cpu_env
 
 REPO = Path(__file__).resolve().parent.parent
@@ -19,6 +21,7 @@ def gpu_check(*args: str, timeout: float = 1200) -> subprocess.CompletedProcess:
                           timeout=timeout)
 
 
+@pytest.mark.slow  # the script starts 2 ranks
 def test_cpu_smoke_runs_every_stage_and_records_what_it_found(tmp_path):
     result = gpu_check("--cpu-smoke", "--work", str(tmp_path))
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]

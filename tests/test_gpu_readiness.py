@@ -33,6 +33,7 @@ def recorded_train(shards: Path, out: Path, *extra: str) -> dict:
     return record
 
 
+@pytest.mark.slow
 def test_compile_under_zero2_with_the_losses_and_checkpointing_trains_and_resumes(digit_shards, tmp_path):
     args = ["--ds-config", "zero2_bf16", "--compile", "--grad-checkpointing", "--cos-weight", "1"]
     first = recorded_train(digit_shards, tmp_path, *args, "--steps", "4")
@@ -49,6 +50,7 @@ def test_compile_under_zero2_with_the_losses_and_checkpointing_trains_and_resume
     print(f"--compile: {first['compile']}")
 
 
+@pytest.mark.slow
 def test_autocast_mode_keeps_fp32_weights_and_resumes_exports_and_evaluates(digit_shards, tmp_path):
     args = ["--ds-config", "zero2_autocast_bf16", "--ema-decay", "0.5", "--no-ema-warmup"]
     first = recorded_train(digit_shards, tmp_path, *args, "--steps", "4")

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -67,6 +68,7 @@ TINY = ["--model", "deit_tiny_12", "--embed-dim", "64", "--num-heads", "2", "--d
         "--patch-size", "8", "--global-batch", "32", "--micro-batch", "16", "--workers", "1", "--steps", "2"]
 
 
+@pytest.mark.slow
 def test_a_lone_rank_of_two_ends_in_one_line_and_writes_nothing(digit_shards, tmp_path):
     """WORLD_SIZE=2 with RANK=0 and no second rank: the process group cannot form within
     --dist-timeout (here 6 s); one line, exit 1, no --out (was DeepSpeed's assertion and a
@@ -80,6 +82,7 @@ def test_a_lone_rank_of_two_ends_in_one_line_and_writes_nothing(digit_shards, tm
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_a_failed_start_does_not_block_the_same_command(digit_shards, tmp_path):
     """A run whose engine fails to build (DeepSpeed refuses a bucket size) after --out was
     claimed leaves config.json there; the same command then runs, and only a run that logged a

@@ -203,6 +203,7 @@ def error_lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.startswith("error")]
 
 
+@pytest.mark.slow
 def test_two_nodes_train_zero2_to_the_same_weights_and_one_checkpoint(network, digit_shards, tmp_path, started):
     # per-node mode reads ./.deepspeed_env for what a node's environment lacks
     (tmp_path / ".deepspeed_env").write_text("VITDEEP_TEST_ENV=from-deepspeed-env\n")
@@ -273,6 +274,7 @@ def _check_one_clear_line(run: TwoNodes, needle: str) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 def test_killing_a_node_ends_the_other_with_one_clear_line(network, digit_shards, tmp_path, started):
     run = _train_until_a_checkpoint(network, digit_shards, tmp_path, started)
     code, seconds = _signal_node_1(run, signal.SIGKILL)
@@ -285,6 +287,7 @@ def test_killing_a_node_ends_the_other_with_one_clear_line(network, digit_shards
     print(line)
 
 
+@pytest.mark.slow
 def test_a_hung_node_ends_the_other_at_the_dist_timeout(network, digit_shards, tmp_path, started):
     """A node that stops answering without closing its connections: only --dist-timeout ends the wait."""
     run = _train_until_a_checkpoint(network, digit_shards, tmp_path, started)
@@ -296,6 +299,7 @@ def test_a_hung_node_ends_the_other_at_the_dist_timeout(network, digit_shards, t
     assert "Timed out" in error_lines(run.nodes[0].output("err"))[0]
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_nodes_script_stops_both_nodes_at_one_step_with_a_checkpoint(network, digit_shards, tmp_path, started):
     """SIGTERM to node 0's launch script alone (not its launcher, not its ranks, as Slurm's warning
     signal or a scheduler would send it): the script passes it to its rank, the two nodes agree at

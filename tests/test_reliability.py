@@ -90,6 +90,7 @@ def plant_payload(file: Path, flag: Path) -> None:
 # -- security: nothing in a run directory runs code ----------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "stage, name",
     [
@@ -128,6 +129,7 @@ def test_a_crafted_checkpoint_file_runs_no_code(stage_runs, digit_shards, tmp_pa
     assert not flag.exists()
 
 
+@pytest.mark.slow
 def test_checkpoints_of_every_stage_read_safely_and_consolidate(stage_runs):
     """Every file a run writes loads with weights_only=True; the EMA consolidates like the weights."""
     for stage, out in stage_runs.items():
@@ -152,6 +154,7 @@ DAMAGE = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", DAMAGE)
 def test_a_damaged_checkpoint_is_skipped_with_the_reason(stage_runs, digit_shards, tmp_path, capsys, damage):
     run_dir = copy_run(stage_runs["zero2"], tmp_path / "run")
@@ -164,6 +167,7 @@ def test_a_damaged_checkpoint_is_skipped_with_the_reason(stage_runs, digit_shard
     refuses(["eval", "--checkpoint", str(newest), "--data", str(digit_shards), "--out", str(tmp_path / "e.json")], capsys, reason)
 
 
+@pytest.mark.slow
 def test_resume_auto_skips_a_damaged_checkpoint_and_says_so(stage_runs, digit_shards, tmp_path):
     run_dir = copy_run(stage_runs["zero2"], tmp_path / "run")
     _truncate(run_dir / "checkpoints" / tag_for(4) / "rank_00000.pt")
@@ -180,6 +184,7 @@ def test_resume_auto_skips_a_damaged_checkpoint_and_says_so(stage_runs, digit_sh
 # -- output folders -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_new_run_on_an_old_runs_out_is_refused_unless_overwrite(stage_runs, digit_shards, tmp_path, capsys):
     run_dir = copy_run(stage_runs["zero0"], tmp_path / "run")
     before = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
@@ -194,6 +199,7 @@ def test_a_new_run_on_an_old_runs_out_is_refused_unless_overwrite(stage_runs, di
     assert not (run_dir / ".vitdeep.lock").exists(), "the lock goes with the run"
 
 
+@pytest.mark.slow
 def test_a_second_run_on_the_same_out_is_refused_and_a_stale_lock_taken_over(digit_shards, tmp_path):
     from vitdeep.engine.rundir import LOCK, _owner
 
@@ -212,6 +218,7 @@ def test_a_second_run_on_the_same_out_is_refused_and_a_stale_lock_taken_over(dig
     assert read_marker(complete_checkpoints(out)[-1])["step"] == 1 and not (out / LOCK).exists()
 
 
+@pytest.mark.slow
 def test_unwritable_outputs_are_refused_before_any_work(digit_shards, stage_runs, tmp_path, capsys):
     a_file = tmp_path / "file"
     a_file.write_text("x")
@@ -233,6 +240,7 @@ def test_unwritable_outputs_are_refused_before_any_work(digit_shards, stage_runs
         subprocess.run(["chattr", "-i", str(read_only)], check=True)
 
 
+@pytest.mark.slow
 def test_eval_writes_into_a_folder_it_creates(stage_runs, digit_shards, tmp_path):
     out = tmp_path / "new" / "folder" / "eval.json"
     run(single_cmd(["eval", "--checkpoint", str(stage_runs["zero0"]), "--data", str(digit_shards), "--out", str(out), "--workers", "1"]))
@@ -240,6 +248,7 @@ def test_eval_writes_into_a_folder_it_creates(stage_runs, digit_shards, tmp_path
     assert result["count"] == result["expected"] == result["read"] == 297 and result["missing"] == 0 and result["bad"] == {}
 
 
+@pytest.mark.slow
 def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(digit_shards, tmp_path):
     args = train_args(digit_shards, tmp_path, "--steps", "6", "--save-every", "2", "--ds-config", "zero2_bf16")
     result = run(fault_cmd(args, "enospc:1:4"), check=False)
@@ -251,6 +260,7 @@ def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(digit_shards, t
     assert not (tmp_path / "checkpoints" / tag_for(4)).exists()
 
 
+@pytest.mark.slow
 def test_a_rank_killed_between_its_partition_and_the_marker_leaves_no_complete_checkpoint(digit_shards, tmp_path):
     """Deterministic: rank 1 dies after writing its ZeRO partition of step 4, before the marker."""
     args = train_args(digit_shards, tmp_path, "--steps", "8", "--save-every", "2", "--ds-config", "zero2_bf16")
@@ -268,6 +278,7 @@ def test_a_rank_killed_between_its_partition_and_the_marker_leaves_no_complete_c
 # -- signals: stop at a step boundary with a checkpoint, resume to the same weights ----------------
 
 
+@pytest.mark.slow
 def test_sigterm_saves_at_the_interrupted_step_and_resume_reaches_the_same_weights(digit_shards, tmp_path):
     """2 ranks, fp32: SIGTERM to rank 1 during micro-batch 7 (step 4 of 12; saves every 5)."""
     common = ["--steps", "12", "--ds-config", "cpu_fp32", "--save-every", "5", "--ema-decay", "0.9"]
@@ -293,6 +304,7 @@ def test_a_second_sigint_stops_at_once(digit_shards, tmp_path):
     assert complete_checkpoints(tmp_path) == [], "no checkpoint: the second Ctrl-C means now"
 
 
+@pytest.mark.slow
 def test_a_rank_that_fails_is_named_by_the_others_at_once(digit_shards, tmp_path):
     """The failing rank exits (its data workers killed, not waited for), so the other notices the
     closed connection at once, not after `--dist-timeout` (10 minutes here: the subprocess times
@@ -346,6 +358,7 @@ def _eval(checkpoint: Path, shards: Path, out: Path, ranks: int, *extra: str, ch
     return run(deepspeed_cmd(args, ranks) if ranks > 1 else single_cmd(args), check=check)
 
 
+@pytest.mark.slow
 def test_samples_lost_after_a_tar_error_are_counted_the_same_on_1_and_2_ranks(stage_runs, damaged_val, tmp_path):
     checkpoint = stage_runs["zero0"]
     refused = _eval(checkpoint, damaged_val, tmp_path / "refused.json", 1, check=False)
@@ -389,6 +402,7 @@ def val_with_bad_samples(digit_shards, tmp_path_factory):
     return shards
 
 
+@pytest.mark.slow
 def test_eval_judges_bad_data_once_over_all_ranks(stage_runs, val_with_bad_samples, tmp_path):
     results = []
     for ranks in (1, 2):
@@ -402,6 +416,7 @@ def test_eval_judges_bad_data_once_over_all_ranks(stage_runs, val_with_bad_sampl
     assert results[0]["top1"] == results[1]["top1"]
 
 
+@pytest.mark.slow
 def test_bad_validation_data_never_discards_training(digit_shards, val_with_bad_samples, tmp_path):
     args = train_args(digit_shards, tmp_path, "--steps", "23", "--ds-config", "cpu_fp32", "--save-every", "100",
                       "--val", str(val_with_bad_samples), "--max-bad-fraction", "0.001", "--log-every", "23")
@@ -449,6 +464,7 @@ def test_config_files_malformed_or_with_yaml_quirks(digit_shards, tmp_path, caps
     assert done.value.code == 0 and "0.001" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_resume_compares_resolved_architectures(stage_runs, digit_shards, tmp_path, capsys):
     """The run was made without --talking-heads and with --init-values unset: spelling out the
     defaults (DeiT: no talking heads, no LayerScale) resumes; a real change does not."""

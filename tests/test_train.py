@@ -28,6 +28,7 @@ def zero2_run(digit_shards, tmp_path_factory):
     return out, result
 
 
+@pytest.mark.slow
 def test_zero2_bf16_two_ranks_learns_and_checkpoints(zero2_run):
     out, result = zero2_run
     rows = metrics(out)
@@ -65,6 +66,7 @@ def test_zero2_bf16_two_ranks_learns_and_checkpoints(zero2_run):
     assert summary["steps"] == 40 and summary["skipped_steps"] == 0
 
 
+@pytest.mark.slow
 def test_zero3_bf16_two_ranks(digit_shards, tmp_path):
     run(deepspeed_cmd(train_args(digit_shards, tmp_path, "--steps", "30", "--ds-config", "zero3_bf16", "--mixup", "0",
                                  "--cutmix", "0", "--val", str(digit_shards), "--save-every", "15")))
@@ -79,6 +81,7 @@ def test_zero3_bf16_two_ranks(digit_shards, tmp_path):
     assert 0 <= val["ema_top1"] <= 100 and 0 <= val["top1"] <= val["top5"] <= 100
 
 
+@pytest.mark.slow
 def test_zero1_bf16_and_torchrun_launch(digit_shards, tmp_path):
     from tests.launch import torchrun_cmd
 
@@ -89,6 +92,7 @@ def test_zero1_bf16_and_torchrun_launch(digit_shards, tmp_path):
     assert marker["world_size"] == 2 and marker["precision"] == "bf16" and marker["step"] == 6
 
 
+@pytest.mark.slow
 def test_single_process_fp32_short_run_reports_its_final_validation(digit_shards, tmp_path, capsys):
     """4 steps of an epoch of 46: the run ends mid-epoch and still validates at its end; resuming
     it says it is complete; off a terminal it logs plain lines; its config.json reruns."""
@@ -117,6 +121,7 @@ def test_single_process_fp32_short_run_reports_its_final_validation(digit_shards
 
 
 
+@pytest.mark.slow
 def test_val_every_validates_every_nth_epoch_and_after_the_last(digit_shards, tmp_path):
     """1,500 digits at global batch 64: 23 steps an epoch. `--val-every 2` over 3 epochs validates
     after the second epoch and after the last, and saves a checkpoint only before validating."""
@@ -149,6 +154,7 @@ def _wait_for(condition, process: subprocess.Popen, timeout: float = 300.0, poll
 FP32_RESUME = ["--steps", "16", "--ds-config", "cpu_fp32", "--save-every", "5", "--ema-decay", "0.9"]
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_matches_an_uninterrupted_run(digit_shards, tmp_path):
     """fp32, fixed seed: the resumed run takes the same lr and the same losses (within 1e-5)."""
     reference, killed = tmp_path / "reference", tmp_path / "killed"
@@ -178,6 +184,7 @@ def _nan_cmd(args: list[str], bad_micro_batches: str) -> list[str]:
     return [*cmd[:module_at], str(NAN_SCRIPT), bad_micro_batches, *cmd[module_at + 2:]]
 
 
+@pytest.mark.slow
 def test_a_non_finite_loss_on_one_rank_is_skipped_by_all(digit_shards, tmp_path):
     result = run(_nan_cmd(train_args(digit_shards, tmp_path, "--steps", "8", "--ds-config", "zero2_bf16",
                                      "--dist-timeout", "1"), "3"), timeout=600)
@@ -189,6 +196,7 @@ def test_a_non_finite_loss_on_one_rank_is_skipped_by_all(digit_shards, tmp_path)
     assert all(math.isfinite(row["loss"]) and math.isfinite(row["ce"]) for row in rows.values()), rows
 
 
+@pytest.mark.slow
 def test_non_finite_losses_in_a_row_stop_the_run_and_keep_the_checkpoint(digit_shards, tmp_path):
     args = train_args(digit_shards, tmp_path, "--steps", "20", "--ds-config", "zero2_bf16", "--save-every", "2", "--max-bad-steps", "3")
     result = run(_nan_cmd(args, "9-"), check=False)
@@ -232,6 +240,7 @@ def test_missing_shards_and_broken_ds_config(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_resume_of_another_models_checkpoint_is_refused(zero2_run, digit_shards, capsys):
     out, _ = zero2_run
     checkpoint = complete_checkpoints(out)[-1]
@@ -268,6 +277,7 @@ def test_config_file_and_cli_precedence(digit_shards, tmp_path, capsys):
     assert not (tmp_path / "out").exists() and not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_hard_distillation_from_a_vitdeep_teacher(zero2_run, digit_shards, tmp_path):
     teacher, _ = zero2_run
     run(deepspeed_cmd(train_args(digit_shards, tmp_path, "--steps", "3", "--ds-config", "zero2_bf16",
@@ -278,6 +288,7 @@ def test_hard_distillation_from_a_vitdeep_teacher(zero2_run, digit_shards, tmp_p
     assert marker["model_kwargs"]["distilled"] is True
 
 
+@pytest.mark.slow
 def test_resume_with_another_data_stream_says_so(zero2_run, digit_shards, tmp_path):
     import shutil
 
@@ -292,6 +303,7 @@ def test_resume_with_another_data_stream_says_so(zero2_run, digit_shards, tmp_pa
     assert read_marker(complete_checkpoints(out)[-1])["step"] == 41
 
 
+@pytest.mark.slow
 def test_eval_of_a_run_repeats_its_own_last_validation(digit_shards, tmp_path):
     """The demo recipe validates at crop ratio 1.0; `eval` (and `analyze`, and the export's timm
     `crop_pct`) take the run's own unless told otherwise, so `eval` of the model and of its EMA
