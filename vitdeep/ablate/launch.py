@@ -49,6 +49,7 @@ def train_cells(path: Path) -> None:
     import json
 
     import torch
+    import torch.distributed as dist
 
     from vitdeep.ablate.cells import finish_cell
     from vitdeep.config import resolve_config
@@ -67,6 +68,10 @@ def train_cells(path: Path) -> None:
             print(marker_line(cell["index"], spec["total"], cell["name"], cell["command"]), flush=True)
         plan = plan_from_env(resolve_config(cell["options"], spec["recipe"]))
         check_fits(plan)
+        if dist.is_initialized():
+            # from the second cell on the process group exists: without this, rank 0 could lock the
+            # cell's --out before a slower rank's plan checked it, which then sees a live holder
+            dist.barrier()
         train(plan, replay)
         gc.collect()  # the cell's engine, optimizer and data before the next cell's
         if torch.cuda.is_available():
