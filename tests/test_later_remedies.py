@@ -55,6 +55,15 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item()
 
 
+def _assert_same_logits(model, reference, label: str) -> None:
+    """`model` and its reference transcription give the same logits on the same images."""
+    x = _images()
+    with torch.no_grad():
+        diff = _max_diff(model(x), reference(x))
+    print(f"{label} max |Δlogits| = {diff:.2e}")
+    assert diff <= TOLERANCE
+
+
 # -- DeepViT (zhoudaquan/dvit_repo, models/layers.py and models/deep_vision_transformer.py) -------
 
 
@@ -148,11 +157,7 @@ def test_reattention_matches_deepvit_through_its_checkpoint_format(mode):
     assert any("reatten_matrix" in line for line in report.converted)
     assert options_in_state_dict(state, "deit_tiny_12") == {"reattention": True}
     getattr(model, mode)(), getattr(reference, mode)()
-    x = _images()
-    with torch.no_grad():
-        diff = _max_diff(model(x), reference(x))
-    print(f"Re-attention vs DeepViT ({mode}): max |Δlogits| = {diff:.2e}")
-    assert diff <= TOLERANCE
+    _assert_same_logits(model, reference, f"Re-attention vs DeepViT ({mode}):")
 
 
 def test_reattention_attention_dropout_acts_before_the_mixing():
@@ -201,11 +206,7 @@ def test_contranorm_matches_the_authors_drop_in_norm_layer():
     model = create_model("deit_tiny_12", contranorm=0.3, **TINY).eval()
     fitted, report = adapt_state_dict(state, model, "contranorm.pth", "ContraNorm state dict")
     model.load_state_dict(fitted)
-    x = _images()
-    with torch.no_grad():
-        diff = _max_diff(model(x), reference(x))
-    print(f"ContraNorm vs the authors' code: max |Δlogits| = {diff:.2e}")
-    assert diff <= TOLERANCE
+    _assert_same_logits(model, reference, "ContraNorm vs the authors' code:")
 
 
 # -- QK-norm and register tokens (timm's VisionTransformer is the reference) ----------------------
@@ -220,11 +221,7 @@ def test_qk_norm_and_register_tokens_match_timm(options):
     assert set(model.state_dict()) == set(reference.state_dict())
     model.load_state_dict(reference.state_dict())
     assert options_in_state_dict(reference.state_dict(), "deit_tiny_12") == options
-    x = _images()
-    with torch.no_grad():
-        diff = _max_diff(model(x), reference(x))
-    print(f"{options} vs timm: max |Δlogits| = {diff:.2e}")
-    assert diff <= TOLERANCE
+    _assert_same_logits(model, reference, f"{options} vs timm:")
 
 
 def test_register_tokens_are_left_out_of_patch_tokens_and_attention_diagnostics():
