@@ -223,9 +223,9 @@ def time_interleaved(cases: dict[str, Callable[[], object]], warmup: int, reps: 
 
 def peak_memory(fn: Callable[[], object]) -> int:
     """Peak bytes of tensors allocated by `fn` above what was live when it started, on the
-    benchmark's device (`vitdeep.engine.measure.peak_above_start`: on a CPU, tensor storage as the
+    benchmark's device (`vitdeep.planner.measure.peak_above_start`: on a CPU, tensor storage as the
     profiler's allocation events add up; oneDNN scratch space and the Python heap are not counted)."""
-    from vitdeep.engine.measure import peak_above_start
+    from vitdeep.planner.measure import peak_above_start
 
     return peak_above_start(fn, torch.device("cuda" if on_cuda() else "cpu"))
 

@@ -13,9 +13,10 @@ data pipeline must deliver, and the CPU cores that takes at the committed decode
 from __future__ import annotations
 
 from vitdeep.config import resolve_config
-from vitdeep.engine.capacity import MemoryModel, estimate_time, largest_fitting, micro_batch_options
-from vitdeep.engine.cluster import Cluster
-from vitdeep.planner import plan_for_cluster
+from vitdeep.commands.plan import plan_for_cluster
+from vitdeep.planner.cluster import Cluster
+from vitdeep.planner.memory import MemoryModel, largest_fitting, micro_batch_options
+from vitdeep.planner.timing import estimate_time
 
 ROWS = [("deit_base_24", 224), ("deit_base_24", 384), ("deit_base_24", 512), ("cait_m48", 224), ("cait_m48", 448)]
 CLUSTER = Cluster(nodes=2, gpus_per_node=8, mfu=0.4)

@@ -17,7 +17,7 @@ from tests.launch import SMALL, cpu_env, metrics, refuses, run, single_cmd
 from vitdeep.ablate import prepare
 from vitdeep.ablate.grid import bundled_grids, load_grid, parse_grid, resolve_cells
 from vitdeep.cli import main
-from vitdeep.demo import RECIPE
+from vitdeep.commands.demo import RECIPE
 from vitdeep.engine.checkpoint import MARKER
 from vitdeep.errors import UserError
 from vitdeep.launcher import error_line, option_flags, run_logged
@@ -101,7 +101,7 @@ def test_remedies_grid_puts_each_remedy_alone_against_cross_entropy():
     each a change of one thing against the plain cross-entropy cell, in both modes; the model
     each cell builds has its remedy."""
     from vitdeep.architecture import REMEDIES
-    from vitdeep.engine.plan import model_kwargs_for
+    from vitdeep.engine.run_plan import model_kwargs_for
     from vitdeep.losses import Objective
 
     grid = load_grid("remedies")

@@ -15,24 +15,24 @@ import torch
 from tests.launch import BIN, free_port, refuses, run, train_args
 from vitdeep.config import resolve_config
 from vitdeep.data.info import DatasetInfo
-from vitdeep.engine.capacity import (
+from vitdeep.engine.run_plan import make_plan
+from vitdeep.errors import UserError
+from vitdeep.losses import Objective, ObjectiveConfig
+from vitdeep.models import create_model
+from vitdeep.planner.cluster import Cluster
+from vitdeep.planner.measure import peak_above_start
+from vitdeep.planner.memory import (
     MemoryModel,
     ParamCounts,
     Zero,
-    build_report,
     check_fits,
     fp32_gradient_bytes,
     gradient_path,
     micro_batch_options,
     model_state_lines,
 )
-from vitdeep.engine.cluster import Cluster
-from vitdeep.engine.measure import peak_above_start
-from vitdeep.engine.memtrace import GradientPath, StepTracer
-from vitdeep.engine.plan import make_plan
-from vitdeep.errors import UserError
-from vitdeep.losses import Objective, ObjectiveConfig
-from vitdeep.models import create_model
+from vitdeep.planner.report import build_report
+from vitdeep.planner.trace import GradientPath, StepTracer
 
 IMAGENET = DatasetInfo(urls=(), num_samples=1_281_167, num_classes=1000)
 

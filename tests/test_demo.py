@@ -6,7 +6,7 @@ import json
 import pytest
 
 from tests.launch import run, single_cmd
-from vitdeep.demo import RECIPE, VARIANTS
+from vitdeep.commands.demo import RECIPE, VARIANTS
 from vitdeep.config import load_config_file, resolve_config
 
 

@@ -121,3 +121,62 @@ def test_the_checks_catch_what_they_are_for():
     assert [SECTION_NUMBER.findall(m.group(1)) for m in CITATION.finditer("docs/method.md §1–3 and docs/method.md §2 and §4.2")] == [
         ["1", "3"], ["2", "4.2"]]
     assert not _exists("docs/method.md", "../../outside.md") and _exists("docs/method.md", "../README.md")
+
+
+#: The README's drawing of the package: from `    vitdeep/` to the first unindented line.
+TREE = re.compile(r"^    vitdeep/\n((?:    .*\n|\n)+?)(?=\S)", re.M)
+#: A module named on its own (`loop.py`), not as part of a path (`commands/recipes.py`).
+MODULE = re.compile(r"(?<![\w/.])(\w+\.py)\b")
+
+
+def readme_tree() -> dict[str, set[str]]:
+    """Folder (`""` for the package itself) → the modules the README's Architecture tree names in it.
+
+    An entry starts at the tree's first indent; a folder entry (`engine/`) lists its modules in
+    its description and continuation lines, a file entry names its modules before the description."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    match = TREE.search(text[text.index("## Architecture"):])
+    assert match, "README: no package tree under ## Architecture"
+    entries: list[tuple[str, str]] = []
+    for line in match.group(1).splitlines():
+        if re.match(r"^      \S", line):
+            name, _, description = line.strip().partition("   ")
+            entries.append((name, description))
+        elif line.startswith("       ") and entries:
+            entries[-1] = (entries[-1][0], entries[-1][1] + " " + line.strip())
+    tree: dict[str, set[str]] = {"": set()}
+    for name, description in entries:
+        folders = re.findall(r"(\w+)/", name)
+        if folders:
+            for folder in folders:
+                tree[folder] = set(MODULE.findall(description))
+        else:
+            tree[""] |= set(MODULE.findall(name))
+    return tree
+
+
+def package_modules(folder: Path) -> set[str]:
+    return {p.name for p in folder.glob("*.py") if p.name not in ("__init__.py", "__main__.py")}
+
+
+def test_the_readme_tree_names_every_module_where_it_lives():
+    """The Architecture section is a map a contributor can trust: every folder of the package and
+    every module in it is drawn where it is, and nothing drawn is missing."""
+    package = ROOT / "vitdeep"
+    tree = readme_tree()
+    folders = {p.name for p in package.iterdir() if p.is_dir() and not p.name.startswith(("_", "."))}
+    assert set(tree) - {""} == folders, "README tree folders vs vitdeep/'s folders"
+    assert tree[""] == package_modules(package), "README tree vs vitdeep/*.py"
+    for folder in sorted(folders):
+        if (package / folder / "__init__.py").exists():
+            assert tree[folder] == package_modules(package / folder), f"README tree vs vitdeep/{folder}/*.py"
+
+
+def test_the_extending_section_names_files_that_exist():
+    """Every file the README's "Extending vitdeep" tells a contributor to touch exists."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("### Extending vitdeep"):text.index("## Development")]
+    named = set(re.findall(r"`((?:[\w-]+/)*[\w-]+\.(?:py|yaml|md))`", section))
+    assert named, "no file named in Extending"
+    missing = sorted(name for name in named if not any((base / name).exists() for base in (ROOT, ROOT / "vitdeep")))
+    assert not missing, f"README Extending names files that do not exist: {missing}"

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from hostile import ANY_INTEGER, ANY_NUMBER, JUNK, MISSING, REFUSED_FLOATS, REFUSED_INTS, SETTINGS, check_outcome, run_cli, show
 from vitdeep.cli import app
 from vitdeep.config import SECTIONS, flat_fields, section_classes
-from vitdeep.engine.cluster import Cluster
+from vitdeep.planner.cluster import Cluster
 from vitdeep.fields import Checked, numeric_fields
 
 TINY = ["--model", "deit_tiny_12", "--embed-dim", "64", "--num-heads", "2", "--depth", "2", "--img-size", "32",

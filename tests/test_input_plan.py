@@ -14,7 +14,7 @@ from vitdeep.data import decode_rate
 from vitdeep.data.decode_rate import DecodeRate, measured_decode_rate
 from vitdeep.data.info import read_dataset_info
 from vitdeep.data.options import AugmentConfig
-from vitdeep.engine.input_verdict import InputVerdict
+from vitdeep.planner.input_verdict import InputVerdict
 
 
 @pytest.fixture

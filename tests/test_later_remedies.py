@@ -287,7 +287,7 @@ def test_order_of_talking_heads_and_reattention_on_one_map():
 @pytest.mark.parametrize("depth, expected", [(12, 0.1), (18, 0.1), (24, 1e-5), (36, 1e-6)])
 def test_layer_scale_by_depth_follows_cait(depth, expected):
     from vitdeep.config import resolve_config
-    from vitdeep.engine.plan import model_kwargs_for
+    from vitdeep.engine.run_plan import model_kwargs_for
     from vitdeep.losses import Objective
 
     cfg = resolve_config({"model": "deit_small_12", "depth": depth, "layer_scale_by_depth": True})

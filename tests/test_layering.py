@@ -41,6 +41,8 @@ def test_help_imports_no_torch(command):
         ("vitdeep.losses", ("vitdeep.models", "vitdeep.engine", "vitdeep.data")),
         ("vitdeep.analysis", ("vitdeep.models", "vitdeep.engine", "vitdeep.commands")),
         ("vitdeep.data", ("vitdeep.models", "vitdeep.engine", "vitdeep.losses", "vitdeep.analysis")),
+        ("vitdeep.engine", ("vitdeep.planner", "vitdeep.commands", "vitdeep.ablate", "vitdeep.cli")),
+        ("vitdeep.planner", ("vitdeep.commands", "vitdeep.ablate", "vitdeep.cli")),
     ],
 )
 def test_layers_import_only_downwards(package, forbidden):

@@ -19,7 +19,7 @@ from vitdeep.architecture import ARCHITECTURE_OPTIONS, DEFAULT_IMG_SIZE, DEFAULT
 from vitdeep.cli_options import number_option, with_config_options
 from vitdeep.config import FINETUNE_RECIPE, DataConfig, ModelFields, OptimConfig, RunConfig
 from vitdeep.data.options import DEFAULT_QUALITY, MAX_BAD_FRACTION, MAX_MAX_SIZE, MIN_MAX_SIZE, AugmentConfig, ReadPolicy
-from vitdeep.engine.cluster import DEFAULT_GPU_MEMORY, DEFAULT_GPU_TFLOPS, DEFAULT_GPUS_PER_NODE, DEFAULT_MFU, MAX_CORES, MAX_DECODE_RATE, Cluster
+from vitdeep.planner.cluster import DEFAULT_GPU_MEMORY, DEFAULT_GPU_TFLOPS, DEFAULT_GPUS_PER_NODE, DEFAULT_MFU, MAX_CORES, MAX_DECODE_RATE, Cluster
 from vitdeep.errors import OversmoothingStopped, StoppedBySignal, Terminated, TrainingStopped, UserError, as_flags
 from vitdeep.fields import MAX_RANKS, MAX_SAMPLES, MAX_STEPS, MAX_WORKERS, above, at_least, clip, range_of
 
@@ -191,7 +191,7 @@ def finetune_command(
 def _run_training(options: dict, config: Optional[Path], dry_run: bool, recipe: Optional[dict] = None,
                   command: str = "train") -> None:
     from vitdeep.config import resolve_config
-    from vitdeep.engine.capacity import check_fits
+    from vitdeep.planner.memory import check_fits
     from vitdeep.commands.dry_run import print_dry_run
     from vitdeep.engine.loop import plan_from_env, train
 
@@ -225,7 +225,7 @@ def plan_command(
     activations), verdict, largest micro-batch, the cheapest change that fits, and time. Takes
     train's options; no data needed (ImageNet-1k's size is assumed without --data)."""
     from vitdeep.config import resolve_config
-    from vitdeep.planner import run_plan
+    from vitdeep.commands.plan import run_plan
 
     recipe = None
     if source is not None:
@@ -317,7 +317,7 @@ def demo_command(
 ) -> None:
     """The main job end to end on the built-in digits: shards, two DeepSpeed runs of a 24-block ViT
     (CE only vs the over-smoothing remedies), evaluation, over-smoothing comparison, summary."""
-    from vitdeep.demo import run_demo
+    from vitdeep.commands.demo import run_demo
 
     run_demo(out, ranks=ranks, extra=["--steps", str(steps)] if steps else [], overwrite=overwrite)
 

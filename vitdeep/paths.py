@@ -16,10 +16,12 @@ The rules every command that writes follows (README, "Outputs and foreign input"
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 from vitdeep.errors import UserError
 
@@ -147,3 +149,12 @@ def _check_writable(folder: Path, flag: str, shown: Path | None = None) -> None:
             pass
     except OSError as error:
         raise UserError(f"{flag} {shown}: cannot write in {existing} ({os.strerror(error.errno) if error.errno else error})") from None
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write `data` as JSON to a temporary name in the same folder, then rename it into place
+    (atomic on POSIX): a reader, or a run killed mid-write, sees the old file or the new one,
+    never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)

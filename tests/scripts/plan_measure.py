@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 from vitdeep.config import resolve_config
-from vitdeep.engine.cluster import DEFAULT_GPU_TFLOPS, DEFAULT_MFU
-from vitdeep.planner import run_plan
+from vitdeep.planner.cluster import DEFAULT_GPU_TFLOPS, DEFAULT_MFU
+from vitdeep.commands.plan import run_plan
 
 model, img_size, micro_batch, out, *ds_configs = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
 for ds_config in ds_configs:

@@ -91,7 +91,7 @@ def prepare(grid_spec: str, options: dict[str, Any], *, ranks: int | None, demo:
         raise UserError(f"--ranks {ranks} must be at least 1")
     recipe = None
     if demo:
-        from vitdeep.demo import RECIPE
+        from vitdeep.commands.demo import RECIPE
 
         if data or val:
             raise UserError("--demo trains on the built-in digits: it takes no --data / --val")

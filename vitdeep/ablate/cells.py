@@ -136,7 +136,7 @@ def finish_cell(folder: Path) -> None:
 
 
 def update_status(out: Path, name: str, **changes: Any) -> dict[str, Any]:
-    from vitdeep.engine.checkpoint import write_json_atomic
+    from vitdeep.paths import write_json_atomic
 
     path = status_file(out, name)
     status = {"status": "pending", "error": None, "attempts": 0, "wall_s": 0.0, **(read_json(path) or {}), **changes}

@@ -35,7 +35,7 @@ def marked_index(line: str) -> int | None:
 
 def write_launch(out: Path, recipe: Path | None, total: int, cells: list[dict[str, Any]]) -> Path:
     """`DIR/launch.json`: per cell its grid position, name, train options and the command it equals."""
-    from vitdeep.engine.checkpoint import write_json_atomic
+    from vitdeep.paths import write_json_atomic
 
     path = Path(out) / LAUNCH_FILE
     write_json_atomic(path, {"recipe": str(recipe) if recipe else None, "total": total, "cells": cells})
@@ -54,7 +54,7 @@ def train_cells(path: Path) -> None:
     from vitdeep.ablate.cells import finish_cell
     from vitdeep.config import resolve_config
     from vitdeep.data.pipeline import StreamReplay
-    from vitdeep.engine.capacity import check_fits
+    from vitdeep.planner.memory import check_fits
     from vitdeep.engine.loop import plan_from_env, train
     from vitdeep.monitor import is_main_process
 

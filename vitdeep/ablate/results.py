@@ -38,7 +38,7 @@ RESULT_FILES = ("results.json", "results.md", "results.png")
 def collect(out: str | Path, finish: bool = True) -> dict[str, Any]:
     """Write the three result files of the grid folder `out`; with `finish`, first evaluate and
     analyse every trained cell that lacks it. Returns the results."""
-    from vitdeep.engine.checkpoint import write_json_atomic
+    from vitdeep.paths import write_json_atomic
     from vitdeep.monitor import make_console
 
     out = Path(out)

@@ -80,7 +80,7 @@ def check_plans(ablation: Ablation) -> None:
     """Each unfinished cell's full run plan (model, data, batch arithmetic over the ranks, DeepSpeed
     config, its folder), as `vitdeep train` will check it, before any cell starts."""
     from vitdeep.config import resolve_config
-    from vitdeep.engine.plan import make_plan
+    from vitdeep.engine.run_plan import make_plan
 
     for run in ablation.runs:
         folder = ablation.cell_dir(run.name)
@@ -93,7 +93,7 @@ def check_plans(ablation: Ablation) -> None:
 
 
 def write_record(ablation: Ablation) -> None:
-    from vitdeep.engine.checkpoint import write_json_atomic
+    from vitdeep.paths import write_json_atomic
 
     ablation.out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(ablation.out / GRID_FILE, ablation.record())

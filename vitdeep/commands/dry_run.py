@@ -7,8 +7,9 @@ import json
 
 from rich.table import Table
 
-from vitdeep.engine.capacity import gb, memory_table, this_machine_memory
-from vitdeep.engine.plan import RunPlan
+from vitdeep.commands.plan import memory_table
+from vitdeep.engine.run_plan import RunPlan
+from vitdeep.planner.memory import gb, this_machine_memory
 from vitdeep.monitor import make_console
 
 

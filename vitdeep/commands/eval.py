@@ -12,7 +12,7 @@ from vitdeep.architecture import EVAL_CROP_RATIO
 from vitdeep.data.options import MAX_BAD_FRACTION, ReadPolicy
 from vitdeep.data.pipeline import BatchPreprocessor, eval_loader, read_dataset_info
 from vitdeep.data.storage import use_read_policy
-from vitdeep.engine.checkpoint import write_json_atomic
+from vitdeep.paths import write_json_atomic
 from vitdeep.engine.deepspeed import init_distributed
 from vitdeep.engine.evaluate import EvalResult, evaluate
 from vitdeep.engine.weights import build_model, read_weights

@@ -19,7 +19,6 @@ import contextlib
 import errno
 import functools
 import io
-import json
 import os
 import pickle
 import random
@@ -42,6 +41,7 @@ from vitdeep.engine.markers import (
     tag_for,
 )
 from vitdeep.errors import TrainingStopped, UserError
+from vitdeep.paths import write_json_atomic
 
 #: DeepSpeed objects inside its checkpoint files (loss scaler, ZeRO stage, fragment addresses).
 SAFE_GLOBAL_NAMES = (
@@ -58,13 +58,6 @@ class DamagedCheckpoint(UserError):
 
 def rank_file(path: Path, rank: int) -> Path:
     return path / f"rank_{rank:05d}.pt"
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write to a temporary name in the same directory, then rename (atomic on POSIX)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
 
 
 # -- reading files safely ----------------------------------------------------------------------

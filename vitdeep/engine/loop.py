@@ -49,7 +49,6 @@ from vitdeep.engine.checkpoint import (
     save_checkpoint,
     set_rng_state,
     update_marker,
-    write_json_atomic,
 )
 from vitdeep.engine.deepspeed import (
     DistInfo,
@@ -65,7 +64,7 @@ from vitdeep.engine.deepspeed import (
 from vitdeep.engine.ema import PartitionedEma
 from vitdeep.engine.evaluate import EvalResult, counter_over_ranks, evaluate
 from vitdeep.engine.input_watch import InputWatch
-from vitdeep.engine.plan import RunPlan, make_plan
+from vitdeep.engine.run_plan import RunPlan, make_plan
 from vitdeep.engine.ledger import SampleLedger, trim_ledgers
 from vitdeep.engine.reshard import load_resharded
 from vitdeep.engine.rundir import RunLock, clear_run, trim_metrics
@@ -77,6 +76,7 @@ from vitdeep.models.freezing import freeze_blocks
 from vitdeep.models.layers import drop_path_layers, sample_drop_paths
 from vitdeep.engine.weights import build_model, load_weights_into, read_weights
 from vitdeep.monitor import RunLogger, is_main_process, make_console, progress_bar
+from vitdeep.paths import write_json_atomic
 from vitdeep.ranks import read_ranks
 
 

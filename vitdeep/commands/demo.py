@@ -16,8 +16,9 @@ from pathlib import Path
 
 from vitdeep.errors import UserError
 from vitdeep.launcher import default_ds_config, deepspeed_command, launcher_env, option_flags
+from vitdeep.recipebook import RECIPE_DIR
 
-RECIPE = Path(__file__).resolve().parent / "recipes" / "demo_digits.yaml"
+RECIPE = RECIPE_DIR / "demo_digits.yaml"
 #: The two runs: identical but for the loss terms (the paper's ℓ_cos + ℓ_cons against CE only).
 VARIANTS = {
     "baseline": {"cos_weight": 0.0, "contrastive_weight": 0.0, "patch_mix_weight": 0.0},
@@ -45,7 +46,7 @@ def run_demo(out: str | Path = "runs/demo", ranks: int = 2, extra: list[str] | N
     from vitdeep.config import load_config_file, resolve_config
     from vitdeep.commands.eval import run_eval
     from vitdeep.commands.shards import run_demo_shards
-    from vitdeep.engine.checkpoint import write_json_atomic
+    from vitdeep.paths import write_json_atomic
     from vitdeep.monitor import make_console
     from vitdeep.paths import check_output_dir, claim_outputs
 

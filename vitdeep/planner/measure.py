@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from vitdeep.engine.plan import RunPlan
+from vitdeep.engine.run_plan import RunPlan
 from vitdeep.errors import UserError
 
 

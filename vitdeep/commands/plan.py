@@ -1,11 +1,11 @@
 """`vitdeep plan`: will this run fit, and how long will it take, before a GPU-hour is spent.
 
 Resolves the run exactly as `vitdeep train` / `finetune` would (the same options, recipe and
-config file, `engine.plan.make_plan`) for the cluster named by --nodes / --gpus-per-node, prices
-it with `engine.capacity`, prints the breakdown and verdict, and with --json writes the same
-numbers. Shards are not needed: without --data the plan assumes ImageNet-1k (1,281,167 training
-images, 1000 classes) and says so. With --measure it runs one real step here
-(`engine.measure`) and prints the prediction beside the measurement.
+config file, `engine.run_plan.make_plan`) for the cluster named by --nodes / --gpus-per-node,
+prices it with `vitdeep.planner` (memory, time, input verdict), prints the breakdown and verdict,
+and with --json writes the same numbers. Shards are not needed: without --data the plan assumes
+ImageNet-1k (1,281,167 training images, 1000 classes) and says so. With --measure it runs one real
+step here (`planner.measure`) and prints the prediction beside the measurement.
 """
 
 from __future__ import annotations
@@ -17,12 +17,13 @@ from typing import Any
 from vitdeep.config import TrainConfig
 from vitdeep.data.info import DatasetInfo, read_dataset_info
 from vitdeep.data.decode_rate import committed_decode_rate, measured_decode_rate, usable_cores
-from vitdeep.engine.capacity import CapacityReport, Cluster, MemoryEstimate, build_report, print_report
-from vitdeep.engine.input_verdict import InputVerdict, choose_decode_rate
-from vitdeep.engine.cluster import DEFAULT_GPUS_PER_NODE, IMAGENET_CLASSES, IMAGENET_TRAIN_SAMPLES, parse_memory
-from vitdeep.engine.plan import RunPlan, make_plan
+from vitdeep.engine.run_plan import RunPlan, make_plan
 from vitdeep.errors import UserError
 from vitdeep.monitor import is_main_process, make_console
+from vitdeep.planner.cluster import DEFAULT_GPUS_PER_NODE, IMAGENET_CLASSES, IMAGENET_TRAIN_SAMPLES, Cluster, parse_memory
+from vitdeep.planner.input_verdict import InputVerdict, choose_decode_rate
+from vitdeep.planner.memory import MemoryEstimate, gb
+from vitdeep.planner.report import CapacityReport, build_report
 
 
 def training_data(cfg: TrainConfig) -> tuple[DatasetInfo, str]:
@@ -72,7 +73,7 @@ def run_plan(
     launch's ranks. Returns what --json writes (on rank 0; other ranks return {}). The JSON file
     is never the `config` file or inside the shards' folder, and replaces a file only with `overwrite`.
 
-    The input verdict (`engine.input_verdict`) prices decoding at the rate `measure_data` measures
+    The input verdict (`planner.input_verdict`) prices decoding at the rate `measure_data` measures
     here, the `decode_rate` given, or the committed benchmark's, on `cores_per_node` cores
     (default: this machine's usable cores)."""
     import torch
@@ -120,7 +121,7 @@ def run_plan(
         verdict = input_verdict(report, cores_per_node or usable_cores())
     record = {**report.to_dict(), "input": verdict.to_dict() if verdict else None} if report else {}
     if measure:
-        from vitdeep.engine.measure import measure_step
+        from vitdeep.planner.measure import measure_step
 
         measured = measure_step(plan)
         if report:
@@ -175,3 +176,66 @@ def print_comparison(rows: list[dict[str, Any]], measured: dict[str, Any]) -> No
     console = make_console()
     console.print(table)
     console.print("measured held storages: " + ", ".join(f"{kind} {nbytes / 1e6:.1f} MB" for kind, nbytes in measured["held"].items()))
+
+
+def _size(nbytes: float) -> str:
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
+
+
+def _duration(seconds: float) -> str:
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f} h"
+    if seconds >= 60:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds:.2f} s" if seconds >= 1 else f"{seconds * 1e3:.0f} ms"
+
+
+def memory_table(estimate: MemoryEstimate, title: str):
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column, justify in (("per GPU", "left"), ("", "right"), ("how", "left")):
+        table.add_column(column, justify=justify)
+    for line in estimate.lines():
+        table.add_row(line.name, _size(line.nbytes), line.note)
+    table.add_row("[bold]total", f"[bold]{_size(estimate.total)}", "model states + EMA + the larger micro-step line + allowance")
+    return table
+
+
+def print_report(report: CapacityReport) -> None:
+    """The `vitdeep plan` output: memory breakdown, verdict, changes tried, time."""
+    from rich.table import Table
+
+    from vitdeep.monitor import make_console
+
+    plan, cluster, est = report.plan, report.cluster, report.requested
+    console = make_console()
+    title = (f"vitdeep plan: {plan.cfg.model.model} at {plan.cfg.model.img_size} px on {cluster.nodes} × {cluster.gpus_per_node} "
+             f"GPUs of {gb(cluster.gpu_memory):.1f} GB — {est.zero.label}, micro-batch {est.micro_batch}, global batch "
+             f"{plan.batch.global_batch}, gradient accumulation {plan.batch.grad_accum}")
+    console.print(memory_table(est, title))
+    for line in report.verdict():
+        console.print(line)
+    if report.options:
+        tried = Table(title="changes tried, cheapest first")
+        for column in ("change", "ZeRO", "checkpointing", "largest micro-batch", "accumulation", "GB per GPU"):
+            tried.add_column(column)
+        for row in (o.to_dict(plan.batch.global_batch, cluster.world_size) for o in report.options):
+            tried.add_row(row["change"], row["zero"], "yes" if row["grad_checkpointing"] else "no",
+                          str(row["largest_micro_batch"] or "none fits"), str(row["grad_accum"] or ""), str(row["GB_per_gpu"] or ""))
+        console.print(tried)
+    t = report.time
+    timing = Table(title=f"time at {t.mfu:.0%} MFU of {t.gpu_tflops:g} TFLOP/s per GPU", show_header=False)
+    timing.add_row("forward GFLOPs per image", f"{t.forward_flops / 1e9:.2f}", "the counter of `vitdeep models`")
+    timing.add_row("training GFLOPs per image", f"{t.train_factor * t.forward_flops / 1e9:.2f}",
+                   f"{t.train_factor}× forward ({'with' if t.train_factor == 4 else 'without'} activation checkpointing)")
+    timing.add_row("step", _duration(t.step_seconds), f"global batch {plan.batch.global_batch} on {cluster.world_size} GPU(s)")
+    timing.add_row("epoch", _duration(t.epoch_seconds), f"{t.steps_per_epoch:,} steps of {plan.train_info.num_samples:,} images")
+    timing.add_row("total", _duration(t.total_seconds), f"{t.total_steps:,} steps ({plan.epochs} epochs)")
+    timing.add_row("images/s per node", f"{t.images_per_second_node:,.0f}", "what the data pipeline must decode and augment")
+    if t.decode is not None:
+        timing.add_row("CPU cores per node to decode", f"{t.cores_per_node:.1f}",
+                       f"at {t.decode.per_core:.0f} images/s per core ({t.decode.source}: {t.decode.detail})")
+    console.print(timing)
+    for note in report.notes:
+        console.print(f"note: {note}")

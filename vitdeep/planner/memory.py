@@ -1,7 +1,7 @@
-"""Will a run fit, and how long will it take: the planner behind `vitdeep plan`.
+"""Will a run fit: the memory model of `vitdeep plan`, per GPU.
 
-Not to be confused with `plan.py`, the *run plan* (batches, schedule, ds_config resolved from the
-config): this module takes a run plan and prices it on a cluster, per GPU.
+It takes the *run plan* (`vitdeep.engine.run_plan`: batches, schedule, ds_config resolved from the
+config) and prices its memory on a cluster.
 
 Memory per GPU = model states + EMA + the peak of one micro-step on top of them + an allowance:
 
@@ -17,41 +17,33 @@ Memory per GPU = model states + EMA + the peak of one micro-step on top of them 
   layer + 18Ψ/N, leaves out the bf16 parameter partition (2Ψ/N) and stands its largest-layer term
   for what vitdeep counts as persistent parameters, the reduction bucket and (in the micro-step)
   the gathered parameters. tests/test_capacity.py checks both identities.
-- **EMA**: vitdeep keeps it over each rank's fp32 master partition (`ema.py`): 4Ψ/N, 4Ψ without
+- **EMA**: vitdeep keeps it over each rank's fp32 master partition (`vitdeep.engine.ema`): 4Ψ/N, 4Ψ without
   ZeRO, nothing on the GPU when the optimizer is offloaded.
 - **One micro-step** above the states: activations of forward + backward traced on fake tensors
-  through the real model and `Objective` (`memtrace.py`), with the gradients in flight and
+  through the real model and `Objective` (`trace.py`), with the gradients in flight and
   DeepSpeed's reduction buckets / gathered ZeRO-3 parameters on the same timeline, then the
   optimizer step's own temporaries (the fp32 gradient partition; the fused AdamW makes none).
 - **Framework allowance**: CUDA context, cuBLAS / cuDNN workspaces and NCCL buffers (a fixed
   `FRAMEWORK_BYTES`), plus `FRAGMENTATION` of the tensor peak for the caching allocator's
   fragmentation. Neither is a tensor, so neither is traced; the constants are stated, not measured.
-
-Time: training FLOPs per image = 3 × the forward FLOPs `vitdeep models` counts (backward costs
-twice the forward), 4 × with activation checkpointing (the forward runs again in backward), at
-`--mfu` of `--gpu-tflops`.
 """
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
 import torch
 
-from vitdeep.data.decode_rate import DecodeRate, committed_decode_rate
-from vitdeep.engine.cluster import Cluster
-from vitdeep.engine.deepspeed import fill_ds_config, load_ds_config
-from vitdeep.engine.memtrace import GradientPath, StepMemory, StepTracer
-from vitdeep.engine.plan import RunPlan
+from vitdeep.engine.run_plan import RunPlan
 from vitdeep.errors import UserError
 from vitdeep.losses import Objective
 from vitdeep.models import create_model
 from vitdeep.models.freezing import freeze_blocks
+from vitdeep.planner.cluster import Cluster
+from vitdeep.planner.trace import GradientPath, StepMemory, StepTracer
 
 #: CUDA context + cuBLAS / cuDNN workspaces + NCCL communicator buffers on one GPU: about 0.6 GB
 #: for the context and workspaces of torch 2.x on an H100, NCCL up to 1 GB across many peers.
@@ -59,9 +51,6 @@ FRAMEWORK_BYTES = int(1.5e9)
 #: The caching allocator reserves more than the live tensors (blocks split and cached): 5-15 %
 #: in long training runs, hence 10 % of the tensor peak.
 FRAGMENTATION = 0.10
-#: Training FLOPs per forward FLOP: forward + backward (twice the forward), + the recomputed
-#: forward under activation checkpointing.
-TRAIN_FLOPS_FACTOR = {False: 3, True: 4}
 #: DeepSpeed's engine all-reduces gradients without ZeRO in flattened chunks of this many elements
 #: (`MEMORY_OPT_ALLREDUCE_SIZE`).
 ALLREDUCE_CHUNK = 500_000_000
@@ -192,7 +181,7 @@ def model_state_lines(counts: ParamCounts, zero: Zero, world_size: int, accumula
 
 
 def ema_line(counts: ParamCounts, zero: Zero, world_size: int, ema_decay: float) -> Line:
-    """vitdeep's EMA: fp32 copy of this rank's master partition (`ema.py`)."""
+    """vitdeep's EMA: fp32 copy of this rank's master partition (`vitdeep.engine.ema`)."""
     if ema_decay <= 0:
         return Line("EMA", 0, "off (--ema-decay 0)")
     if zero.stage == 0 and zero.precision != "fp32":
@@ -373,36 +362,6 @@ def micro_batch_options(plan: RunPlan, world_size: int) -> list[int]:
     return [m for m in range(1, per_rank + 1) if per_rank % m == 0 and m % multiple == 0]
 
 
-def ds_config_with_zero(plan: RunPlan, bundled: str) -> dict[str, Any]:
-    """The run's ds_config with the ZeRO section of a bundled config (e.g. zero3_bf16), its
-    "auto" values filled like the run's own."""
-    raw = copy.deepcopy(plan.ds_config)
-    raw["zero_optimization"] = load_ds_config(bundled)["zero_optimization"]
-    options = {"global_batch": plan.batch.global_batch, "micro_batch": plan.batch.micro_batch, "clip_grad": plan.cfg.optim.clip_grad}
-    return fill_ds_config(raw, options, frozenset(), plan.world_size, plan.model_stats()[0])[0]
-
-
-@dataclass
-class Option:
-    """One way to run: a ds_config and checkpointing, with the largest micro-batch that fits."""
-
-    change: str
-    ds_config: dict[str, Any] = field(repr=False)
-    grad_checkpointing: bool
-    fitting: MemoryEstimate | None = None
-
-    def to_dict(self, global_batch: int, world_size: int) -> dict[str, Any]:
-        fit = self.fitting
-        return {
-            "change": self.change,
-            "zero": Zero.from_ds_config(self.ds_config).label,
-            "grad_checkpointing": self.grad_checkpointing,
-            "largest_micro_batch": fit.micro_batch if fit else None,
-            "grad_accum": global_batch // (fit.micro_batch * world_size) if fit else None,
-            "GB_per_gpu": round(gb(fit.total), 2) if fit else None,
-        }
-
-
 def largest_fitting(model: MemoryModel, ds_config: dict[str, Any], grad_checkpointing: bool, options: list[int], budget: int) -> MemoryEstimate | None:
     """The estimate at the largest micro-batch in `options` that fits `budget` (memory grows with
     the micro-batch, so a bisection over the options, after trying the largest)."""
@@ -420,246 +379,6 @@ def largest_fitting(model: MemoryModel, ds_config: dict[str, Any], grad_checkpoi
         else:
             high = middle - 1
     return best
-
-
-def changes_to_try(plan: RunPlan) -> list[tuple[str, str | None, bool]]:
-    """(change, bundled ZeRO section or None for the run's own, checkpointing), cheapest first:
-    a smaller micro-batch costs no FLOPs, checkpointing a third more, ZeRO-3 more communication,
-    offload PCIe-bound optimizer steps."""
-    zero = Zero.from_ds_config(plan.ds_config)
-    ckpt = plan.cfg.model.grad_checkpointing
-    changes: list[tuple[str, str | None, bool]] = [("smaller micro-batch", None, ckpt)]
-    if not ckpt:
-        changes.append(("activation checkpointing", None, True))
-    if zero.stage < 3:
-        changes += [("ZeRO-3 (zero3_bf16's settings)", "zero3_bf16", ckpt)]
-        if not ckpt:
-            changes.append(("ZeRO-3 + activation checkpointing", "zero3_bf16", True))
-    if not (zero.offload_optimizer and zero.offload_param):
-        changes.append(("ZeRO-3 with CPU offload + activation checkpointing (zero3_offload)", "zero3_offload", True))
-    return changes
-
-
-@dataclass
-class TimeEstimate:
-    forward_flops: int
-    train_factor: int
-    gpu_tflops: float
-    mfu: float
-    step_seconds: float
-    steps_per_epoch: int
-    total_steps: int
-    images_per_second_node: float
-    decode: DecodeRate | None
-
-    @property
-    def epoch_seconds(self) -> float:
-        return self.steps_per_epoch * self.step_seconds
-
-    @property
-    def total_seconds(self) -> float:
-        return self.total_steps * self.step_seconds
-
-    def hours_for(self, epochs: int) -> float:
-        return epochs * self.epoch_seconds / 3600
-
-    @property
-    def cores_per_node(self) -> float | None:
-        return self.images_per_second_node / self.decode.per_core if self.decode else None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "forward_GFLOPs_per_image": round(self.forward_flops / 1e9, 3),
-            "train_flops_factor": self.train_factor,
-            "train_GFLOPs_per_image": round(self.train_factor * self.forward_flops / 1e9, 3),
-            "gpu_tflops": self.gpu_tflops,
-            "mfu": self.mfu,
-            "step_seconds": self.step_seconds,
-            "epoch_hours": self.epoch_seconds / 3600,
-            "total_hours": self.total_seconds / 3600,
-            "total_steps": self.total_steps,
-            "images_per_second_per_node": self.images_per_second_node,
-            "decode_images_per_second_per_core": self.decode.per_core if self.decode else None,
-            "decode_source": self.decode.source if self.decode else None,
-            "cpu_cores_per_node_for_decoding": self.cores_per_node,
-        }
-
-
-def estimate_time(plan: RunPlan, cluster: Cluster, grad_checkpointing: bool, decode: DecodeRate | None = None) -> TimeEstimate:
-    """Step, epoch and total time at `cluster.mfu` of `cluster.gpu_tflops`, and the image rate the
-    data pipeline must sustain on each node (its ranks' share: the global batch over the nodes),
-    with the CPU cores that takes at `decode` (default: the committed benchmark's rate)."""
-    _, forward = plan.model_stats()
-    factor = TRAIN_FLOPS_FACTOR[grad_checkpointing]
-    flops_per_step = factor * forward * plan.batch.global_batch
-    step = flops_per_step / (cluster.world_size * cluster.gpu_tflops * 1e12 * cluster.mfu)
-    return TimeEstimate(
-        forward_flops=forward,
-        train_factor=factor,
-        gpu_tflops=cluster.gpu_tflops,
-        mfu=cluster.mfu,
-        step_seconds=step,
-        steps_per_epoch=plan.steps_per_epoch,
-        total_steps=plan.total_steps,
-        images_per_second_node=plan.batch.global_batch / step / cluster.nodes,
-        decode=decode or committed_decode_rate(),
-    )
-
-
-@dataclass
-class CapacityReport:
-    """Everything `vitdeep plan` prints: the estimate at the requested settings, the verdict, the
-    largest micro-batch, the cheapest change that fits (when needed) and the time."""
-
-    plan: RunPlan
-    cluster: Cluster
-    requested: MemoryEstimate
-    largest: MemoryEstimate | None
-    options: list[Option]
-    time: TimeEstimate
-    notes: list[str]
-
-    @property
-    def fits(self) -> bool:
-        return self.requested.total <= self.cluster.gpu_memory
-
-    @property
-    def recommended(self) -> Option | None:
-        """The cheapest change that fits (None when the run fits as asked, or nothing tried fits)."""
-        return next((option for option in self.options if option.fitting), None)
-
-    def accumulation(self, micro_batch: int) -> int:
-        return self.plan.batch.global_batch // (micro_batch * self.cluster.world_size)
-
-    def verdict(self) -> list[str]:
-        budget = f"{gb(self.cluster.gpu_memory):.1f} GB"
-        need = f"{gb(self.requested.total):.1f} GB"
-        lines = [f"fits: {need} of {budget} per GPU" if self.fits else f"does not fit: {need} needed, {budget} per GPU"]
-        global_batch = self.plan.batch.global_batch
-        if self.largest is not None:
-            m = self.largest.micro_batch
-            lines.append(f"largest micro-batch that fits at global batch {global_batch}: {m} (gradient accumulation "
-                         f"{self.accumulation(m)}, {gb(self.largest.total):.1f} GB)")
-        else:
-            lines.append(f"no micro-batch fits at global batch {global_batch} with these settings")
-        if not self.fits:
-            best = self.recommended
-            if best is None:
-                lines.append("nothing tried fits (smaller micro-batch, checkpointing, ZeRO-3, offload): more GPUs or a smaller model")
-            else:
-                m = best.fitting.micro_batch
-                lines.append(f"cheapest change that fits: {best.change}, micro-batch {m} (gradient accumulation "
-                             f"{self.accumulation(m)}), {gb(best.fitting.total):.1f} GB")
-        return lines
-
-    def to_dict(self) -> dict[str, Any]:
-        plan, cluster = self.plan, self.cluster
-        return {
-            "model": plan.cfg.model.model,
-            "img_size": plan.cfg.model.img_size,
-            "parameters": plan.model_stats()[0],
-            "num_classes": plan.num_classes,
-            "train_samples": plan.train_info.num_samples,
-            "cluster": dataclasses.asdict(cluster),
-            "world_size": cluster.world_size,
-            "global_batch": plan.batch.global_batch,
-            "requested": self.requested.to_dict(),
-            "fits": self.fits,
-            "verdict": self.verdict(),
-            "largest_micro_batch": self.largest.micro_batch if self.largest else None,
-            "largest_grad_accum": self.accumulation(self.largest.micro_batch) if self.largest else None,
-            "largest": self.largest.to_dict() if self.largest else None,
-            "changes_tried": [option.to_dict(plan.batch.global_batch, cluster.world_size) for option in self.options],
-            "time": self.time.to_dict(),
-            "notes": self.notes,
-        }
-
-
-def build_report(plan: RunPlan, cluster: Cluster, notes: list[str] | None = None, decode: DecodeRate | None = None) -> CapacityReport:
-    """Price `plan` on `cluster`: the requested settings, the largest micro-batch, and, when the
-    run does not fit, the changes of `changes_to_try` in order until one fits (`decode`: the
-    per-core decoding rate to price the input pipeline at)."""
-    if plan.world_size != cluster.world_size:
-        raise ValueError(f"the plan is for {plan.world_size} ranks, the cluster has {cluster.world_size}")
-    model = MemoryModel(plan, cluster)
-    ckpt = plan.cfg.model.grad_checkpointing
-    requested = model.estimate(plan.ds_config, plan.batch.micro_batch, ckpt)
-    sizes = micro_batch_options(plan, cluster.world_size)
-    largest = largest_fitting(model, plan.ds_config, ckpt, sizes, cluster.gpu_memory)
-    options: list[Option] = []
-    if requested.total > cluster.gpu_memory:
-        for change, bundled, with_ckpt in changes_to_try(plan):
-            ds_config = plan.ds_config if bundled is None else ds_config_with_zero(plan, bundled)
-            fitting = largest if (bundled is None and with_ckpt == ckpt) else largest_fitting(model, ds_config, with_ckpt, sizes, cluster.gpu_memory)
-            options.append(Option(change, ds_config, with_ckpt, fitting))
-            if fitting is not None and with_ckpt:
-                break  # the cheapest fitting change, and what checkpointing alone buys, are known
-    best = next((option for option in options if option.fitting), None)
-    time = estimate_time(plan, cluster, best.grad_checkpointing if best else ckpt, decode)
-    return CapacityReport(plan, cluster, requested, largest, options, time, list(notes or []))
-
-
-def _size(nbytes: float) -> str:
-    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
-
-
-def _duration(seconds: float) -> str:
-    if seconds >= 3600:
-        return f"{seconds / 3600:.1f} h"
-    if seconds >= 60:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds:.2f} s" if seconds >= 1 else f"{seconds * 1e3:.0f} ms"
-
-
-def memory_table(estimate: MemoryEstimate, title: str):
-    from rich.table import Table
-
-    table = Table(title=title)
-    for column, justify in (("per GPU", "left"), ("", "right"), ("how", "left")):
-        table.add_column(column, justify=justify)
-    for line in estimate.lines():
-        table.add_row(line.name, _size(line.nbytes), line.note)
-    table.add_row("[bold]total", f"[bold]{_size(estimate.total)}", "model states + EMA + the larger micro-step line + allowance")
-    return table
-
-
-def print_report(report: CapacityReport) -> None:
-    """The `vitdeep plan` output: memory breakdown, verdict, changes tried, time."""
-    from rich.table import Table
-
-    from vitdeep.monitor import make_console
-
-    plan, cluster, est = report.plan, report.cluster, report.requested
-    console = make_console()
-    title = (f"vitdeep plan: {plan.cfg.model.model} at {plan.cfg.model.img_size} px on {cluster.nodes} × {cluster.gpus_per_node} "
-             f"GPUs of {gb(cluster.gpu_memory):.1f} GB — {est.zero.label}, micro-batch {est.micro_batch}, global batch "
-             f"{plan.batch.global_batch}, gradient accumulation {plan.batch.grad_accum}")
-    console.print(memory_table(est, title))
-    for line in report.verdict():
-        console.print(line)
-    if report.options:
-        tried = Table(title="changes tried, cheapest first")
-        for column in ("change", "ZeRO", "checkpointing", "largest micro-batch", "accumulation", "GB per GPU"):
-            tried.add_column(column)
-        for row in (o.to_dict(plan.batch.global_batch, cluster.world_size) for o in report.options):
-            tried.add_row(row["change"], row["zero"], "yes" if row["grad_checkpointing"] else "no",
-                          str(row["largest_micro_batch"] or "none fits"), str(row["grad_accum"] or ""), str(row["GB_per_gpu"] or ""))
-        console.print(tried)
-    t = report.time
-    timing = Table(title=f"time at {t.mfu:.0%} MFU of {t.gpu_tflops:g} TFLOP/s per GPU", show_header=False)
-    timing.add_row("forward GFLOPs per image", f"{t.forward_flops / 1e9:.2f}", "the counter of `vitdeep models`")
-    timing.add_row("training GFLOPs per image", f"{t.train_factor * t.forward_flops / 1e9:.2f}",
-                   f"{t.train_factor}× forward ({'with' if t.train_factor == 4 else 'without'} activation checkpointing)")
-    timing.add_row("step", _duration(t.step_seconds), f"global batch {plan.batch.global_batch} on {cluster.world_size} GPU(s)")
-    timing.add_row("epoch", _duration(t.epoch_seconds), f"{t.steps_per_epoch:,} steps of {plan.train_info.num_samples:,} images")
-    timing.add_row("total", _duration(t.total_seconds), f"{t.total_steps:,} steps ({plan.epochs} epochs)")
-    timing.add_row("images/s per node", f"{t.images_per_second_node:,.0f}", "what the data pipeline must decode and augment")
-    if t.decode is not None:
-        timing.add_row("CPU cores per node to decode", f"{t.cores_per_node:.1f}",
-                       f"at {t.decode.per_core:.0f} images/s per core ({t.decode.source}: {t.decode.detail})")
-    console.print(timing)
-    for note in report.notes:
-        console.print(f"note: {note}")
 
 
 def check_fits(plan: RunPlan, gpu_memory: int | None = None) -> None:

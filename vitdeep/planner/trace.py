@@ -6,7 +6,7 @@ under DeepSpeed bf16) runs the training loop's path, `model(x, aux=True)` → `O
 touched. `LiveBytes`, a `TorchDispatchMode` under it, adds up the storage of every tensor an op
 creates, drops it when the storage dies, and keeps the peak per phase (forward + loss, backward,
 the end of backward). Tensors made before the trace (the parameters) are not counted: they are
-model states, priced by `capacity.py`.
+model states, priced by `memory.py`.
 
 What the trace cannot see is DeepSpeed's own handling of gradients: `GradientPath` replays it on
 the same timeline (buffers allocated at the first gradient, each filled reduction bucket

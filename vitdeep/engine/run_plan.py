@@ -207,7 +207,7 @@ def check_output(cfg: TrainConfig) -> None:
 def make_plan(cfg: TrainConfig, world_size: int, train_info: DatasetInfo | None = None, check_host: bool = True) -> RunPlan:
     """Resolve and check everything a run needs; raises `UserError` on bad input.
 
-    The memory planner (`capacity.py`) passes `train_info` instead of --data, and
+    The memory planner (`vitdeep.planner.memory`) passes `train_info` instead of --data, and
     `check_host=False` to plan for other machines: no output folder or checkpoint to resume is
     checked, and fp16 / offload are not refused for want of a GPU here.
     """
