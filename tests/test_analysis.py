@@ -3,9 +3,6 @@ and `vitdeep analyze` end to end (random init and a trained checkpoint, bad inpu
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,12 +19,14 @@ from vitdeep.analysis import (
     layerwise_attention_std,
     layerwise_cosine_similarity,
     layerwise_high_frequency_ratio,
+    measure_model,
     oversmoothing_metrics,
 )
 from vitdeep.cli import main
 from vitdeep.commands.analyze import iter_image_batches, list_images, resolve_image_source
 from vitdeep.losses import Objective, ObjectiveConfig, patch_cosine_similarity
 from vitdeep.models import create_model
+from vitdeep.planner.measure import peak_above_start
 from vitdeep.plots import oversmoothing_figure
 
 #: A deit_tiny_24-shaped model, narrow enough for two CPU cores: 24 blocks, width 64, 16 patches.
@@ -263,28 +262,21 @@ def test_image_sources_crop_as_asked(digit_shards, digits_dir):
         assert zoomed.mean() > whole.mean() + 0.5
 
 
-def _peak_rss_of_analyze(args: list[str]) -> int:
-    """Peak resident memory (bytes) of a fresh process running `vitdeep analyze ARGS`."""
-    script = ("import resource, sys\nfrom vitdeep.cli import main\ntry:\n    main(sys.argv[1:])\n"
-              "except SystemExit as done:\n    assert done.code == 0, done.code\n"
-              "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-c", script, "analyze", *args], capture_output=True, text=True, env=env)
-    assert result.returncode == 0, result.stderr[-2000:]
-    return int(result.stdout.strip().splitlines()[-1]) * 1024  # ru_maxrss is in KiB on Linux
-
-
-def test_analyze_memory_holds_one_attention_map_at_a_time(digits_dir, tmp_path):
-    """analyze reduces each layer inside the block loop: a batch of 48 costs a few of one block's
-    attention maps over a batch of 1, where keeping all 24 maps of the batch would cost 24."""
+def test_analyze_memory_holds_one_attention_map_at_a_time():
+    """analyze (`measure_model`) reduces each layer inside the block loop: a batch of 48 costs a
+    few of one block's attention maps over a batch of 1, where keeping all 24 maps of the batch
+    would cost 24. Measured as the peak of tensor storage (torch's allocation events)."""
     depth, heads, img, patch, batch = 24, 4, 64, 4, 48
     tokens = (img // patch) ** 2 + 1
     one_map = batch * heads * tokens * tokens * 4  # fp32 [B, H, N, N]: 51 MB
-    flags = ["--model", "deit_tiny_24", "--embed-dim", "64", "--num-heads", str(heads), "--img-size", str(img),
-             "--patch-size", str(patch), "--num-classes", "10", "--images", str(digits_dir / "val"), "--num-images", str(batch)]
-    baseline = _peak_rss_of_analyze([*flags, "--batch-size", "1", "--out", str(tmp_path / "one")])
-    peak = _peak_rss_of_analyze([*flags, "--batch-size", str(batch), "--out", str(tmp_path / "batch")])
-    growth = peak - baseline
-    print(f"analyze peak RSS: {baseline / 2**20:.0f} MiB at batch 1, {peak / 2**20:.0f} MiB at batch {batch} "
-          f"(+{growth / 2**20:.0f} MiB; one block's attention maps {one_map / 2**20:.0f} MiB, all {depth}: {depth * one_map / 2**20:.0f} MiB)")
-    assert growth < 6 * one_map  # all 24 maps kept: > 24 * one_map
+    model = create_model("deit_tiny_24", embed_dim=64, num_heads=heads, img_size=img, patch_size=patch, num_classes=10).eval()
+    images = torch.rand(batch, 3, img, img)
+
+    def peak(images: torch.Tensor) -> int:
+        return peak_above_start(lambda: measure_model(model, [images]), torch.device("cpu"))
+
+    baseline, peak_of_batch = peak(images[:1]), peak(images)
+    growth = peak_of_batch - baseline
+    print(f"analyze tensor peak: {baseline / 2**20:.1f} MiB at batch 1, {peak_of_batch / 2**20:.0f} MiB at batch {batch} "
+          f"(one block's attention maps {one_map / 2**20:.0f} MiB, all {depth}: {depth * one_map / 2**20:.0f} MiB)")
+    assert one_map < growth < 6 * one_map  # all 24 maps kept: > 24 * one_map

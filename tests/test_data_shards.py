@@ -1,10 +1,13 @@
 """Shard writer and shard-list resolution: byte-identical round trip, URL forms, sizes, CLI errors."""
 
+import functools
 import io
 import json
 import os
 import shutil
 import tarfile
+import threading
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -202,10 +205,18 @@ def test_public_imagenet_style_names_and_validation_split(digit_shards, tmp_path
     assert len(info.urls) == 3 and info.num_samples == 297
 
 
-def test_remote_shards_need_a_sample_count():
-    with pytest.raises(UserError, match="num_samples"):
-        train_loader("https://example.invalid/train-{0000..0009}.tar", micro_batch=2, img_size=8, rank=0,
-                     world_size=1, seed=0, epoch=0, num_workers=0, aug=AugmentConfig())
+def test_remote_shards_need_a_sample_count(tmp_path):
+    """A server that has the shards but no _info.json / sizes.json (every metadata read answers
+    404, which is final, not retried): the count must come from `num_samples`."""
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(tmp_path))
+    with ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            with pytest.raises(UserError, match="num_samples"):
+                train_loader(f"http://127.0.0.1:{server.server_port}/train-{{0000..0009}}.tar", micro_batch=2, img_size=8,
+                             rank=0, world_size=1, seed=0, epoch=0, num_workers=0, aug=AugmentConfig())
+        finally:
+            server.shutdown()
 
 
 def test_bad_shard_specs(digit_shards, tmp_path):

@@ -48,9 +48,11 @@ def claim_outputs(outputs: Sequence[str | Path], inputs: Iterable[str | Path], *
     `overwrite`, when one already exists (`overwrite=None`: the command has no such option).
     Checked together, before anything is written."""
     outputs = [Path(output) for output in outputs]
+    sources = [(Path(source), Path(source).resolve()) for source in inputs]
     for output in outputs:
-        for source in inputs:
-            clash = _overlap(output, Path(source))
+        resolved = output.resolve()
+        for source, resolved_source in sources:
+            clash = _overlap(output, resolved, source, resolved_source)
             if clash:
                 raise UserError(f"{flag} {output} {clash} {source}: write elsewhere")
     if overwrite:
@@ -118,15 +120,14 @@ def _umask() -> int:
     return mask
 
 
-def _overlap(output: Path, source: Path) -> str | None:
-    """How `output` collides with the input `source` (the same file, through links too; inside
-    it; holding it), or None."""
-    out, src = output.resolve(), source.resolve()
+def _overlap(output: Path, out: Path, source: Path, src: Path) -> str | None:
+    """How `output` (resolved: `out`) collides with the input `source` (resolved: `src`): the same
+    file, through links too; inside it; holding it; or None."""
     if out == src:
         return "is the input"
-    if src in out.parents:
+    if out.is_relative_to(src):
         return "lies inside the input folder"
-    if out in src.parents:
+    if src.is_relative_to(out):
         return "holds the input"
     try:
         same = output.exists() and source.exists() and os.path.samefile(output, source)

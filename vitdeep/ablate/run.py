@@ -80,14 +80,24 @@ def check_plans(ablation: Ablation) -> None:
     """Each unfinished cell's full run plan (model, data, batch arithmetic over the ranks, DeepSpeed
     config, its folder), as `vitdeep train` will check it, before any cell starts."""
     from vitdeep.config import resolve_config
+    from vitdeep.data.info import DatasetInfo, read_dataset_info
     from vitdeep.engine.run_plan import make_plan
+
+    infos: dict[tuple, DatasetInfo] = {}
+
+    def read_once(urls: Any, num_samples: int | None = None, split: str | None = None) -> DatasetInfo:
+        """The cells share their shards: each (shards, count, split) is read once per check."""
+        key = (repr(urls), num_samples, split)
+        if key not in infos:
+            infos[key] = read_dataset_info(urls, num_samples=num_samples, split=split)
+        return infos[key]
 
     for run in ablation.runs:
         folder = ablation.cell_dir(run.name)
         if is_finished(folder):
             continue
         try:
-            make_plan(resolve_config(ablation.cell_options(run), ablation.recipe), ablation.ranks)
+            make_plan(resolve_config(ablation.cell_options(run), ablation.recipe), ablation.ranks, read_info=read_once)
         except UserError as error:
             raise UserError(f"grid {ablation.grid.name}, cell {run.name}: {error}", params=error.params) from None
 

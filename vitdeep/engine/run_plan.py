@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from vitdeep.architecture import ARCHITECTURE_OPTIONS, cait_layer_scale_init
 from vitdeep.config import TrainConfig
@@ -204,12 +204,15 @@ def check_output(cfg: TrainConfig) -> None:
                         params=("out", "resume", "overwrite"))
 
 
-def make_plan(cfg: TrainConfig, world_size: int, train_info: DatasetInfo | None = None, check_host: bool = True) -> RunPlan:
+def make_plan(cfg: TrainConfig, world_size: int, train_info: DatasetInfo | None = None, check_host: bool = True,
+              read_info: Callable[..., DatasetInfo] = read_dataset_info) -> RunPlan:
     """Resolve and check everything a run needs; raises `UserError` on bad input.
 
     The memory planner (`vitdeep.planner.memory`) passes `train_info` instead of --data, and
     `check_host=False` to plan for other machines: no output folder or checkpoint to resume is
-    checked, and fp16 / offload are not refused for want of a GPU here.
+    checked, and fp16 / offload are not refused for want of a GPU here. `read_info` reads the
+    shards' metadata: `vitdeep ablate` plans thousands of cells on the same shards and reads
+    them once.
     """
     get_spec(cfg.model.model)
     if train_info is None and not cfg.data.data:
@@ -222,8 +225,8 @@ def make_plan(cfg: TrainConfig, world_size: int, train_info: DatasetInfo | None 
     if check_host:
         check_precision_supported(raw)
 
-    train_info = train_info or read_dataset_info(cfg.data.data, num_samples=cfg.data.num_samples, split="train")
-    val_info = read_dataset_info(cfg.data.val, num_samples=cfg.data.val_num_samples, split="val") if cfg.data.val else None
+    train_info = train_info or read_info(cfg.data.data, num_samples=cfg.data.num_samples, split="train")
+    val_info = read_info(cfg.data.val, num_samples=cfg.data.val_num_samples, split="val") if cfg.data.val else None
     num_classes = cfg.model.num_classes or train_info.num_classes
     if not num_classes:
         raise UserError("the shards carry no class count (_info.json); pass `num_classes`", params=("num_classes",))

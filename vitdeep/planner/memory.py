@@ -343,6 +343,17 @@ class MemoryModel:
             optimizer_step=optimizer_step_bytes(counts, zero, world),
         )
 
+    def floor(self, ds_config: dict[str, Any]) -> int:
+        """A lower bound of `estimate(...).total` at any micro-batch: the held states and EMA with
+        the framework allowance on them, before any activation. Above a budget, no micro-batch of
+        this configuration fits, and none need be traced to say so."""
+        zero = Zero.from_ds_config(ds_config)
+        world = self.cluster.world_size
+        counts = ParamCounts.of(self._counted, zero, world)
+        held = min(sum(line.nbytes for line in model_state_lines(counts, zero, world, accumulating)) for accumulating in (False, True))
+        held += ema_line(counts, zero, world, self.plan.cfg.optim.ema_decay).nbytes
+        return held + FRAMEWORK_BYTES + int(FRAGMENTATION * held)
+
     def _tracer(self, zero: Zero) -> StepTracer:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[zero.precision]
         if dtype not in self._tracers:
@@ -365,7 +376,7 @@ def micro_batch_options(plan: RunPlan, world_size: int) -> list[int]:
 def largest_fitting(model: MemoryModel, ds_config: dict[str, Any], grad_checkpointing: bool, options: list[int], budget: int) -> MemoryEstimate | None:
     """The estimate at the largest micro-batch in `options` that fits `budget` (memory grows with
     the micro-batch, so a bisection over the options, after trying the largest)."""
-    if not options:
+    if not options or model.floor(ds_config) > budget:
         return None
     top = model.estimate(ds_config, options[-1], grad_checkpointing)
     if top.total <= budget:
