@@ -34,24 +34,39 @@ def test_help_imports_no_torch(command):
     assert not heavy, f"vitdeep {' '.join(command)} --help imported {heavy[:5]}"
 
 
-@pytest.mark.parametrize(
-    "package, forbidden",
-    [
-        ("vitdeep.models", ("vitdeep.engine", "vitdeep.losses", "vitdeep.data", "vitdeep.analysis", "vitdeep.commands")),
-        ("vitdeep.losses", ("vitdeep.models", "vitdeep.engine", "vitdeep.data")),
-        ("vitdeep.analysis", ("vitdeep.models", "vitdeep.engine", "vitdeep.commands")),
-        ("vitdeep.data", ("vitdeep.models", "vitdeep.engine", "vitdeep.losses", "vitdeep.analysis")),
-        ("vitdeep.engine", ("vitdeep.planner", "vitdeep.commands", "vitdeep.ablate", "vitdeep.cli")),
-        ("vitdeep.planner", ("vitdeep.commands", "vitdeep.ablate", "vitdeep.cli")),
-    ],
-)
-def test_layers_import_only_downwards(package, forbidden):
+LAYERS = {
+    "vitdeep.models": ("vitdeep.engine", "vitdeep.losses", "vitdeep.data", "vitdeep.analysis", "vitdeep.commands"),
+    "vitdeep.losses": ("vitdeep.models", "vitdeep.engine", "vitdeep.data"),
+    "vitdeep.analysis": ("vitdeep.models", "vitdeep.engine", "vitdeep.commands"),
+    "vitdeep.data": ("vitdeep.models", "vitdeep.engine", "vitdeep.losses", "vitdeep.analysis"),
+    "vitdeep.engine": ("vitdeep.planner", "vitdeep.commands", "vitdeep.ablate", "vitdeep.cli"),
+    "vitdeep.planner": ("vitdeep.commands", "vitdeep.ablate", "vitdeep.cli"),
+}
+
+
+@pytest.fixture(scope="module")
+def loaded_by_layer() -> dict[str, set[str]]:
+    """Each layer imported whole in its own fresh interpreter, all of them at once (each takes
+    seconds to import torch): layer → the modules that interpreter then holds."""
+    script = "\nimport json, sys\nprint(json.dumps(sorted(sys.modules)))"
+    running = {package: subprocess.Popen([sys.executable, "-c", "\n".join(f"import {name}" for name in _modules_of(package)) + script],
+                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for package in LAYERS}
+    loaded = {}
+    for package, process in running.items():
+        out, err = process.communicate()
+        assert process.returncode == 0, err[-2000:]
+        loaded[package] = set(json.loads(out.strip().splitlines()[-1]))
+    return loaded
+
+
+@pytest.mark.parametrize("package", LAYERS)
+def test_layers_import_only_downwards(package, loaded_by_layer):
     """Importing a layer (every module in it) loads nothing above it, and no import statement in
     it, at module level or inside a function, names a module above it."""
-    modules = _modules_of(package)
-    loaded = _loaded_after("\n".join(f"import {name}" for name in modules))
-    assert not sorted(name for name in loaded if name.startswith(forbidden))
-    for name in modules:
+    forbidden = LAYERS[package]
+    assert not sorted(name for name in loaded_by_layer[package] if name.startswith(forbidden))
+    for name in _modules_of(package):
         imported = _imports_in(name)
         assert not sorted(i for i in imported if i.startswith(forbidden)), f"{name} imports {sorted(imported)}"
 

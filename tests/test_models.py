@@ -202,8 +202,13 @@ def test_featscale_identity_and_formula():
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_every_model_builds_and_trains_one_step(name):
-    model = create_model(name, img_size=IMG, num_classes=10)
-    logits = model(_images())
+    """Every zoo entry, at its full depth and width, builds (its init included), runs forward and
+    backpropagates to every block. On the meta device: shapes and the autograd graph are real, no
+    memory is filled (deit_large_48 takes 9 s to initialise for real and 0.7 s here); the numbers
+    of the same code at small sizes are checked against timm and the authors' code elsewhere."""
+    with torch.device("meta"):
+        model = create_model(name, img_size=IMG, num_classes=10)
+    logits = model(_images().to("meta"))
     assert logits.shape == (2, 10)
     logits.logsumexp(-1).mean().backward()
     assert model.patch_embed.proj.weight.grad is not None
