@@ -94,6 +94,7 @@ def test_a_repeated_key_in_a_grid_is_refused(tmp_path):
     assert "key 'lr' is given twice (lines 2 and 3)" in outcome.err
 
 
+@pytest.mark.slow  # in-process, but a scale test: 10,000 plans
 def test_a_10000_cell_dry_run_takes_seconds(digit_shards, tmp_path):
     """100 × 100 cells over the digits, every cell's plan checked: it did not finish in 10 minutes
     (each cell built its model on the meta device, 35 ms, and the listing was a 10,000-row table)."""
