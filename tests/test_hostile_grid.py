@@ -12,6 +12,7 @@ import json
 import math
 import time
 
+import pytest
 import yaml
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
