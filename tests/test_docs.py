@@ -1,4 +1,5 @@
-"""Every citation in the repository points into the repository.
+"""The documents hold: every citation in the repository points into the repository, the README's
+package tree and Extending match the code, and every `vitdeep …` line of the README parses.
 
 The method's formulas, recipes and sources live in docs/method.md, in numbered sections that code
 and tests cite as `docs/method.md §N` (or `§N.M`). A clone must have everything a file cites: no
@@ -180,3 +181,71 @@ def test_the_extending_section_names_files_that_exist():
     assert named, "no file named in Extending"
     missing = sorted(name for name in named if not any((base / name).exists() for base in (ROOT, ROOT / "vitdeep")))
     assert not missing, f"README Extending names files that do not exist: {missing}"
+
+
+def readme_commands() -> list[str]:
+    """Every `vitdeep …` command line of the README's code blocks (indented or fenced), also as
+    launched (`--module vitdeep …`, `-m vitdeep …`), with its continuation lines joined."""
+    lines = (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
+    commands, fenced, at = [], False, 0
+    while at < len(lines):
+        line = lines[at]
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+        code = line[4:] if line.startswith("    ") else line if fenced else None
+        match = code is not None and re.search(r"(?:^\s*(?:\$ )?|(?:--module|-m) )(vitdeep(?: .*)?)$", code)
+        if match:
+            command = match.group(1)
+            while command.rstrip().endswith("\\") and at + 1 < len(lines):
+                at += 1
+                command = command.rstrip()[:-1] + " " + lines[at].strip()
+            commands.append(command)
+        at += 1
+    return commands
+
+
+def _as_argv(command: str) -> list[str]:
+    """The arguments of a README command line, its placeholders left out: `# comments`, `[optional
+    parts]`, `...`, and alternatives after `|` (the first is kept)."""
+    import shlex
+
+    words, depth = [], 0
+    for word in shlex.split(command, comments=True)[1:]:
+        if word == "|":
+            break
+        opened, closed = word.count("["), word.count("]")
+        if depth or opened:
+            depth += opened - closed
+            continue
+        if word not in ("...", "…"):
+            words.append(word)
+    return words
+
+
+def test_every_readme_command_line_parses():
+    """Each `vitdeep …` line of the README names a command and options that exist: run with
+    `--help` appended, the command line parses (an unknown command or option exits 2)."""
+    from vitdeep.cli import main
+
+    commands = readme_commands()
+    assert len(commands) >= 20, commands
+    failed = []
+    for command in commands:
+        argv = _as_argv(command)
+        try:
+            main([*argv, "--help"])
+        except SystemExit as done:
+            if done.code not in (0, None):
+                failed.append(f"{command}  →  exit {done.code}")
+    assert not failed, "README command lines that do not parse:\n" + "\n".join(failed)
+
+
+def test_readme_command_lines_are_found_and_cleaned():
+    assert _as_argv("vitdeep models [NAME ...] [--img-size 224]   # the zoo") == ["models"]
+    assert _as_argv("vitdeep shards SRC OUT | --demo OUT") == ["shards", "SRC", "OUT"]
+    assert _as_argv('vitdeep analyze --compare "no losses=runs/plain" --out DIR') == ["analyze", "--compare", "no losses=runs/plain", "--out", "DIR"]
+    with pytest.raises(SystemExit) as done:
+        from vitdeep.cli import main
+
+        main(["train", "--no-such-flag", "--help"])
+    assert done.value.code == 2
