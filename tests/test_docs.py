@@ -4,7 +4,7 @@ package tree and Extending match the code, and every `vitdeep …` line of the R
 The method's formulas, recipes and sources live in docs/method.md, in numbered sections that code
 and tests cite as `docs/method.md §N` (or `§N.M`). A clone must have everything a file cites: no
 file may name the team's private notes or a document outside the repository, and every section
-cited must exist. Pure text checks over `git ls-files`: no torch, well under a second.
+cited must exist. Text checks over `git ls-files` and in-process `--help` parses: no torch, seconds.
 """
 
 from __future__ import annotations
