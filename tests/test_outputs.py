@@ -103,6 +103,23 @@ def test_eval_records_the_checkpoint_and_refuses_to_overwrite(run_dir, digit_sha
             f"lies inside the input folder {digit_shards}", inside)
 
 
+def test_eval_writes_into_the_run_folder_by_default(run_dir, digit_shards, tmp_path, capsys, monkeypatch):
+    """Issue 26: without --out, eval.json landed in the current folder; it goes with the run's
+    other outputs (eval_ema.json for the EMA, as ablate names them), beside a file source."""
+    monkeypatch.chdir(tmp_path)
+    data = ["--data", str(digit_shards), "--workers", "0"]
+    ok(["eval", "--checkpoint", str(run_dir / "checkpoints" / "step_00000004"), *data], capsys)
+    assert json.loads((run_dir / "eval.json").read_text())["evaluated"]["step"] == 4
+    ok(["eval", "--checkpoint", str(run_dir), "--ema", *data], capsys)
+    assert json.loads((run_dir / "eval_ema.json").read_text())["evaluated"]["ema"] is True
+    refuses(["eval", "--checkpoint", str(run_dir / "checkpoints"), *data], capsys, f"{run_dir / 'eval.json'} already exists")
+    export = tmp_path / "exported" / "tiny.safetensors"
+    ok(["export", str(run_dir), str(export)], capsys)
+    ok(["eval", "--checkpoint", str(export), *data], capsys)
+    assert json.loads((export.parent / "tiny.eval.json").read_text())["count"] == 297
+    assert not (tmp_path / "eval.json").exists()
+
+
 @pytest.mark.parametrize("content", [b"", None], ids=["zero-byte tar", "tar without members"])
 def test_eval_with_no_readable_sample_exits_2_and_writes_nothing(run_dir, tmp_path, capsys, content):
     shard = tmp_path / "shards" / "val-000000.tar"

@@ -273,7 +273,11 @@ def eval_command(
         MAX_BAD_FRACTION, "--max-bad-fraction", range_of(DataConfig, "max_bad_fraction"),
         "Fail when more than this fraction of the samples listed is bad or missing (over all ranks).",
     ),
-    out: Path = typer.Option(Path("eval.json"), "--out", help="JSON file for the results (with per-class accuracy, the sample accounting and the checkpoint evaluated)."),
+    out: Optional[Path] = typer.Option(
+        None, "--out", show_default="RUN/eval.json",
+        help="JSON file for the results (with per-class accuracy, the sample accounting and the checkpoint evaluated). "
+        "Default: in the run's folder, RUN/eval.json (RUN/eval_ema.json with --ema); beside a file SRC, SRC_STEM.eval.json.",
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out when it exists."),
     reduced_decode: bool = typer.Option(False, "--reduced-decode", help="Decode JPEGs at 1/2-1/8 scale when the shorter side is at least twice the resize (off: numbers comparable with published ones)."),
 ) -> None:
