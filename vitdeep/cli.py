@@ -28,7 +28,6 @@ app = typer.Typer(
     help="Train deep Vision Transformers (DeiT / CaiT, 24-48 blocks) with the remedies for "
     "over-smoothing, on DeepSpeed and WebDataset.",
     no_args_is_help=True,
-    add_completion=False,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
