@@ -148,6 +148,26 @@ def test_a_sample_repeating_its_members_is_one_bad_sample(run_dir, digit_shards,
 # ---- analyze -----------------------------------------------------------------------------------
 
 
+def test_a_random_init_beside_a_run_follows_its_architecture(run_dir, digit_shards, tmp_path, capsys):
+    """Issue 26: `--compare random=deit_tiny_24` built the 224 px width-192 default, not the
+    architecture of the run analysed beside it. The run's own model name is its architecture at
+    random init; another name takes its input and classes; flags override both."""
+    from vitdeep.commands.analyze import resolve_model_sources
+    from vitdeep.engine.weights import source_architecture
+
+    name, saved = source_architecture(run_dir)
+    _, own, other = resolve_model_sources(None, run_dir, [f"random={name}", "deit_small_24"], {})
+    assert (own.model, own.options, own.checkpoint) == (name, saved, None)
+    assert other.options == {"img_size": 16, "patch_size": 4, "num_classes": 10}
+    _, flagged = resolve_model_sources(None, run_dir, ["deit_small_24"], {"img_size": 32})
+    assert flagged.options == {"img_size": 32, "patch_size": 4, "num_classes": 10}
+    out = tmp_path / "analysis"
+    ok(["analyze", "--checkpoint", str(run_dir), "--compare", f"random={name}", "--data", str(digit_shards),
+        "--num-images", "8", "--out", str(out)], capsys)
+    report = json.loads((out / "metrics.json").read_text())["sources"]
+    assert len(report["random"]["cossim"]) == len(report[str(run_dir)]["cossim"]) == saved["depth"] + 1
+
+
 def test_analyze_refuses_existing_outputs_and_input_folders(digit_shards, tmp_path, capsys):
     out = tmp_path / "analysis"
     args = ["analyze", *TINY, "--data", str(digit_shards), "--num-images", "8", "--out", str(out)]

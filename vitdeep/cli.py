@@ -92,7 +92,8 @@ def analyze_command(
     images: Optional[Path] = typer.Option(None, "--images", help="Or a folder of images / an ImageFolder tree."),
     out: Path = typer.Option(..., "--out", help="Output folder: metrics.json, oversmoothing.png, tb/."),
     compare: Optional[list[str]] = typer.Option(
-        None, "--compare", help="Overlay another source, [LABEL=]CHECKPOINT or [LABEL=]MODEL (random init). Repeatable."
+        None, "--compare", help="Overlay another source, [LABEL=]CHECKPOINT or [LABEL=]MODEL (random init, "
+        "with the analysed run's image size, patch and classes; its whole architecture when MODEL is its own). Repeatable."
     ),
     ema: bool = typer.Option(False, "--ema", help="Use the EMA weights of vitdeep checkpoints."),
     num_images: int = number_option(1000, "--num-images", at_least(1, MAX_SAMPLES), "Images to average over."),
