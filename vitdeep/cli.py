@@ -17,7 +17,7 @@ import typer
 from vitdeep.ablate.grid import MAX_CELLS
 from vitdeep.architecture import ARCHITECTURE_OPTIONS, DEFAULT_IMG_SIZE, DEFAULT_PATCH_SIZE, EVAL_CROP_RATIO
 from vitdeep.cli_options import number_option, with_config_options
-from vitdeep.config import FINETUNE_RECIPE, DataConfig, ModelFields, OptimConfig, RunConfig
+from vitdeep.config import FINETUNE_RECIPE, DataConfig, ModelFields, OptimConfig, RunConfig, TrainConfig
 from vitdeep.data.options import DEFAULT_QUALITY, MAX_BAD_FRACTION, MAX_MAX_SIZE, MIN_MAX_SIZE, AugmentConfig, ReadPolicy
 from vitdeep.engine.cluster import DEFAULT_GPU_MEMORY, DEFAULT_GPU_TFLOPS, DEFAULT_GPUS_PER_NODE, DEFAULT_MFU, MAX_CORES, MAX_DECODE_RATE, Cluster
 from vitdeep.errors import OversmoothingStopped, StoppedBySignal, Terminated, TrainingStopped, UserError, as_flags
@@ -182,20 +182,32 @@ def finetune_command(
     Takes train's options, with DeiT's finetuning recipe and the source's architecture as
     defaults; position embeddings are resampled to the new grid.
     """
-    from vitdeep.engine.weights import source_model_options
-
-    recipe = {**FINETUNE_RECIPE, **source_model_options(source)}
-    _run_training({**options, "init_from": source}, config, dry_run, recipe=recipe, command="finetune")
+    _run_training({**options, "init_from": source}, config, dry_run, source=source, command="finetune")
 
 
-def _run_training(options: dict, config: Optional[Path], dry_run: bool, recipe: Optional[dict] = None,
-                  command: str = "train") -> None:
+def _resolve(options: dict, config: Optional[Path], source: Optional[str] = None) -> TrainConfig:
+    """The run's config; with a finetune's `source`, DeiT's finetuning recipe and the source's
+    architecture under the config file and flags, and a model named otherwise refused (it would
+    label the source's architecture falsely)."""
     from vitdeep.config import resolve_config
+
+    if source is None:
+        return resolve_config(options, config)
+    from vitdeep.engine.weights import check_inherited_model, source_model_options
+
+    inherited = source_model_options(source)
+    cfg = resolve_config(options, config, {**FINETUNE_RECIPE, **inherited})
+    check_inherited_model(cfg.model.model, "--model" if "model" in options else f"--config {config}", source, inherited)
+    return cfg
+
+
+def _run_training(options: dict, config: Optional[Path], dry_run: bool, source: Optional[str] = None,
+                  command: str = "train") -> None:
     from vitdeep.engine.capacity import check_fits
     from vitdeep.commands.dry_run import print_dry_run
     from vitdeep.engine.loop import plan_from_env, train
 
-    plan = plan_from_env(resolve_config(options, config, recipe))
+    plan = plan_from_env(_resolve(options, config, source))
     if dry_run:
         print_dry_run(plan, command)
         return
@@ -224,15 +236,9 @@ def plan_command(
     """Will this run fit, and how long will it take: per-GPU memory (model states, EMA, traced
     activations), verdict, largest micro-batch, the cheapest change that fits, and time. Takes
     train's options; no data needed (ImageNet-1k's size is assumed without --data)."""
-    from vitdeep.config import resolve_config
     from vitdeep.planner import run_plan
 
-    recipe = None
-    if source is not None:
-        from vitdeep.engine.weights import source_model_options
-
-        recipe = {**FINETUNE_RECIPE, **source_model_options(source)}
-    record = run_plan(resolve_config(options, config, recipe), nodes, gpus_per_node, gpu_memory, gpu_tflops, mfu, json_path,
+    record = run_plan(_resolve(options, config, source), nodes, gpus_per_node, gpu_memory, gpu_tflops, mfu, json_path,
                       measure, config=config, measure_data=measure_data, decode_rate=decode_rate, cores_per_node=cores_per_node)
     if check and record and not record["fits"]:
         raise typer.Exit(code=1)

@@ -193,6 +193,17 @@ def source_model_options(src: str | Path) -> dict[str, Any]:
     return {"model": name, **{k: kwargs[k] for k in INHERITED_OPTIONS if kwargs.get(k) is not None}}
 
 
+def check_inherited_model(model: str, named_by: str, source: str | Path, inherited: dict[str, Any]) -> None:
+    """A finetune keeps its source's architecture (`inherited`, from `source_model_options`), so
+    its model is the source's: another name (a recipe for another model, `--model`) would label
+    the source's depth and width with it, e.g. a 2 M-parameter model as deit_base_24. `named_by`
+    says where `model` came from; a plain state dict (`inherited` empty) takes the model named."""
+    if inherited and get_spec(model).name != get_spec(inherited["model"]).name:
+        raise UserError(f"the model is {model} (from {named_by}), but --from {source} holds a {inherited['model']} (depth "
+                        f"{inherited.get('depth')}, width {inherited.get('embed_dim')}), whose architecture a finetune keeps: "
+                        f"drop {named_by.split()[0]}, or finetune a {model}")
+
+
 def source_crop_ratio(src: str | Path) -> float | None:
     """The evaluation crop a vitdeep run or export was validated with, from its metadata only;
     None for a plain state dict (or a source that does not say)."""
