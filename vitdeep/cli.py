@@ -337,6 +337,7 @@ def demo_command(
 def ablate_command(
     options: dict,
     grid: Optional[str] = typer.Argument(None, metavar="GRID", help="A bundled grid (see --list) or a grid YAML file."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML / JSON file of train options, or a bundled recipe's name, for every cell (over the grid's shared options; flags and the cells' own options override it)."),
     ranks: Optional[int] = number_option(None, "--ranks", at_least(1, MAX_RANKS), "DeepSpeed ranks per cell (default: every GPU, else 2 CPU ranks)."),
     emit: Optional[str] = typer.Option(None, "--emit", help="'slurm': write OUT/ablate.sbatch, a job array of one cell per task, and run nothing."),
     dry_run: bool = typer.Option(False, "--dry-run", help="List the cells and their commands; run nothing."),
@@ -349,11 +350,11 @@ def ablate_command(
     """Run an ablation grid: every cell a vitdeep training run in OUT/cells/<name>/ (same seed,
     budget, data and DeepSpeed config; only the grid's options change), resumable, evaluated and
     analysed, then tabulated in OUT/results.json, results.md and results.png. Train options given
-    here apply to every cell."""
+    here, as flags or in --config, apply to every cell."""
     from vitdeep.ablate import run_command
 
     run_command(grid, options, ranks=ranks, emit=emit, dry_run=dry_run, demo=demo, collect=collect, list_grids=list_grids,
-                max_cells=max_cells, seeds=seeds)
+                max_cells=max_cells, seeds=seeds, config=config)
 
 
 @app.command("train-cells", hidden=True)

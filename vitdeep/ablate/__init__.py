@@ -30,14 +30,16 @@ def run_command(
     list_grids: bool = False,
     max_cells: int = MAX_CELLS,
     seeds: int = 1,
+    config: str | Path | None = None,
 ) -> None:
-    """Dispatch the modes of `vitdeep ablate`; every check runs before anything is written."""
+    """Dispatch the modes of `vitdeep ablate`; every check runs before anything is written.
+    `config` is a train config file (or bundled recipe) whose options every cell takes."""
     if list_grids:
         print_bundled_grids()
         return
     if collect is not None:
-        if grid is not None or options:
-            raise UserError("--collect DIR takes no GRID and no train options: it rebuilds the table of DIR's grid")
+        if grid is not None or options or config is not None:
+            raise UserError("--collect DIR takes no GRID, --config or train options: it rebuilds the table of DIR's grid")
         from vitdeep.ablate.results import collect as collect_results
 
         collect_results(collect)
@@ -48,7 +50,7 @@ def run_command(
         raise UserError(f"--emit {emit}: the one format is {', '.join(EMIT_FORMATS)}")
     if emit and (demo or dry_run):
         raise UserError(f"--emit {emit} writes a job script for a cluster; it takes neither --demo nor --dry-run")
-    ablation = prepare(grid, options, ranks=ranks, demo=demo, local=emit is None, max_cells=max_cells, seeds=seeds)
+    ablation = prepare(grid, options, ranks=ranks, demo=demo, local=emit is None, max_cells=max_cells, seeds=seeds, config=config)
     if dry_run:
         from vitdeep.ablate.run import print_dry_run
 
@@ -72,15 +74,19 @@ def run_command(
 
 
 def prepare(grid_spec: str, options: dict[str, Any], *, ranks: int | None, demo: bool, local: bool, max_cells: int = MAX_CELLS,
-            seeds: int = 1):
+            seeds: int = 1, config: str | Path | None = None):
     """The grid resolved for its folder, every cell's options checked (and, to run here, every
-    cell's full run plan); raises `UserError` before anything is written."""
+    cell's full run plan); raises `UserError` before anything is written. The options of a
+    `config` file lie under the `options` given as flags, as in `vitdeep train`, and over the
+    grid's shared ones; every cell gets them as flags (its command and `grid.json` say them all,
+    so a rerun after the file changed is caught as a changed grid)."""
     from vitdeep.ablate.grid import load_grid, resolve_cells
     from vitdeep.ablate.cells import Ablation
     from vitdeep.ablate.run import check_plans, check_same_grid
+    from vitdeep.config import load_config_file
     from vitdeep.launcher import default_ds_config, default_ranks
 
-    overrides = dict(options)
+    overrides = {**(load_config_file(config) if config is not None else {}), **options}
     out = overrides.pop("out", None)
     data, val = overrides.pop("data", None), overrides.pop("val", None)
     if not out:
