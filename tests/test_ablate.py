@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.launch import SMALL, cpu_env, metrics, refuses, run, single_cmd
-from vitdeep.ablate import prepare
+from vitdeep.commands.ablate import prepare
 from vitdeep.ablate.grid import bundled_grids, load_grid, parse_grid, resolve_cells
 from vitdeep.cli import main
 from vitdeep.commands.demo import RECIPE
@@ -65,6 +65,23 @@ def test_two_axes_give_four_cells_named_from_their_options(digit_shards, tmp_pat
     listing = capsys.readouterr().out
     assert not out.exists(), "--dry-run writes nothing"
     assert all(name in listing for name in names) and listing.count("deepspeed.launcher.runner") == 4
+
+
+def test_config_applies_to_every_cell_under_the_flags_and_the_cells(digit_shards, tmp_path, capsys):
+    """Issue 26: ablate refused --config, though any train option applies to every cell. The
+    file's options lie under the flags and each cell's own, and every cell's command spells them."""
+    grid, out, config = _grid(tmp_path, ONE_AXIS), tmp_path / "ab", tmp_path / "shared.yaml"
+    config.write_text("epochs: 3\nlr: 0.01\ncontrastive_weight: 5\nweight_decay: 0.5\n")
+    capsys.readouterr()
+    _main(_ablate(grid, digit_shards, out, "--config", str(config), "--lr", "0.02", "--dry-run"))
+    commands = [line for line in capsys.readouterr().out.splitlines() if "deepspeed.launcher.runner" in line]
+    assert len(commands) == 2 and not out.exists()
+    for weight, command in zip(("0.0", "1.0"), commands):
+        assert " --epochs 3 " in command and " --weight-decay 0.5" in command and f"--contrastive-weight {weight}" in command
+        assert " --lr 0.02 " in command and "0.01" not in command and "--config" not in command
+    config.write_text("epochs: 3\nno_such_option: 1\n")
+    refuses(_ablate(grid, digit_shards, out, "--config", str(config), "--dry-run"), capsys, "unknown option 'no_such_option'", out)
+    refuses(["ablate", "--collect", str(out), "--config", str(config)], capsys, "--collect DIR takes no GRID, --config")
 
 
 def test_named_axes_and_explicit_cells():

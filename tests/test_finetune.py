@@ -362,3 +362,31 @@ def test_bad_sources_exit_2(zero3_run, digit_shards, tmp_path, capsys, source, e
     out = tmp_path / "out"
     refuses(["finetune", "--from", str(paths[source]), "--data", str(digit_shards), "--out", str(out), *SMALL_32, *extra],
             capsys, needle, out)
+
+
+#: The 2-rank ZeRO-2 run in tests/data: a deit_tiny_12 of depth 2, width 32, at 16 px.
+PER_RANK_RUN = Path(__file__).parent / "data" / "per_rank_run"
+
+
+def test_a_plain_state_dict_without_model_says_the_model_was_the_default(digit_shards, tmp_path, capsys):
+    """Issue 26: the mismatch was reported against deit_small_24, which the user never named."""
+    source = tmp_path / "tiny.pth"
+    tiny = create_model("deit_tiny_12", depth=2, embed_dim=32, num_heads=2, img_size=16, patch_size=4, num_classes=10)
+    torch.save({"model": tiny.state_dict()}, source)
+    out = tmp_path / "out"
+    common = ["--from", str(source), "--data", str(digit_shards), "--out", str(out), "--img-size", "16", "--dry-run"]
+    refuses(["finetune", *common], capsys, f"--model deit_small_24 is the default, not read from {source}", out)
+    error = refuses(["finetune", *common, "--model", "deit_base_12"], capsys, "model depth 12, width 768", out)
+    assert "default" not in error
+
+
+@pytest.mark.parametrize("named", [["--config", "deit_base_24_losses_512"], ["--model", "deit_base_24"]], ids=["recipe", "flag"])
+@pytest.mark.parametrize("command", ["finetune", "plan"])
+def test_a_finetune_named_another_model_than_its_source_is_refused(named, command, digit_shards, tmp_path, capsys):
+    """Issue 26: a recipe for deit_base_24 from a deit_tiny_12 source labelled the source's 2-block,
+    width-32 architecture deit_base_24; refused, naming where the name came from and the source."""
+    out = tmp_path / "out"
+    args = ["--from", str(PER_RANK_RUN), *named, "--data", str(digit_shards)]
+    refuses([command, *args, *(["--out", str(out), "--dry-run"] if command == "finetune" else [])], capsys,
+            f"the model is deit_base_24 (from {' '.join(named) if named[0] == '--config' else '--model'}), but --from "
+            f"{PER_RANK_RUN} holds a deit_tiny_12 (depth 2, width 32)", out)

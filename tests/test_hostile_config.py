@@ -247,3 +247,47 @@ def test_dry_run_of_a_real_plan_with_any_numbers(changes, digit_shards, tmp_path
     assert not out.exists()
     if outcome.code == 0:
         assert "peak lr" in outcome.out and not re.search(r"\b(nan|inf)\b", outcome.out, re.IGNORECASE)
+
+
+# ---- --set KEY=VALUE (issue 26) ----------------------------------------------------------------
+
+
+def test_set_overrides_resolve_as_the_same_config_file_does(digit_shards, tmp_path):
+    """`--set` takes a config file's keys (flat or SECTION.NAME) and values (YAML), so a run given
+    them either way is the same run; --set lies over --config."""
+    common = ["train", "--data", str(digit_shards), "--out", str(tmp_path / "out"), "--dry-run", *TINY]
+    config = tmp_path / "config.yaml"
+    config.write_text("optim:\n  lr: 3.0e-3\nhflip: 0.0\nrand_augment: ''\nattnscale: true\nepochs: 9\n")
+    from_file = check_outcome(run_cli([*common, "--config", str(config)]), codes=(0,))
+    sets = ["--set", "optim.lr=3e-3", "--set", "hflip=0", "--set", "augment.rand_augment=", "--set", "model.attnscale=true"]
+    from_sets = check_outcome(run_cli([*common, *sets, "--set", "epochs=9"]), codes=(0,))
+    assert from_sets.out == from_file.out and "0.003" in from_sets.out
+    config.write_text("epochs: 9\nlr: 1.0\n")
+    over_file = check_outcome(run_cli([*common, "--config", str(config), *sets]), codes=(0,))
+    assert over_file.out == from_file.out
+
+
+@pytest.mark.parametrize("pair, needle", [
+    ("lrr=1", "--set lrr: unknown option 'lrr'"),
+    ("optim.depth=3", "--set optim.depth: depth is a model option: model.depth or depth"),
+    ("lr=abc", "--set lr: option lr='abc' should be of type float"),
+    ("optim.lr=-1", "--set optim.lr: lr must be > 0, got -1"),
+    ("epochs=1.5", "--set epochs: option epochs=1.5 should be of type int"),
+    ("lr=[1", "--set lr is not valid YAML"),
+    ("lr", "--set 'lr' is not KEY=VALUE"),
+    ("micro_batch=8", "--set micro_batch and --micro-batch both set it"),
+])
+@pytest.mark.parametrize("command", ["train", "finetune", "plan", "ablate"])
+def test_a_bad_set_exits_2_naming_it(command, pair, needle, digit_shards, tmp_path):
+    out = tmp_path / "out"
+    data = ["--data", str(digit_shards), "--out", str(out)]
+    args = {"train": ["train", *data, "--dry-run"], "finetune": ["finetune", "--from", str(MISSING), *data, "--dry-run"],
+            "plan": ["plan"], "ablate": ["ablate", "remedies", *data, "--val", str(digit_shards), "--dry-run"]}[command]
+    outcome = check_outcome(run_cli([*args, *TINY, "--set", pair]), out)
+    assert outcome.code == 2 and needle in outcome.err, outcome.err
+
+
+def test_plan_takes_set(tmp_path):
+    record = tmp_path / "plan.json"
+    check_outcome(run_cli(["plan", *TINY, "--gpus-per-node", "1", "--set", "model.grad_checkpointing=true", "--json", str(record)]), codes=(0,))
+    assert json.loads(record.read_text())["requested"]["grad_checkpointing"] is True

@@ -4,6 +4,7 @@ and the command line's help path imports no torch. Checked in fresh interpreters
 
 import ast
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,10 +18,12 @@ HELP_COMMANDS = [[], ["models"], ["train"], ["finetune"], ["plan"], ["ablate"], 
                  ["export"], ["shards"], ["demo"]]
 
 
-def _loaded_after(code: str) -> set[str]:
-    """Top-level and vitdeep module names a fresh interpreter holds after running `code`."""
+def _loaded_after(code: str, env: dict[str, str] | None = None) -> set[str]:
+    """Top-level and vitdeep module names a fresh interpreter holds after running `code` (with
+    `env` added to the environment)."""
     script = code + "\nimport json, sys\nprint(json.dumps(sorted(sys.modules)))"
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                            env={**os.environ, **(env or {})})
     return set(json.loads(result.stdout.strip().splitlines()[-1]))
 
 
@@ -32,6 +35,30 @@ def test_help_imports_no_torch(command):
     )
     heavy = sorted(name for name in loaded if name.split(".")[0] in HEAVY)
     assert not heavy, f"vitdeep {' '.join(command)} --help imported {heavy[:5]}"
+
+
+#: (environment, arguments, a line of the output) of a shell's uses of completion: printing the
+#: script (the shell named; by default Typer detects it) and the completions of a TAB.
+COMPLETION = {
+    "script": ({"_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION": "1"}, ["--show-completion", "bash"],
+               "complete -o default -F _vitdeep_completion vitdeep"),
+    "tab": ({"_VITDEEP_COMPLETE": "complete_bash", "COMP_WORDS": "vitdeep train --ema", "COMP_CWORD": "2"}, [], "--ema-decay"),
+}
+
+
+@pytest.mark.parametrize("env, args, expected", COMPLETION.values(), ids=list(COMPLETION))
+def test_shell_completion_works_and_imports_no_torch(env, args, expected):
+    """Issue 26: completion was off. The script and every TAB's completions come without torch:
+    a TAB that took seconds would be worse than none."""
+    loaded = _loaded_after(
+        "import contextlib, io\nfrom vitdeep.cli import main\nshown = io.StringIO()\n"
+        f"with contextlib.redirect_stdout(shown):\n    try:\n        main({args!r})\n"
+        "    except SystemExit as done:\n        assert done.code in (0, None), done.code\n"
+        f"assert {expected!r} in shown.getvalue().splitlines(), shown.getvalue()",
+        env,
+    )
+    heavy = sorted(name for name in loaded if name.split(".")[0] in HEAVY)
+    assert not heavy, f"completion imported {heavy[:5]}"
 
 
 LAYERS = {

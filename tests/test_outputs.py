@@ -103,6 +103,23 @@ def test_eval_records_the_checkpoint_and_refuses_to_overwrite(run_dir, digit_sha
             f"lies inside the input folder {digit_shards}", inside)
 
 
+def test_eval_writes_into_the_run_folder_by_default(run_dir, digit_shards, tmp_path, capsys, monkeypatch):
+    """Issue 26: without --out, eval.json landed in the current folder; it goes with the run's
+    other outputs (eval_ema.json for the EMA, as ablate names them), beside a file source."""
+    monkeypatch.chdir(tmp_path)
+    data = ["--data", str(digit_shards), "--workers", "0"]
+    ok(["eval", "--checkpoint", str(run_dir / "checkpoints" / "step_00000004"), *data], capsys)
+    assert json.loads((run_dir / "eval.json").read_text())["evaluated"]["step"] == 4
+    ok(["eval", "--checkpoint", str(run_dir), "--ema", *data], capsys)
+    assert json.loads((run_dir / "eval_ema.json").read_text())["evaluated"]["ema"] is True
+    refuses(["eval", "--checkpoint", str(run_dir / "checkpoints"), *data], capsys, f"{run_dir / 'eval.json'} already exists")
+    export = tmp_path / "exported" / "tiny.safetensors"
+    ok(["export", str(run_dir), str(export)], capsys)
+    ok(["eval", "--checkpoint", str(export), *data], capsys)
+    assert json.loads((export.parent / "tiny.eval.json").read_text())["count"] == 297
+    assert not (tmp_path / "eval.json").exists()
+
+
 @pytest.mark.parametrize("content", [b"", None], ids=["zero-byte tar", "tar without members"])
 def test_eval_with_no_readable_sample_exits_2_and_writes_nothing(run_dir, tmp_path, capsys, content):
     shard = tmp_path / "shards" / "val-000000.tar"
@@ -129,6 +146,26 @@ def test_a_sample_repeating_its_members_is_one_bad_sample(run_dir, digit_shards,
 
 
 # ---- analyze -----------------------------------------------------------------------------------
+
+
+def test_a_random_init_beside_a_run_follows_its_architecture(run_dir, digit_shards, tmp_path, capsys):
+    """Issue 26: `--compare random=deit_tiny_24` built the 224 px width-192 default, not the
+    architecture of the run analysed beside it. The run's own model name is its architecture at
+    random init; another name takes its input and classes; flags override both."""
+    from vitdeep.commands.analyze import resolve_model_sources
+    from vitdeep.engine.weights import source_architecture
+
+    name, saved = source_architecture(run_dir)
+    _, own, other = resolve_model_sources(None, run_dir, [f"random={name}", "deit_small_24"], {})
+    assert (own.model, own.options, own.checkpoint) == (name, saved, None)
+    assert other.options == {"img_size": 16, "patch_size": 4, "num_classes": 10}
+    _, flagged = resolve_model_sources(None, run_dir, ["deit_small_24"], {"img_size": 32})
+    assert flagged.options == {"img_size": 32, "patch_size": 4, "num_classes": 10}
+    out = tmp_path / "analysis"
+    ok(["analyze", "--checkpoint", str(run_dir), "--compare", f"random={name}", "--data", str(digit_shards),
+        "--num-images", "8", "--out", str(out)], capsys)
+    report = json.loads((out / "metrics.json").read_text())["sources"]
+    assert len(report["random"]["cossim"]) == len(report[str(run_dir)]["cossim"]) == saved["depth"] + 1
 
 
 def test_analyze_refuses_existing_outputs_and_input_folders(digit_shards, tmp_path, capsys):

@@ -28,7 +28,6 @@ app = typer.Typer(
     help="Train deep Vision Transformers (DeiT / CaiT, 24-48 blocks) with the remedies for "
     "over-smoothing, on DeepSpeed and WebDataset.",
     no_args_is_help=True,
-    add_completion=False,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -93,7 +92,8 @@ def analyze_command(
     images: Optional[Path] = typer.Option(None, "--images", help="Or a folder of images / an ImageFolder tree."),
     out: Path = typer.Option(..., "--out", help="Output folder: metrics.json, oversmoothing.png, tb/."),
     compare: Optional[list[str]] = typer.Option(
-        None, "--compare", help="Overlay another source, [LABEL=]CHECKPOINT or [LABEL=]MODEL (random init). Repeatable."
+        None, "--compare", help="Overlay another source, [LABEL=]CHECKPOINT or [LABEL=]MODEL (random init, "
+        "with the analysed run's image size, patch and classes; its whole architecture when MODEL is its own). Repeatable."
     ),
     ema: bool = typer.Option(False, "--ema", help="Use the EMA weights of vitdeep checkpoints."),
     num_images: int = number_option(1000, "--num-images", at_least(1, MAX_SAMPLES), "Images to average over."),
@@ -166,7 +166,9 @@ def train_command(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved run (model, batch arithmetic, schedule, DeepSpeed config) and exit."),
 ) -> None:
     """Train a model with DeepSpeed: one process, or every rank under deepspeed / torchrun / SLURM."""
-    _run_training(options, config, dry_run)
+    from vitdeep.commands.train import run_training
+
+    run_training(options, config, dry_run)
 
 
 @app.command("finetune", context_settings={"max_content_width": 120})
@@ -182,25 +184,9 @@ def finetune_command(
     Takes train's options, with DeiT's finetuning recipe and the source's architecture as
     defaults; position embeddings are resampled to the new grid.
     """
-    from vitdeep.engine.weights import source_model_options
+    from vitdeep.commands.train import run_training
 
-    recipe = {**FINETUNE_RECIPE, **source_model_options(source)}
-    _run_training({**options, "init_from": source}, config, dry_run, recipe=recipe, command="finetune")
-
-
-def _run_training(options: dict, config: Optional[Path], dry_run: bool, recipe: Optional[dict] = None,
-                  command: str = "train") -> None:
-    from vitdeep.config import resolve_config
-    from vitdeep.planner.memory import check_fits
-    from vitdeep.commands.dry_run import print_dry_run
-    from vitdeep.engine.loop import plan_from_env, train
-
-    plan = plan_from_env(resolve_config(options, config, recipe))
-    if dry_run:
-        print_dry_run(plan, command)
-        return
-    check_fits(plan)
-    train(plan)
+    run_training({**options, "init_from": source}, config, dry_run, source=source, command="finetune")
 
 
 @app.command("plan", context_settings={"max_content_width": 120})
@@ -224,15 +210,10 @@ def plan_command(
     """Will this run fit, and how long will it take: per-GPU memory (model states, EMA, traced
     activations), verdict, largest micro-batch, the cheapest change that fits, and time. Takes
     train's options; no data needed (ImageNet-1k's size is assumed without --data)."""
-    from vitdeep.config import resolve_config
     from vitdeep.commands.plan import run_plan
+    from vitdeep.commands.train import resolve_run_config
 
-    recipe = None
-    if source is not None:
-        from vitdeep.engine.weights import source_model_options
-
-        recipe = {**FINETUNE_RECIPE, **source_model_options(source)}
-    record = run_plan(resolve_config(options, config, recipe), nodes, gpus_per_node, gpu_memory, gpu_tflops, mfu, json_path,
+    record = run_plan(resolve_run_config(options, config, source), nodes, gpus_per_node, gpu_memory, gpu_tflops, mfu, json_path,
                       measure, config=config, measure_data=measure_data, decode_rate=decode_rate, cores_per_node=cores_per_node)
     if check and record and not record["fits"]:
         raise typer.Exit(code=1)
@@ -273,7 +254,11 @@ def eval_command(
         MAX_BAD_FRACTION, "--max-bad-fraction", range_of(DataConfig, "max_bad_fraction"),
         "Fail when more than this fraction of the samples listed is bad or missing (over all ranks).",
     ),
-    out: Path = typer.Option(Path("eval.json"), "--out", help="JSON file for the results (with per-class accuracy, the sample accounting and the checkpoint evaluated)."),
+    out: Optional[Path] = typer.Option(
+        None, "--out", show_default="RUN/eval.json",
+        help="JSON file for the results (with per-class accuracy, the sample accounting and the checkpoint evaluated). "
+        "Default: in the run's folder, RUN/eval.json (RUN/eval_ema.json with --ema); beside a file SRC, SRC_STEM.eval.json.",
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out when it exists."),
     reduced_decode: bool = typer.Option(False, "--reduced-decode", help="Decode JPEGs at 1/2-1/8 scale when the shorter side is at least twice the resize (off: numbers comparable with published ones)."),
 ) -> None:
@@ -286,7 +271,7 @@ def eval_command(
         run_eval(
             checkpoint, data, out=out, model_name=model, img_size=img_size, crop_ratio=crop_ratio, ema=ema,
             batch_size=batch_size, workers=workers, split=split, num_samples=num_samples,
-            max_bad_fraction=max_bad_fraction, overwrite=overwrite, reads=reads, reduced_decode=reduced_decode,
+            max_bad_fraction=max_bad_fraction, overwrite=overwrite, reads=reads, reduced_decode=reduced_decode, leave=True,
         )
 
 
@@ -327,6 +312,7 @@ def demo_command(
 def ablate_command(
     options: dict,
     grid: Optional[str] = typer.Argument(None, metavar="GRID", help="A bundled grid (see --list) or a grid YAML file."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML / JSON file of train options, or a bundled recipe's name, for every cell (over the grid's shared options; flags and the cells' own options override it)."),
     ranks: Optional[int] = number_option(None, "--ranks", at_least(1, MAX_RANKS), "DeepSpeed ranks per cell (default: every GPU, else 2 CPU ranks)."),
     emit: Optional[str] = typer.Option(None, "--emit", help="'slurm': write OUT/ablate.sbatch, a job array of one cell per task, and run nothing."),
     dry_run: bool = typer.Option(False, "--dry-run", help="List the cells and their commands; run nothing."),
@@ -339,11 +325,11 @@ def ablate_command(
     """Run an ablation grid: every cell a vitdeep training run in OUT/cells/<name>/ (same seed,
     budget, data and DeepSpeed config; only the grid's options change), resumable, evaluated and
     analysed, then tabulated in OUT/results.json, results.md and results.png. Train options given
-    here apply to every cell."""
-    from vitdeep.ablate import run_command
+    here, as flags or in --config, apply to every cell."""
+    from vitdeep.commands.ablate import run_command
 
     run_command(grid, options, ranks=ranks, emit=emit, dry_run=dry_run, demo=demo, collect=collect, list_grids=list_grids,
-                max_cells=max_cells, seeds=seeds)
+                max_cells=max_cells, seeds=seeds, config=config)
 
 
 @app.command("train-cells", hidden=True)

@@ -16,7 +16,8 @@ from typing import Any, Callable, Optional
 
 import typer
 
-from vitdeep.config import SECTION_TITLES, section_classes
+from vitdeep.config import SECTION_TITLES, parse_overrides, section_classes
+from vitdeep.errors import UserError
 from vitdeep.fields import Range, check_number, numeric_fields
 
 
@@ -64,27 +65,40 @@ def config_parameters(overrides: dict[str, Any] | None = None, only: Iterable[st
     return parameters
 
 
+#: The parameter of `--set KEY=VALUE` (repeatable) on the commands that take every config option.
+SET_PARAMETER = inspect.Parameter(
+    "set_options", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[list[str]],
+    default=typer.Option(None, "--set", metavar="KEY=VALUE", help="Set an option as a --config file does: KEY its name or "
+                         "SECTION.NAME, e.g. --set optim.lr=1e-3 --set model.depth=12. Repeatable; over --config, with the same checks."),
+)
+
+
 def with_config_options(
     overrides: dict[str, Any] | None = None, only: Iterable[str] | None = None
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorate `command(options: dict, **own_parameters)`: the generated flags (of every config
     field, or of those in `only`) arrive as `options` (only the ones given), the command's own
-    parameters as they are."""
+    parameters as they are. With every field (no `only`), `--set KEY=VALUE` sets any of them too,
+    into `options` (an option given both ways is refused: which one would win is a guess)."""
 
     def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
         own = [p for name, p in inspect.signature(command).parameters.items() if name != "options"]
         own_hints = typing.get_type_hints(command)
-        generated = config_parameters(overrides, only)
+        generated = config_parameters(overrides, only) + ([SET_PARAMETER] if only is None else [])
         generated_names = {p.name for p in generated}
         ranges = {name: valid for cls in section_classes().values() for name, valid in numeric_fields(cls)}
 
         @functools.wraps(command)
         def wrapper(**kwargs: Any) -> Any:
+            sets = parse_overrides(kwargs.pop(SET_PARAMETER.name, None) or ())
             options = {k: v for k, v in kwargs.items() if k in generated_names and v is not None}
             for name, value in options.items():
                 if name in ranges:  # also for the commands that take a few of train's flags without its config
                     check_number(name, value, ranges[name])
-            return command(options, **{k: v for k, v in kwargs.items() if k not in generated_names})
+            both = sorted(set(sets) & set(options))
+            if both:
+                raise UserError(f"--set {both[0]} and `{both[0]}` both set it: keep one", params=(both[0],))
+            return command({**sets, **options}, **{k: v for k, v in kwargs.items() if k not in generated_names})
 
         parameters = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own] + generated
         wrapper.__signature__ = inspect.Signature(parameters)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -34,6 +35,9 @@ from vitdeep.fields import (
     Checked,
     above,
     at_least,
+    check_number,
+    clip,
+    numeric_fields,
     option,
     range_of,
     shown,
@@ -326,6 +330,44 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
     raise UserError(f"option {name}={shown(value)} should be of type {getattr(annotation, '__name__', annotation)}")
 
 
+def _unknown_option(name: str, where: str = "") -> UserError:
+    close = [n for n in flat_fields() if n.startswith(name[:4])][:3]
+    return UserError(f"{where}unknown option {shown(name)}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
+
+
+def parse_overrides(pairs: Iterable[str], flag: str = "--set") -> dict[str, Any]:
+    """`--set KEY=VALUE` pairs (the habit of Hydra and Lightning users) as options. KEY is an
+    option's name as a config file writes it, flat (`lr`) or under its section (`optim.lr`); VALUE
+    is read as a YAML value, as the file's would be (`1e-3`, `true`, `[0.9, 0.999]`; empty: the
+    empty string, as a flag's). Each is checked as the file's option is (name, type, range)
+    before any is used, the error naming `--set KEY`, so a typo never runs a default silently."""
+    from vitdeep.documents import parse_document
+
+    sections, types = flat_fields(), field_types()
+    ranges = {name: valid for cls in section_classes().values() for name, valid in numeric_fields(cls)}
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise UserError(f"{flag} {shown(pair)} is not KEY=VALUE (e.g. {flag} optim.lr=1e-3)")
+        where = f"{flag} {clip(key, 60)}: "
+        section, dot, name = key.rpartition(".")
+        if name not in sections:
+            raise _unknown_option(name, where)
+        if dot and section != sections[name]:
+            raise UserError(f"{where}{name} is a {sections[name]} option: {sections[name]}.{name} or {name}")
+        if name in options:
+            raise UserError(f"{where}{name} is set twice: keep one")
+        value = parse_document(text, where.removesuffix(": "), as_json=False) if text.strip() else text
+        try:
+            value = _coerce(name, value, types[name])
+            options[name] = check_number(name, value, ranges[name], flag=False) if name in ranges else value
+        except UserError as error:
+            raise UserError(f"{where}{error}") from None
+    return options
+
+
 def resolve_config(
     cli: dict[str, Any],
     config_file: str | Path | None = None,
@@ -340,8 +382,7 @@ def resolve_config(
         for name, value in source.items():
             _check_name(name, "options")
             if name not in sections:
-                close = [n for n in sections if n.startswith(name[:4])][:3]
-                raise UserError(f"unknown option {shown(name)}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
+                raise _unknown_option(name)
             values[sections[name]][name] = _coerce(name, value, types[name])
     built = {section: cls(**values[section]) for section, cls in section_classes().items()}
     return TrainConfig(**built, explicit=frozenset(from_file) | frozenset(cli))

@@ -10,7 +10,7 @@ import math
 import random
 import shutil
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -22,10 +22,10 @@ from torch import nn
 from vitdeep.analysis import METRIC_DEFINITIONS, METRIC_NAMES, OversmoothingMetrics, measure_model
 from vitdeep.architecture import EVAL_CROP_RATIO
 from vitdeep.data.options import IMAGE_EXTENSIONS, ReadPolicy
-from vitdeep.engine.weights import build_model, read_weights, source_crop_ratio
+from vitdeep.engine.weights import build_model, read_weights, source_architecture, source_crop_ratio
 from vitdeep.errors import UserError
 from vitdeep.fields import clip, shown
-from vitdeep.models import MODELS, create_model
+from vitdeep.models import MODELS, create_model, get_spec
 from vitdeep.monitor import image_progress
 from vitdeep.paths import check_output_dir, checkpoint_inputs, claim_outputs, data_folders
 
@@ -101,7 +101,9 @@ def resolve_model_sources(
     model: str | None, checkpoint: Path | None, compare: Sequence[str], options: dict, seed: int = 0, ema: bool = False
 ) -> list[ModelSource]:
     """The sources of one `analyze` run: `--checkpoint` (else `--model` at random init), then each
-    `--compare [LABEL=]SOURCE`. Every source is checked before anything runs."""
+    `--compare [LABEL=]SOURCE`. A model named at random init follows the architecture of the
+    first vitdeep run or export among them (`random_init_options`). Every source is checked before
+    anything runs."""
     if checkpoint is not None:
         first = [ModelSource(str(checkpoint), model, options, Path(checkpoint), seed, ema)]
     elif model is not None:
@@ -111,11 +113,31 @@ def resolve_model_sources(
     else:
         raise UserError("give a --checkpoint, a --model NAME to analyse at random init, or --compare sources")
     sources = first + [compare_source(spec, model, options, seed, ema) for spec in compare]
+    analysed = next((found for source in sources
+                     if source.checkpoint is not None and (found := source_architecture(source.checkpoint)) is not None), None)
+    if analysed is not None:
+        sources = [source if source.checkpoint is not None else
+                   replace(source, options={**random_init_options(source.model, *analysed), **source.options}) for source in sources]
     labels = [source.label for source in sources]
     duplicates = sorted({label for label in labels if labels.count(label) > 1})
     if duplicates:
         raise UserError(f"two sources share the label '{duplicates[0]}': name them with --compare LABEL=SOURCE")
     return sources
+
+
+#: What a model at random init takes from the run it is compared with whatever its name: the
+#: images it sees and the classes it predicts (its name fixes depth, width, heads and switches).
+INPUT_OPTIONS = ("img_size", "patch_size", "num_classes")
+
+
+def random_init_options(name: str, analysed_name: str, analysed_options: dict) -> dict:
+    """The options a random init named `name` takes from the analysed run (the first vitdeep run
+    or export among the sources), under the flags given: all of them when it names the run's own
+    model (`--compare random=deit_tiny_24` next to a deit_tiny_24 run of width 64 at 16 px is that
+    model at random init, not the 224 px width-192 default), else `INPUT_OPTIONS`."""
+    if get_spec(name).name == get_spec(analysed_name).name:
+        return dict(analysed_options)
+    return {key: analysed_options[key] for key in INPUT_OPTIONS if key in analysed_options}
 
 
 def run_crop_ratio(sources: Sequence[ModelSource]) -> float:

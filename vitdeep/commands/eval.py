@@ -13,8 +13,9 @@ from vitdeep.data.options import MAX_BAD_FRACTION, ReadPolicy
 from vitdeep.data.pipeline import BatchPreprocessor, eval_loader, read_dataset_info
 from vitdeep.data.storage import use_read_policy
 from vitdeep.paths import write_json_atomic
-from vitdeep.engine.deepspeed import init_distributed
+from vitdeep.engine.deepspeed import init_distributed, leave_process_group
 from vitdeep.engine.evaluate import EvalResult, evaluate
+from vitdeep.engine.markers import CHECKPOINTS, MARKER
 from vitdeep.engine.weights import build_model, read_weights
 from vitdeep.errors import UserError
 from vitdeep.monitor import make_console, progress_bar
@@ -25,7 +26,7 @@ def run_eval(
     checkpoint: str,
     data: str,
     *,
-    out: Path,
+    out: Path | None = None,
     model_name: str | None = None,
     img_size: int | None = None,
     crop_ratio: float | None = None,
@@ -39,6 +40,7 @@ def run_eval(
     overwrite: bool = False,
     reads: ReadPolicy | None = None,
     reduced_decode: bool = False,
+    leave: bool = False,
 ) -> EvalResult:
     """`vitdeep eval`: exact top-1 / top-5 / loss of any loadable source over a sharded set, on
     however many ranks launched it; prints a table and writes `out` (JSON) on rank 0, with the
@@ -49,7 +51,10 @@ def run_eval(
     or no readable sample at all, is an error after it, and `out` is not written. `reads` sets the
     timeouts and retries of remote reads (default: the process's). `reduced_decode` decodes JPEGs
     at the reduced scale the resize allows (off by default: comparable with published numbers).
+    `out` defaults to `default_eval_out(checkpoint, ema)`: with the run's other outputs. `leave`:
+    the launch ends with this evaluation (the command's own), so its ranks leave the process group.
     """
+    out = Path(out) if out is not None else default_eval_out(checkpoint, ema)
     check_output_file(out, "--out", "eval.json")
     if not 0.0 <= max_bad_fraction <= 1.0:
         raise UserError(f"--max-bad-fraction must be in [0, 1], got {max_bad_fraction:g}")
@@ -90,8 +95,8 @@ def run_eval(
     if dist_info.is_main:
         _print_result(console, result, checkpoint, ema)
         classes = info.class_names or [str(i) for i in range(model.num_classes)]
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(Path(out), {
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out, {
             "checkpoint": str(checkpoint), "ema": ema,
             "evaluated": {"path": weights.source, "step": weights.step, "ema": ema, "kind": weights.kind},
             "data": str(data), "img_size": model.img_size,
@@ -102,7 +107,26 @@ def run_eval(
                 for i, (top1, count) in enumerate(zip(result.per_class_top1, result.per_class_count))
             ],
         })
+    if leave:
+        leave_process_group()
     return result
+
+
+def default_eval_out(checkpoint: str | Path, ema: bool) -> Path:
+    """Where `eval` writes without `--out`: beside the run's other outputs, never in the current
+    folder (a second evaluation from elsewhere would scatter or clobber results). A run folder, its
+    `checkpoints/` or one of its `step_*` folders → RUN/eval.json (eval_ema.json for the EMA, as
+    `ablate` names them); a lone `step_*` folder or a file (an export, a state dict) → beside it,
+    named after it (`NAME.eval.json`), as nothing may be written inside an input."""
+    name = "eval_ema.json" if ema else "eval.json"
+    path = Path(checkpoint)
+    if not path.is_dir():
+        return path.with_name(f"{path.stem}.{name}")
+    if path.name == CHECKPOINTS:
+        return path.parent / name
+    if (path / MARKER).exists():  # one step_* folder
+        return path.parent.parent / name if path.parent.name == CHECKPOINTS else path.with_name(f"{path.name}.{name}")
+    return path / name
 
 
 def _print_result(console, result: EvalResult, checkpoint: str, ema: bool) -> None:

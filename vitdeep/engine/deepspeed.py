@@ -79,6 +79,19 @@ def init_distributed(timeout_minutes: float) -> DistInfo:
     return DistInfo(rank, world_size, local_rank, device)
 
 
+def leave_process_group() -> None:
+    """End this process's part in a multi-rank launch: wait for every rank, then close the process
+    group, so that no rank exits with gloo's threads still running under its peers (a rank of a
+    2-rank `vitdeep eval` once died at exit with "terminate called without an active exception",
+    code 250, after printing its result). Only a process that is done with the group calls it: an
+    ablate launch evaluates a cell and goes on to the next."""
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def _share_cpu_cores() -> None:
     """CPU ranks on one machine split its cores (unless OMP_NUM_THREADS says otherwise).
 

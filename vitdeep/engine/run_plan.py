@@ -246,7 +246,14 @@ def make_plan(cfg: TrainConfig, world_size: int, train_info: DatasetInfo | None 
             # the run's option is `init_from_ema` (the 384 / 512 px recipes set it, as Gong et al.'s --finetune)
             raise UserError(f"{cfg.run.init_from} holds no EMA weights to start from; turn `init_from_ema` off "
                             f"(--no-init-from-ema) to start from its weights", params=("init_from_ema",)) from None
-        adapt_state_dict(init_weights.state_dict, meta_model, init_weights.source, init_weights.kind)
+        try:
+            adapt_state_dict(init_weights.state_dict, meta_model, init_weights.source, init_weights.kind)
+        except UserError as error:
+            if init_weights.model is not None or "model" in cfg.explicit:
+                raise
+            # a plain state dict does not say its model: the mismatch is against a default the user never named
+            raise UserError(f"{error} (`model` {cfg.model.model} is the default, not read from {cfg.run.init_from}: a plain "
+                            "state dict does not say its model; name it with `model`)", params=(*error.params, "model")) from None
     if not 0 <= cfg.optim.freeze_blocks <= len(meta_model.blocks):
         raise UserError(f"`freeze_blocks` {cfg.optim.freeze_blocks} is outside 0..{len(meta_model.blocks)} (the model's depth)", params=("freeze_blocks",))
 

@@ -168,21 +168,40 @@ def export_paths(out: str | Path) -> tuple[Path, Path]:
     return out, out.with_suffix(".json")
 
 
-def source_model_options(src: str | Path) -> dict[str, Any]:
-    """`{"model": name, <architecture options>}` of a vitdeep checkpoint or export, read from its
-    metadata only; `{}` for a plain state dict (the user names the model)."""
+def source_architecture(src: str | Path) -> tuple[str, dict[str, Any]] | None:
+    """(model name, every saved model option) of a vitdeep checkpoint or export, read from its
+    metadata only; None for a plain state dict (the user names the model)."""
     path = Path(src)
     if not path.exists():
         raise UserError(f"checkpoint not found: {src}")
     if path.is_dir():
         marker = read_marker(find_checkpoint(path))
-        name, kwargs = marker["model"], marker.get("model_kwargs", {})
-    else:
-        metadata = read_export_metadata(path)
-        if metadata is None:
-            return {}
-        name, kwargs = metadata["model"], json.loads(metadata["model_kwargs"])
+        return marker["model"], dict(marker.get("model_kwargs", {}))
+    metadata = read_export_metadata(path)
+    if metadata is None:
+        return None
+    return metadata["model"], json.loads(metadata["model_kwargs"])
+
+
+def source_model_options(src: str | Path) -> dict[str, Any]:
+    """`{"model": name, <architecture options>}` of a vitdeep checkpoint or export, read from its
+    metadata only; `{}` for a plain state dict (the user names the model)."""
+    architecture = source_architecture(src)
+    if architecture is None:
+        return {}
+    name, kwargs = architecture
     return {"model": name, **{k: kwargs[k] for k in INHERITED_OPTIONS if kwargs.get(k) is not None}}
+
+
+def check_inherited_model(model: str, named_by: str, source: str | Path, inherited: dict[str, Any]) -> None:
+    """A finetune keeps its source's architecture (`inherited`, from `source_model_options`), so
+    its model is the source's: another name (a recipe for another model, `--model`) would label
+    the source's depth and width with it, e.g. a 2 M-parameter model as deit_base_24. `named_by`
+    says where `model` came from; a plain state dict (`inherited` empty) takes the model named."""
+    if inherited and get_spec(model).name != get_spec(inherited["model"]).name:
+        raise UserError(f"the model is {model} (from {named_by}), but --from {source} holds a {inherited['model']} (depth "
+                        f"{inherited.get('depth')}, width {inherited.get('embed_dim')}), whose architecture a finetune keeps: "
+                        f"drop {named_by.split()[0]}, or finetune a {model}")
 
 
 def source_crop_ratio(src: str | Path) -> float | None:
