@@ -249,3 +249,17 @@ def test_readme_command_lines_are_found_and_cleaned():
 
         main(["train", "--no-such-flag", "--help"])
     assert done.value.code == 2
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor of a Markdown heading: lower case, punctuation dropped, spaces as hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_readme_anchor_names_a_heading():
+    """The table of contents and every `](#anchor)` link of the README land on a heading."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    headings = {_slug(h) for h in re.findall(r"^#{1,6} (.+)$", text, re.M)}
+    anchors = set(re.findall(r"\]\(#([^)]+)\)", text))
+    assert len(anchors) >= 15, anchors
+    assert not sorted(anchors - headings), sorted(anchors - headings)
