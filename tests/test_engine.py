@@ -135,3 +135,28 @@ def test_pruning_keeps_the_last_k_and_the_best_and_clears_interrupted_saves(tmp_
     assert sorted(p.name for p in (tmp_path / CHECKPOINTS).iterdir()) == [tag_for(s) for s in (20, 40, 50, 60)]
     prune_checkpoints(tmp_path, keep_last=0)
     assert [p.name for p in complete_checkpoints(tmp_path)] == [tag_for(s) for s in (20, 50)]
+
+
+@pytest.mark.parametrize("v2, v1, affinity, expected", [
+    ("max 100000\n", None, 8, 8),            # no quota: the affinity mask
+    ("150000 100000\n", None, 8, 2),         # 1.5 cores of quota: 2 threads
+    ("400000 100000\n", None, 2, 2),         # a quota above the mask: the mask
+    (None, ("-1", "100000"), 8, 8),          # cgroup v1 without quota
+    (None, ("300000", "100000"), 8, 3),      # cgroup v1 with 3 cores
+    ("garbage\n", None, 4, 4),               # unreadable: no quota
+    ("0 100000\n", None, 4, 4),              # a zero quota is none
+])
+def test_usable_cores_follow_the_affinity_and_the_cgroup_quota(v2, v1, affinity, expected, tmp_path, monkeypatch):
+    from vitdeep import cores
+
+    v2_file = tmp_path / "cpu.max"
+    if v2 is not None:
+        v2_file.write_text(v2)
+    v1_files = (tmp_path / "cfs_quota_us", tmp_path / "cfs_period_us")
+    if v1 is not None:
+        for path, text in zip(v1_files, v1):
+            path.write_text(text)
+    monkeypatch.setattr(cores, "CGROUP_V2_MAX", v2_file)
+    monkeypatch.setattr(cores, "CGROUP_V1", v1_files)
+    monkeypatch.setattr(cores.os, "sched_getaffinity", lambda pid: set(range(affinity)))
+    assert cores.usable_cores() == expected

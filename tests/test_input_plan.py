@@ -9,6 +9,7 @@ import os
 import pytest
 
 from tests.launch import refuses
+from vitdeep.cores import usable_cores
 from vitdeep.cli import main
 from vitdeep.data import decode_rate
 from vitdeep.data.decode_rate import DecodeRate, measured_decode_rate
@@ -78,7 +79,7 @@ def test_plan_names_the_rate_it_assumes_and_refuses_two_rates(tmp_path, capsys):
         main(["plan", "--model", "deit_tiny_12", "--img-size", "64", "--json", str(out)])
     verdict = json.loads(out.read_text())["input"]
     assert verdict["decode_rate"]["source"] == "assumed" and "benchmarks/results/" in verdict["decode_rate"]["detail"]
-    assert verdict["cores_per_node"] == decode_rate.usable_cores()
+    assert verdict["cores_per_node"] == usable_cores()
     assert "the decoding rate is assumed, from benchmarks/results/" in capsys.readouterr().out
     refuses(["plan", "--measure-data", "--decode-rate", "300"], capsys, "--measure-data")
     refuses(["plan", "--decode-rate", "0"], capsys, "--decode-rate")

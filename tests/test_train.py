@@ -103,6 +103,10 @@ def test_single_process_fp32_short_run_reports_its_final_validation(digit_shards
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert 0 <= summary["top1"] <= summary["top5"] <= 100 and marker["val"]["top1"] == summary["top1"] and marker["validated"]
     assert sorted(metrics(tmp_path, "val")) == [4] and "epoch 0 (step 4): top1" in result.stdout
+    # one line before the first step says the set-up, the threads and workers chosen included
+    assert re.search(r"^training deit_tiny_12 \(0\.\d M parameters\) on 1 rank\(s\) \(cpu\), ZeRO-\d fp32; global batch 32 = "
+                     r"micro-batch 16 × 2 accumulation × 1 ranks; 4 steps; per rank 1 CPU thread \(of \d+ usable cores\) "
+                     r"and 1 loader worker$", result.stdout, re.M), result.stdout[:2000]
     # off a terminal, a plain line every --log-every (1) steps
     lines = re.findall(r"^step (\d)/4 \(\d+%\)  epoch 0  .*ce \d\.\d{3}.*  lr \S+  \d+ img/s  ETA \d:\d\d:\d\d$", result.stdout, re.M)
     assert lines == ["1", "2", "3", "4"], result.stdout

@@ -16,7 +16,8 @@ from typing import Any
 
 from vitdeep.config import TrainConfig
 from vitdeep.data.info import DatasetInfo, read_dataset_info
-from vitdeep.data.decode_rate import committed_decode_rate, measured_decode_rate, usable_cores
+from vitdeep.cores import usable_cores
+from vitdeep.data.decode_rate import committed_decode_rate, measured_decode_rate
 from vitdeep.engine.run_plan import RunPlan, make_plan
 from vitdeep.errors import UserError
 from vitdeep.monitor import is_main_process, make_console

@@ -76,14 +76,6 @@ def committed_decode_rate(results: Path = BENCHMARK_RESULTS) -> DecodeRate | Non
     return max(rates, key=lambda r: r.per_core, default=None)
 
 
-def usable_cores() -> int:
-    """CPU cores this process may run on (its affinity mask, as a batch scheduler sets it)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
 def cache_path() -> Path:
     root = os.environ.get(CACHE_VARIABLE) or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vitdeep"
     return Path(root) / CACHE_NAME

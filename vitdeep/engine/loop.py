@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from vitdeep.analysis import oversmoothing_metrics
+from vitdeep.cores import usable_cores
 from vitdeep.data.streams import stream_seed
 from vitdeep.data.mixing import build_mixer
 from vitdeep.data.pipeline import (
@@ -39,7 +40,6 @@ from vitdeep.data.pipeline import (
     train_loader,
 )
 from vitdeep.data.seeding import DROP_PATH, uniforms
-from vitdeep.data.decode_rate import usable_cores
 from vitdeep.data.storage import use_read_policy
 from vitdeep.engine.alarm import OversmoothingAlarm
 from vitdeep.engine.checkpoint import (
@@ -624,6 +624,7 @@ def train(plan: RunPlan, replay: StreamReplay | None = None) -> dict[str, Any]:
             _claim_output(plan, dist_info, lock, console, resume_step)
             check_shared_output(out, dist_info)
             trainer = Trainer(plan, dist_info, stop, resume_step, replay)
+            console.print(start_line(plan, dist_info), markup=False, highlight=False, soft_wrap=True)
             if resume_path is not None:
                 trainer.resume(resume_path)
             result = trainer.fit()
@@ -636,6 +637,18 @@ def train(plan: RunPlan, replay: StreamReplay | None = None) -> dict[str, Any]:
             raise TrainingStopped(lost_peer_message(reason, out)) from None
         finally:
             lock.release()
+
+
+def start_line(plan: RunPlan, dist_info: DistInfo) -> str:
+    """One line saying how the run is set up on this machine, the choices made for it included
+    (CPU threads and loader workers per rank), so a log shows them before the first step."""
+    batch = plan.batch
+    threads = torch.get_num_threads()
+    return (f"training {plan.cfg.model.model} ({plan.model_stats()[0] / 1e6:.1f} M parameters) on {dist_info.world_size} "
+            f"rank(s) ({dist_info.device.type}), ZeRO-{plan.zero_stage} {plan.precision}; global batch {batch.global_batch} = "
+            f"micro-batch {batch.micro_batch} × {batch.grad_accum} accumulation × {dist_info.world_size} ranks; "
+            f"{plan.total_steps} steps; per rank {threads} CPU thread{'s' if threads != 1 else ''} (of {usable_cores()} "
+            f"usable cores) and {plan.cfg.data.workers} loader worker{'s' if plan.cfg.data.workers != 1 else ''}")
 
 
 def _finished(plan: RunPlan, checkpoint: Path) -> bool:
