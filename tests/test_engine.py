@@ -2,6 +2,9 @@
 
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -160,3 +163,22 @@ def test_usable_cores_follow_the_affinity_and_the_cgroup_quota(v2, v1, affinity,
     monkeypatch.setattr(cores, "CGROUP_V1", v1_files)
     monkeypatch.setattr(cores.os, "sched_getaffinity", lambda pid: set(range(affinity)))
     assert cores.usable_cores() == expected
+
+
+@pytest.mark.parametrize("given, expected", [({}, "PASSIVE"), ({"OMP_WAIT_POLICY": "ACTIVE"}, "ACTIVE"), ({"GOMP_SPINCOUNT": "1000"}, None)])
+def test_the_command_sets_passive_openmp_waits_before_torch_loads(given, expected):
+    """libgomp reads OMP_WAIT_POLICY once, when torch loads it: `vitdeep` must set it before any
+    import of torch, and leave a policy the environment gives alone."""
+    script = ("import builtins, os\nseen = {}\nreal = builtins.__import__\n"
+              "def spy(name, *args, **kwargs):\n"
+              "    if name.split('.')[0] == 'torch' and 'policy' not in seen:\n"
+              "        seen['policy'] = os.environ.get('OMP_WAIT_POLICY')\n"
+              "    return real(name, *args, **kwargs)\n"
+              "builtins.__import__ = spy\n"
+              "from vitdeep.cli import main\n"
+              "try:\n    main(['models', 'deit_tiny_12'])\nexcept SystemExit as done:\n    assert done.code in (0, None)\n"
+              "print('POLICY', seen)")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    result = subprocess.run([sys.executable, "-c", script], env={**env, **given}, capture_output=True, text=True, check=True)
+    seen = result.stdout.strip().splitlines()[-1]
+    assert seen == f"POLICY {{'policy': {expected!r}}}", result.stdout[-2000:]

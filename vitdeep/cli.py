@@ -17,6 +17,7 @@ import typer
 from vitdeep.ablate.grid import MAX_CELLS
 from vitdeep.architecture import ARCHITECTURE_OPTIONS, DEFAULT_IMG_SIZE, DEFAULT_PATCH_SIZE, EVAL_CROP_RATIO
 from vitdeep.cli_options import number_option, with_config_options
+from vitdeep.cores import passive_openmp_waits
 from vitdeep.config import FINETUNE_RECIPE, DataConfig, ModelFields, OptimConfig, RunConfig
 from vitdeep.data.options import DEFAULT_QUALITY, MAX_BAD_FRACTION, MAX_MAX_SIZE, MIN_MAX_SIZE, AugmentConfig, ReadPolicy
 from vitdeep.planner.cluster import DEFAULT_GPU_MEMORY, DEFAULT_GPU_TFLOPS, DEFAULT_GPUS_PER_NODE, DEFAULT_MFU, MAX_CORES, MAX_DECODE_RATE, Cluster
@@ -396,6 +397,7 @@ def _report(message: str, error: BaseException | None = None) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point (also `python -m vitdeep`)."""
     args = _strip_launcher_args(sys.argv[1:] if argv is None else argv)
+    passive_openmp_waits()
     try:
         code = app(args=args, prog_name="vitdeep", standalone_mode=False)
     except typer.TyperException as usage:  # click's usage errors: one line, not click's box

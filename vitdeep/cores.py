@@ -1,5 +1,6 @@
 """The CPU cores this process may use: its affinity mask (as a batch scheduler or `taskset` sets
-it) and its cgroup's CPU quota (a container's `--cpus`, Slurm's cgroup), whichever is smaller.
+it) and its cgroup's CPU quota (a container's `--cpus`, Slurm's cgroup), whichever is smaller;
+and how torch's OpenMP threads wait on them.
 
 `os.cpu_count()` counts the machine's cores, not this process's share: a run that starts one
 thread per machine core inside a 4-core slice of a 64-core node oversubscribes it 16-fold. Free
@@ -44,3 +45,22 @@ def cgroup_cpu_quota() -> float | None:
     except (OSError, ValueError, ZeroDivisionError):
         return None
     return cores if math.isfinite(cores) and cores > 0 else None
+
+
+#: The variables that say how OpenMP threads wait (libgomp, which torch's Linux wheels use).
+OPENMP_WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+
+
+def passive_openmp_waits() -> None:
+    """Let torch's OpenMP threads sleep while they wait, unless the environment says how they wait.
+
+    libgomp's threads spin at every barrier; when another process holds one of the cores, each
+    parallel region then waits for a descheduled thread. One training process on 2 cores beside
+    one busy core measured 25–53 img/s spinning, 79 with passive waits and 98 on one thread; on
+    quiet cores 164, 113 and 104 (`benchmarks/cpu_threads.py`). On a GPU node the threads sleep
+    instead of taking cycles from the data loader's workers. libgomp reads the variable once, when
+    torch loads it: the `vitdeep` command sets it first thing. `OMP_WAIT_POLICY=ACTIVE` restores
+    spinning for dedicated cores.
+    """
+    if not any(name in os.environ for name in OPENMP_WAIT_VARIABLES):
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
