@@ -182,3 +182,17 @@ def test_the_command_sets_passive_openmp_waits_before_torch_loads(given, expecte
     result = subprocess.run([sys.executable, "-c", script], env={**env, **given}, capture_output=True, text=True, check=True)
     seen = result.stdout.strip().splitlines()[-1]
     assert seen == f"POLICY {{'policy': {expected!r}}}", result.stdout[-2000:]
+
+
+@pytest.mark.parametrize("cores, local_ranks, expected", [(64, None, 4), (2, None, 2), (2, "2", 1), (8, "8", 1), (16, "2", 4)])
+def test_eval_workers_default_to_the_cores_each_rank_has(cores, local_ranks, expected, monkeypatch):
+    """`vitdeep eval` without --workers: 4, or fewer where the cores are fewer (2 cores: no
+    DataLoader warning about 4 workers)."""
+    from vitdeep.commands import eval as eval_command
+
+    monkeypatch.setattr(eval_command, "usable_cores", lambda: cores)
+    for name in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "SLURM_NTASKS_PER_NODE"):
+        monkeypatch.delenv(name, raising=False)
+    if local_ranks:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local_ranks)
+    assert eval_command.default_eval_workers() == expected

@@ -248,7 +248,7 @@ def eval_command(
     crop_ratio: Optional[float] = number_option(None, "--crop-ratio", range_of(AugmentConfig, "crop_ratio"), f"Centre-crop ratio of the resize (default: the run's own, as it validated; {EVAL_CROP_RATIO} for other sources)."),
     ema: bool = typer.Option(False, "--ema", help="Evaluate the EMA weights."),
     batch_size: int = number_option(128, "--batch-size", range_of(OptimConfig, "micro_batch"), "Images per forward pass per rank."),
-    workers: int = number_option(4, "--workers", range_of(DataConfig, "workers"), "Data-loader workers per rank."),
+    workers: Optional[int] = number_option(None, "--workers", range_of(DataConfig, "workers"), "Data-loader workers per rank (default: 4, or fewer where this process's usable cores, shared by the ranks on the machine, are fewer)."),
     split: str = typer.Option("val", "--split", help="Split to read when --data names a folder with several."),
     num_samples: Optional[int] = number_option(None, "--num-samples", range_of(DataConfig, "num_samples"), "Sample count when the shards carry no _info.json."),
     max_bad_fraction: float = number_option(

@@ -9,9 +9,11 @@ import torch
 from rich.table import Table
 
 from vitdeep.architecture import EVAL_CROP_RATIO
+from vitdeep.cores import usable_cores
 from vitdeep.data.options import MAX_BAD_FRACTION, ReadPolicy
 from vitdeep.data.pipeline import BatchPreprocessor, eval_loader, read_dataset_info
 from vitdeep.data.storage import use_read_policy
+from vitdeep.ranks import read_ranks
 from vitdeep.paths import write_json_atomic
 from vitdeep.engine.deepspeed import init_distributed, leave_process_group
 from vitdeep.engine.evaluate import EvalResult, evaluate
@@ -20,6 +22,17 @@ from vitdeep.engine.weights import build_model, read_weights
 from vitdeep.errors import UserError
 from vitdeep.monitor import make_console, progress_bar
 from vitdeep.paths import check_output_file, checkpoint_inputs, claim_outputs, data_folders
+
+
+#: Loader workers per rank when none are asked for (fewer where the cores are fewer).
+EVAL_WORKERS = 4
+
+
+def default_eval_workers() -> int:
+    """`EVAL_WORKERS`, or the usable cores each rank on this machine has when those are fewer: more
+    workers than cores only contend (and torch warns about them). The count changes no result:
+    evaluation reads every sample exactly once whatever the workers."""
+    return max(1, min(EVAL_WORKERS, usable_cores() // (read_ranks().local_world_size or 1)))
 
 
 def run_eval(
@@ -32,7 +45,7 @@ def run_eval(
     crop_ratio: float | None = None,
     ema: bool = False,
     batch_size: int = 128,
-    workers: int = 4,
+    workers: int | None = None,
     split: str = "val",
     num_samples: int | None = None,
     max_bad_fraction: float = MAX_BAD_FRACTION,
@@ -55,6 +68,7 @@ def run_eval(
     the launch ends with this evaluation (the command's own), so its ranks leave the process group.
     """
     out = Path(out) if out is not None else default_eval_out(checkpoint, ema)
+    workers = default_eval_workers() if workers is None else workers
     check_output_file(out, "--out", "eval.json")
     if not 0.0 <= max_bad_fraction <= 1.0:
         raise UserError(f"--max-bad-fraction must be in [0, 1], got {max_bad_fraction:g}")
