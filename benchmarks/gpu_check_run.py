@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 import vitdeep.engine.loop as loop
-from vitdeep.cli import main
+from vitdeep.cli import run
 
 INJECT = int(os.environ["VITDEEP_CHECK_INJECT"]) if os.environ.get("VITDEEP_CHECK_INJECT") else None
 RECORD = Path(os.environ["VITDEEP_CHECK_RECORD"]) if os.environ.get("VITDEEP_CHECK_RECORD") else None
@@ -142,4 +142,4 @@ if __name__ == "__main__":
     if INJECT is not None:
         loop.Objective = InjectedObjective
     wrap_trainer()
-    main([a for a in sys.argv[1:] if not a.startswith("--local_rank")])
+    run([a for a in sys.argv[1:] if not a.startswith("--local_rank")])

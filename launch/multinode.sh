@@ -28,7 +28,7 @@
 #   ENV_VARS                 more variable names for ./.deepspeed_env (NCCL_*, GLOO_*, TORCH_NCCL_*,
 #                            WDS_*, TORCH_EXTENSIONS_DIR, OMP_NUM_THREADS, DS_ACCELERATOR go there anyway)
 #   DEEPSPEED                the deepspeed launcher (default: on PATH, else ./.venv/bin/deepspeed)
-#   ENTRY                    a Python file to run instead of `-m vitdeep` (a wrapper ending in vitdeep.cli.main())
+#   ENTRY                    a Python file to run instead of `-m vitdeep` (a wrapper ending in vitdeep.cli.run())
 #   DRY_RUN=1                print what would run and stop
 # Arguments are passed on to `vitdeep COMMAND`, e.g.  --epochs 300 --dist-timeout 10 --resume auto
 set -euo pipefail

@@ -13,7 +13,7 @@
 #   GPUS_PER_NODE            ranks on this node (default: the GPUs nvidia-smi lists)
 #   VAL, MODEL, DS_CONFIG, COMMAND (train | finetune)   as in launch/multinode.sh
 #   TORCHRUN                 the torchrun program (default: on PATH, else ./.venv/bin/torchrun)
-#   ENTRY                    a Python file to run instead of `-m vitdeep` (a wrapper ending in vitdeep.cli.main())
+#   ENTRY                    a Python file to run instead of `-m vitdeep` (a wrapper ending in vitdeep.cli.run())
 #   DRY_RUN=1                print what would run and stop
 # Arguments are passed on to `vitdeep COMMAND`, e.g.  --epochs 300 --dist-timeout 10 --resume auto
 set -euo pipefail

@@ -75,8 +75,23 @@ def torchrun_cmd(args: list[str], ranks: int = 2, port: int | None = None) -> li
     return [str(BIN / "torchrun"), "--nproc_per_node", str(ranks), "--master_port", str(port or free_port()), "-m", "vitdeep", *args]
 
 
+def ranks_cmd(args: list[str], ranks: int = 2, port: int | None = None) -> list[str]:
+    """N CPU ranks for a test about what the ranks compute: started by torchrun, which starts and
+    stops 3 s sooner than the DeepSpeed launcher (its runner, then a per-node launcher, then a 1 s
+    poll). Tests about the launcher itself use `deepspeed_cmd`: the exit code it passes on (75 for a
+    stop, 2 for a refusal), the signals it forwards, the `--local_rank` it appends, hostfiles."""
+    return torchrun_cmd(args, ranks, port)
+
+
 def single_cmd(args: list[str]) -> list[str]:
     return [sys.executable, "-m", "vitdeep", *args]
+
+
+def with_script(cmd: list[str], script: Path, *script_args: str) -> list[str]:
+    """A launch command (`deepspeed_cmd`, `ranks_cmd`, `single_cmd`) that runs `script SCRIPT_ARGS`
+    with vitdeep's arguments in place of `vitdeep` (the test scripts that inject faults)."""
+    at = cmd.index("--module") if "--module" in cmd else cmd.index("-m")
+    return [*cmd[:at], str(script), *script_args, *cmd[at + 2:]]
 
 
 def run(cmd: list[str], timeout: float = 900, check: bool = True, **env: str) -> subprocess.CompletedProcess:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.launch import BIN, free_port, refuses, run, train_args
+from tests.launch import ranks_cmd, refuses, run, train_args, with_script
 from vitdeep.config import resolve_config
 from vitdeep.data.info import DatasetInfo
 from vitdeep.engine.run_plan import make_plan
@@ -201,13 +201,30 @@ def test_the_floor_bounds_every_micro_batch_and_saves_the_traces_below_it(bundle
     every micro-batch, so a budget under it is refused without tracing any micro-step."""
     plan = plan_of(4, model="deit_tiny_12", img_size=64, global_batch=64, micro_batch=16, ema_decay=0.999)
     ds_config = plan.ds_config if bundled is None else ds_config_with_zero(plan, bundled)
+    from vitdeep.planner import memory
+
     model = MemoryModel(plan, Cluster(gpus_per_node=4))
     floor = model.floor(ds_config)
     for micro_batch in (1, 16):
         assert floor <= model.estimate(ds_config, micro_batch, False).total
-    traced = len(model._traces)
+    traced = set(memory._TRACES)
     assert largest_fitting(model, ds_config, False, micro_batch_options(plan, 4), floor - 1) is None
-    assert len(model._traces) == traced
+    assert set(memory._TRACES) == traced
+
+
+def test_plans_of_one_model_and_objective_share_their_traces():
+    """A trace depends on the model, its frozen blocks, the objective and the micro-step; a plan
+    that differs elsewhere (seed, lr) reuses it, one with another objective or model does not."""
+    small = dict(model="deit_tiny_12", img_size=32, depth=2, global_batch=16, micro_batch=8)
+
+    def step(**options):
+        plan = plan_of(1, **{**small, **options})
+        return MemoryModel(plan, Cluster(gpus_per_node=1)).estimate(plan.ds_config, 8, False).step
+
+    first = step()
+    assert step(seed=3, lr=0.5) is first
+    assert step(cos_weight=1.0) is not first and step(depth=3) is not first and step(freeze_blocks=1) is not first
+    assert step(cos_weight=1.0) != first  # ℓ_cos keeps more of the graph
 
 
 def test_check_fits_refuses_a_run_that_cannot_fit(digit_shards, tmp_path):
@@ -331,7 +348,7 @@ def measured(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("measured")
     script = str(Path(__file__).parent / "scripts" / "plan_measure.py")
     specs = [f"{model}={','.join(configs)}" for model, configs in sorted(MEASURED_CONFIGS.items())]
-    run([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), script, "64", "32", str(out), *specs], timeout=1800)
+    run(with_script(ranks_cmd([]), script, "64", "32", str(out), *specs), timeout=1800)
     return out
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.launch import SMALL, deepspeed_cmd, metrics, refuses, run, single_cmd
+from tests.launch import SMALL, deepspeed_cmd, metrics, ranks_cmd, refuses, run, single_cmd, with_script
 from vitdeep.engine.checkpoint import MOMENTS, complete_checkpoints, consolidate, read_marker, saved_optimizer_step, tag_for
 from vitdeep.engine.ledger import read_ledger
 
@@ -31,13 +31,10 @@ SPLITS = {"1x8": (1, 8), "2x16": (2, 16), "2x8": (2, 8), "4x8": (4, 8)}
 TOLERANCE = 1e-4
 
 
-def _train(shards: Path, out: Path, ranks: int, micro_batch: int, *extra: str, script: list[str] | None = None) -> None:
+def _train(shards: Path, out: Path, ranks: int, micro_batch: int, *extra: str, script: list | None = None) -> None:
     args = ["train", "--data", str(shards), "--out", str(out), *ELASTIC, "--micro-batch", str(micro_batch), *extra]
-    cmd = single_cmd(args) if ranks == 1 else deepspeed_cmd(args, ranks)
-    if script:
-        at = cmd.index("-m") if ranks == 1 else cmd.index("--module")
-        cmd = [*cmd[:at], *script, *cmd[at + 2:]]
-    run(cmd)
+    cmd = single_cmd(args) if ranks == 1 else ranks_cmd(args, ranks)
+    run(with_script(cmd, *script) if script else cmd)
 
 
 @pytest.fixture(scope="module")
@@ -112,9 +109,7 @@ def stopped(request, splits, digit_shards, tmp_path_factory):
         _train(digit_shards, reference, 2, 16, *extra)
     stopped = root / "stopped"
     args = ["train", "--data", str(digit_shards), "--out", str(stopped), *ELASTIC, "--micro-batch", "16", *extra]
-    cmd = deepspeed_cmd(args, 2)
-    at = cmd.index("--module")
-    result = run([*cmd[:at], str(SCRIPTS / "fault_hook.py"), "signal:1:5:TERM", *cmd[at + 2:]], check=False)
+    result = run(with_script(deepspeed_cmd(args, 2), SCRIPTS / "fault_hook.py", "signal:1:5:TERM"), check=False)
     assert result.returncode == 75, result.stderr[-3000:]
     return root, stopped, reference, extra
 
@@ -128,7 +123,7 @@ def test_a_run_stopped_on_2_ranks_goes_on_on_another_number_with_the_same_losses
     out, copy = root / f"on{ranks}", root / f"copy{ranks}"
     shutil.copytree(stopped_run, out)
     _train(digit_shards, out, ranks, 16, *extra, "--resume", "auto",
-           script=[str(SCRIPTS / "resharded_copy.py"), str(copy)])
+           script=[SCRIPTS / "resharded_copy.py", str(copy)])
     resharded = copy / "checkpoints" / tag_for(step)
     stage = read_marker(checkpoint)["zero_stage"]
     assert read_marker(resharded)["world_size"] == ranks
@@ -177,7 +172,7 @@ def test_a_checkpoint_from_before_the_lanes_resumes_exactly_in_its_own_order(dig
     out = tmp_path / "run"
     shutil.copytree(PER_RANK_RUN, out)
     assert "stream" not in read_marker(out / "checkpoints" / tag_for(4))
-    result = run(deepspeed_cmd(["train", "--data", str(digit_shards), "--out", str(out), *PER_RANK_ARGS, "--resume", "auto"], 2))
+    result = run(ranks_cmd(["train", "--data", str(digit_shards), "--out", str(out), *PER_RANK_ARGS, "--resume", "auto"], 2))
     assert "at step 4" in result.stdout + result.stderr
     reference = {row["step"]: row for row in map(json.loads, (PER_RANK_RUN / "reference_metrics.jsonl").read_text().splitlines())
                  if row["kind"] == "train"}

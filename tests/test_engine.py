@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.launch import BIN, run
+from tests.launch import run
 from vitdeep.engine.deepspeed import DS_CONFIG_DIR, fill_ds_config, load_ds_config, param_groups, plan_batches
 from vitdeep.engine.schedule import LrSchedule
 from vitdeep.errors import UserError
@@ -96,10 +96,10 @@ EMA_CONFIGS = ["zero1_bf16", "zero2_bf16", "zero3_bf16", "cpu_fp32", "zero2_auto
 @pytest.fixture(scope="module")
 def ema_checks() -> dict[str, dict]:
     """tests/scripts/ema_check.py on 2 ranks, every ds_config of EMA_CONFIGS in the one launch."""
-    from tests.launch import free_port
+    from tests.launch import ranks_cmd, with_script
 
-    script = str(Path(__file__).parent / "scripts" / "ema_check.py")
-    result = run([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), script, *EMA_CONFIGS], timeout=600)
+    script = Path(__file__).parent / "scripts" / "ema_check.py"
+    result = run(with_script(ranks_cmd([]), script, *EMA_CONFIGS), timeout=600)
     found = {}
     for line in result.stdout.splitlines():
         if "EMA_CHECK " in line:
@@ -191,8 +191,10 @@ def test_eval_workers_default_to_the_cores_each_rank_has(cores, local_ranks, exp
     DataLoader warning about 4 workers)."""
     from vitdeep.commands import eval as eval_command
 
-    monkeypatch.setattr(eval_command, "usable_cores", lambda: cores)
-    for name in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "SLURM_NTASKS_PER_NODE"):
+    monkeypatch.setattr("vitdeep.cores.usable_cores", lambda: cores)
+    from vitdeep.launcher import RANK_VARIABLES
+
+    for name in (*RANK_VARIABLES, "SLURM_NTASKS_PER_NODE"):  # an in-process eval of another test may have left them
         monkeypatch.delenv(name, raising=False)
     if local_ranks:
         monkeypatch.setenv("LOCAL_WORLD_SIZE", local_ranks)

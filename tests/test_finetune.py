@@ -12,7 +12,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from tests.launch import SMALL, deepspeed_cmd, metrics, refuses, run, single_cmd
+from tests.launch import SMALL, deepspeed_cmd, metrics, ranks_cmd, refuses, run, single_cmd
 from vitdeep.cli import main
 from vitdeep.engine.checkpoint import complete_checkpoints, read_marker
 from vitdeep.engine.weights import build_model, read_weights
@@ -36,9 +36,9 @@ def zero3_run(digit_shards, tmp_path_factory):
         "gradient_clipping": "auto", "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 1000},
     }))
     out = root / "run"
-    run(deepspeed_cmd(["train", "--data", str(digit_shards), "--val", str(digit_shards), "--out", str(out), *SMALL_32,
-                       "--epochs", "1", "--ds-config", str(ds_config), "--ema-decay", "1.0", "--no-ema-warmup",
-                       "--mixup", "0", "--cutmix", "0"]))
+    run(ranks_cmd(["train", "--data", str(digit_shards), "--val", str(digit_shards), "--out", str(out), *SMALL_32,
+                   "--epochs", "1", "--ds-config", str(ds_config), "--ema-decay", "1.0", "--no-ema-warmup",
+                   "--mixup", "0", "--cutmix", "0"]))
     return out
 
 
@@ -86,9 +86,9 @@ def test_finetune_at_64px_from_a_zero3_checkpoint(zero3_run, digit_shards, tmp_p
         main(["finetune", "--from", str(zero3_run), "--data", str(digit_shards), "--out", str(out), *SMALL_32, "--img-size", "64",
               "--steps", "4", "--dry-run"])
     assert exit_info.value.code == 0 and "vitdeep finetune --dry-run" in capsys.readouterr().out and not out.exists()
-    result = run(deepspeed_cmd(["finetune", "--from", str(zero3_run), "--data", str(digit_shards), "--out", str(out),
-                                *SMALL_32, "--img-size", "64", "--steps", "4", "--freeze-blocks", "2",
-                                "--ds-config", "zero2_bf16"]))
+    result = run(ranks_cmd(["finetune", "--from", str(zero3_run), "--data", str(digit_shards), "--out", str(out),
+                            *SMALL_32, "--img-size", "64", "--steps", "4", "--freeze-blocks", "2",
+                            "--ds-config", "zero2_bf16"]))
     assert "position embedding resampled 8×8 → 16×16" in result.stdout + result.stderr
     marker = read_marker(complete_checkpoints(out)[-1])
     assert marker["model_kwargs"]["img_size"] == 64 and marker["step"] == 4

@@ -318,7 +318,7 @@ def test_all_remedies_train_under_zero3_on_two_ranks(digit_shards, tmp_path):
     checkpoint with every remedy's parameters."""
     import json
 
-    from tests.launch import SMALL, deepspeed_cmd, metrics, run
+    from tests.launch import SMALL, metrics, ranks_cmd, run
     from vitdeep.engine.checkpoint import complete_checkpoints, read_marker
 
     ds_config = tmp_path / "zero3_fp32.json"
@@ -329,8 +329,8 @@ def test_all_remedies_train_under_zero3_on_two_ranks(digit_shards, tmp_path):
     out = tmp_path / "run"
     flags = ["--talking-heads", "--reattention", "--attnscale", "--featscale", "--qk-norm", "--contranorm", "0.2",
              "--reg-tokens", "2", "--layer-scale-by-depth"]
-    run(deepspeed_cmd(["train", "--data", str(digit_shards), "--out", str(out), *SMALL, "--depth", "2", "--steps", "3",
-                       "--ds-config", str(ds_config), "--oversmoothing-every", "1", "--mixup", "0", "--cutmix", "0", *flags]))
+    run(ranks_cmd(["train", "--data", str(digit_shards), "--out", str(out), *SMALL, "--depth", "2", "--steps", "3",
+                   "--ds-config", str(ds_config), "--oversmoothing-every", "1", "--mixup", "0", "--cutmix", "0", *flags]))
     rows = metrics(out)
     assert sorted(rows) == [1, 2, 3] and all(math.isfinite(row["loss"]) for row in rows.values())
     marker = read_marker(complete_checkpoints(out)[-1])

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.launch import SMALL, deepspeed_cmd, metrics, refuses, run, single_cmd, train_args
+from tests.launch import SMALL, deepspeed_cmd, metrics, ranks_cmd, refuses, run, single_cmd, train_args, with_script
 from vitdeep.cli import main
 from vitdeep.engine.checkpoint import MARKER, complete_checkpoints, load_safely, read_marker, resolve_resume, tag_for
 from vitdeep.engine.weights import read_weights
@@ -33,12 +33,9 @@ TWO_SAVES = ["--steps", "4", "--save-every", "2", "--global-batch", "16"]
 
 
 def fault_cmd(args: list[str], fault: str, ranks: int = 2) -> list[str]:
-    """`deepspeed ... fault_hook.py FAULT ARGS` (or one process for ranks=1)."""
-    if ranks == 1:
-        return [sys.executable, str(FAULT), fault, *args]
-    cmd = deepspeed_cmd(args, ranks)
-    at = cmd.index("--module")
-    return [*cmd[:at], str(FAULT), fault, *cmd[at + 2:]]
+    """`deepspeed ... fault_hook.py FAULT ARGS` (or one process for ranks=1): the DeepSpeed launcher,
+    whose exit code and signal handling are part of what these tests check."""
+    return with_script(deepspeed_cmd(args, ranks) if ranks > 1 else single_cmd(args), FAULT, fault)
 
 
 def stderr_errors(result: subprocess.CompletedProcess) -> list[str]:
@@ -269,8 +266,8 @@ def test_a_rank_killed_between_its_partition_and_the_marker_leaves_no_complete_c
     partial = tmp_path / "checkpoints" / tag_for(4)
     assert partial.is_dir() and read_marker(partial) is None and any(partial.glob("*optim_states.pt"))
     assert [read_marker(p)["step"] for p in complete_checkpoints(tmp_path)] == [2]
-    resumed = run(deepspeed_cmd(train_args(digit_shards, tmp_path, "--steps", "5", "--save-every", "10", "--ds-config", "zero2_bf16",
-                                           "--resume", "auto")))
+    resumed = run(ranks_cmd(train_args(digit_shards, tmp_path, "--steps", "5", "--save-every", "10", "--ds-config", "zero2_bf16",
+                                       "--resume", "auto")))
     assert "at step 2" in resumed.stdout + resumed.stderr
     assert [read_marker(p)["step"] for p in complete_checkpoints(tmp_path)] == [2, 5]
 
@@ -283,13 +280,13 @@ def test_sigterm_saves_at_the_interrupted_step_and_resume_reaches_the_same_weigh
     """2 ranks, fp32: SIGTERM to rank 1 during micro-batch 7 (step 4 of 12; saves every 5)."""
     common = ["--steps", "12", "--ds-config", "cpu_fp32", "--save-every", "5", "--ema-decay", "0.9"]
     reference, stopped = tmp_path / "reference", tmp_path / "stopped"
-    run(deepspeed_cmd(train_args(digit_shards, reference, *common)))
+    run(ranks_cmd(train_args(digit_shards, reference, *common)))
     result = run(fault_cmd(train_args(digit_shards, stopped, *common), "signal:1:7:TERM"), check=False)
     assert result.returncode == 75, result.stderr[-3000:]
     lines = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("stopped by")]
     assert lines == [f"stopped by SIGTERM at step 4; checkpoint {stopped / 'checkpoints' / tag_for(4)}; resume with --resume auto"]
     assert [read_marker(p)["step"] for p in complete_checkpoints(stopped)] == [4]
-    run(deepspeed_cmd(train_args(digit_shards, stopped, *common, "--resume", "auto")))
+    run(ranks_cmd(train_args(digit_shards, stopped, *common, "--resume", "auto")))
     for ema in (False, True):
         expected, got = read_weights(reference, ema=ema).state_dict, read_weights(stopped, ema=ema).state_dict
         assert expected.keys() == got.keys()
@@ -297,6 +294,7 @@ def test_sigterm_saves_at_the_interrupted_step_and_resume_reaches_the_same_weigh
             assert torch.equal(expected[name], got[name]), (name, ema)
 
 
+@pytest.mark.slow  # starts vitdeep through the fault script
 def test_a_second_sigint_stops_at_once(digit_shards, tmp_path):
     args = train_args(digit_shards, tmp_path, "--steps", "10", "--global-batch", "16", "--ds-config", "cpu_fp32", "--save-every", "100")
     result = run(fault_cmd(args, "signal:0:3:INT+INT", ranks=1), check=False)
@@ -355,7 +353,7 @@ def damaged_val(digit_shards, tmp_path_factory):
 
 def _eval(checkpoint: Path, shards: Path, out: Path, ranks: int, *extra: str, check: bool = True):
     args = ["eval", "--checkpoint", str(checkpoint), "--data", str(shards), "--out", str(out), "--workers", "1", *extra]
-    return run(deepspeed_cmd(args, ranks) if ranks > 1 else single_cmd(args), check=check)
+    return run(ranks_cmd(args, ranks) if ranks > 1 else single_cmd(args), check=check)
 
 
 @pytest.mark.slow
@@ -420,7 +418,7 @@ def test_eval_judges_bad_data_once_over_all_ranks(stage_runs, val_with_bad_sampl
 def test_bad_validation_data_never_discards_training(digit_shards, val_with_bad_samples, tmp_path):
     args = train_args(digit_shards, tmp_path, "--steps", "23", "--ds-config", "cpu_fp32", "--save-every", "100",
                       "--val", str(val_with_bad_samples), "--max-bad-fraction", "0.001", "--log-every", "23")
-    result = run(deepspeed_cmd(args))
+    result = run(ranks_cmd(args))
     text = result.stdout + result.stderr
     assert [read_marker(p)["step"] for p in complete_checkpoints(tmp_path)] == [23]
     warnings = [line for line in text.splitlines() if line.startswith("validation at step 23")]

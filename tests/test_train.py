@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.launch import cpu_env, deepspeed_cmd, mean, metrics, refuses, run, shm_files, single_cmd, train_args
+from tests.launch import SMALL, cpu_env, deepspeed_cmd, mean, metrics, ranks_cmd, refuses, run, shm_files, single_cmd, train_args, with_script
 from vitdeep.cli import main
 from vitdeep.engine.checkpoint import MARKER, complete_checkpoints, read_marker
 from vitdeep.engine.deepspeed import free_port
@@ -22,9 +22,9 @@ from vitdeep.engine.deepspeed import free_port
 @pytest.fixture(scope="module")
 def zero2_run(digit_shards, tmp_path_factory):
     out = tmp_path_factory.mktemp("zero2")
-    result = run(deepspeed_cmd(train_args(digit_shards, out, "--steps", "40", "--ds-config", "zero2_bf16",
-                                          "--mixup", "0", "--cutmix", "0", "--save-every", "20",
-                                          "--val", str(digit_shards), "--oversmoothing-every", "10")))
+    result = run(ranks_cmd(train_args(digit_shards, out, "--steps", "40", "--ds-config", "zero2_bf16",
+                                      "--mixup", "0", "--cutmix", "0", "--save-every", "20",
+                                      "--val", str(digit_shards), "--oversmoothing-every", "10")))
     return out, result
 
 
@@ -68,8 +68,8 @@ def test_zero2_bf16_two_ranks_learns_and_checkpoints(zero2_run):
 
 @pytest.mark.slow
 def test_zero3_bf16_two_ranks(digit_shards, tmp_path):
-    run(deepspeed_cmd(train_args(digit_shards, tmp_path, "--steps", "30", "--ds-config", "zero3_bf16", "--mixup", "0",
-                                 "--cutmix", "0", "--val", str(digit_shards), "--save-every", "15")))
+    run(ranks_cmd(train_args(digit_shards, tmp_path, "--steps", "30", "--ds-config", "zero3_bf16", "--mixup", "0",
+                             "--cutmix", "0", "--val", str(digit_shards), "--save-every", "15")))
     rows = metrics(tmp_path)
     first, last = mean(rows[s]["ce"] for s in range(1, 6)), mean(rows[s]["ce"] for s in range(26, 31))
     print(f"ZeRO-3 bf16 CE: first 5 steps {first:.3f}, last 5 {last:.3f}")
@@ -160,38 +160,54 @@ FP32_RESUME = ["--steps", "16", "--ds-config", "cpu_fp32", "--save-every", "5", 
 
 @pytest.mark.slow
 def test_sigkill_then_resume_matches_an_uninterrupted_run(digit_shards, tmp_path):
-    """fp32, fixed seed: the resumed run takes the same lr and the same losses (within 1e-5)."""
+    """fp32, fixed seed: the resumed run takes the same lr and the same losses (within 1e-5). The
+    killed run is the DeepSpeed launcher's: SIGKILL to its process group leaves no RAM behind."""
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     finished_port, killed_port = free_port(), free_port()
-    run(deepspeed_cmd(train_args(digit_shards, reference, *FP32_RESUME), port=finished_port))
-    process = _start(deepspeed_cmd(train_args(digit_shards, killed, *FP32_RESUME), port=killed_port))
+    run(ranks_cmd(train_args(digit_shards, reference, *FP32_RESUME), port=finished_port))
+    process = _start(deepspeed_cmd(train_args(digit_shards, killed, *FP32_RESUME, "--tracker", "mlflow"), port=killed_port))
     _wait_for(lambda: (killed / "checkpoints" / "step_00000005" / MARKER).is_file(), process)
     _kill(process)
     assert shm_files(finished_port) == shm_files(killed_port) == [], "runs, finished or killed, must leave no RAM behind"
     resumed_from = read_marker(complete_checkpoints(killed)[-1])["step"]
     assert resumed_from < 16
-    result = run(deepspeed_cmd(train_args(digit_shards, killed, *FP32_RESUME, "--resume", "auto")))
+    started_in = json.loads((killed / "tracker.json").read_text())["run_id"]
+    result = run(ranks_cmd(train_args(digit_shards, killed, *FP32_RESUME, "--resume", "auto", "--tracker", "mlflow")))
     assert f"at step {resumed_from}" in result.stdout + result.stderr
     expected, got = metrics(reference), metrics(killed)
     for step in range(resumed_from + 1, 17):
         assert got[step]["lr"] == pytest.approx(expected[step]["lr"], rel=1e-12)
         assert got[step]["loss"] == pytest.approx(expected[step]["loss"], abs=1e-5), f"step {step}"
     print(f"resumed at step {resumed_from}; losses of steps {resumed_from + 1}..16 equal the uninterrupted run's")
+    _check_mlflow_run(killed, started_in, got)
+
+
+def _check_mlflow_run(out: Path, run_id: str, logged: dict[int, dict]) -> None:
+    """The resumed run went on in the MLflow run the killed one started; MLflow holds the scalars
+    of metrics.jsonl under TensorBoard's names (a step trained twice: its last value is the
+    kept one) and the options as parameters."""
+    from mlflow import MlflowClient
+
+    assert json.loads((out / "tracker.json").read_text()) == {"tracker": "mlflow", "run_id": run_id}
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    tracked = client.get_run(run_id)
+    assert tracked.info.status == "FINISHED" and tracked.info.run_name == out.name
+    assert tracked.data.params["optim.lr"] == "0.002" and tracked.data.params["run.tracker"] == "mlflow"
+    history = sorted(client.get_metric_history(run_id, "train/loss"), key=lambda m: (m.step, m.timestamp))
+    last = {m.step: m.value for m in history}
+    assert sorted(last) == list(range(1, 17)) and all(last[s] == pytest.approx(logged[s]["loss"], rel=1e-12) for s in last)
+    assert len(client.search_runs([tracked.info.experiment_id])) == 1, "one MLflow run for the run and its resume"
 
 
 NAN_SCRIPT = Path(__file__).parent / "scripts" / "train_with_nan.py"
 
 
-def _nan_cmd(args: list[str], bad_micro_batches: str) -> list[str]:
-    cmd = deepspeed_cmd(args)
-    module_at = cmd.index("--module")
-    return [*cmd[:module_at], str(NAN_SCRIPT), bad_micro_batches, *cmd[module_at + 2:]]
 
 
 @pytest.mark.slow
 def test_a_non_finite_loss_on_one_rank_is_skipped_by_all(digit_shards, tmp_path):
-    result = run(_nan_cmd(train_args(digit_shards, tmp_path, "--steps", "8", "--ds-config", "zero2_bf16",
-                                     "--dist-timeout", "1"), "3"), timeout=600)
+    args = train_args(digit_shards, tmp_path, "--steps", "8", "--ds-config", "zero2_bf16", "--dist-timeout", "1")
+    result = run(with_script(ranks_cmd(args), NAN_SCRIPT, "3"), timeout=600)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary == {**summary, "steps": 8, "skipped_steps": 1}
     assert "non-finite loss" in result.stdout + result.stderr
@@ -203,7 +219,7 @@ def test_a_non_finite_loss_on_one_rank_is_skipped_by_all(digit_shards, tmp_path)
 @pytest.mark.slow
 def test_non_finite_losses_in_a_row_stop_the_run_and_keep_the_checkpoint(digit_shards, tmp_path):
     args = train_args(digit_shards, tmp_path, "--steps", "20", "--ds-config", "zero2_bf16", "--save-every", "2", "--max-bad-steps", "3")
-    result = run(_nan_cmd(args, "9-"), check=False)
+    result = run(with_script(deepspeed_cmd(args), NAN_SCRIPT, "9-"), check=False)
     assert result.returncode != 0
     assert "3 non-finite losses in a row" in result.stderr + result.stdout
     complete = complete_checkpoints(tmp_path)
@@ -260,6 +276,41 @@ def test_dry_run_prints_the_plan_and_writes_nothing(digit_shards, tmp_path, caps
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("cores, flags, workers", [(2, [], 2), (64, [], 4), (1, [], 1), (1, ["--workers", "3"], 3),
+                                                    (2, ["--workers", "0"], 0)])
+def test_loader_workers_default_to_the_cores_a_rank_has(digit_shards, tmp_path, capsys, monkeypatch, cores, flags, workers):
+    """Without --workers a rank takes 4 loader workers, or its usable cores where fewer (torch warns
+    about more); a count that is asked for is kept."""
+    monkeypatch.setattr("vitdeep.cores.usable_cores", lambda: cores)
+    small = [arg for i, arg in enumerate(SMALL) if "--workers" not in SMALL[i - 1:i + 1]]
+    args = ["train", "--data", str(digit_shards), "--out", str(tmp_path / "out"), *small, "--dry-run", *flags]
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0 and re.search(rf"loader workers per rank\W+{workers}\b", out), out
+
+
+def test_a_tracker_that_is_missing_or_does_not_answer_is_refused_before_anything_is_written(digit_shards, tmp_path, capsys,
+                                                                                           monkeypatch):
+    out = tmp_path / "out"
+    monkeypatch.setitem(__import__("vitdeep.trackers").trackers.TRACKERS, "mlflow", ("no_such_tracker_module", "mlflow", None))
+    refuses([*train_args(digit_shards, out), "--tracker", "mlflow"], capsys, "pip install 'vitdeep[mlflow]'", out)
+    monkeypatch.undo()
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'a-file' / 'mlflow.db'}")
+    refuses([*train_args(digit_shards, out), "--tracker", "mlflow"], capsys, "does not answer", out)
+    refuses([*train_args(digit_shards, out), "--tracker", "wandb"], capsys, "'wandb' is not one of 'none', 'mlflow'", out)
+
+
+def test_tracker_choices_are_the_built_in_trackers():
+    import typing
+
+    from vitdeep.config import RunConfig
+    from vitdeep.trackers import TRACKERS
+
+    assert typing.get_args(typing.get_type_hints(RunConfig)["tracker"]) == ("none", *TRACKERS)
+
+
 def test_config_file_and_cli_precedence(digit_shards, tmp_path, capsys):
     config = tmp_path / "run.yaml"
     config.write_text("optim:\n  global_batch: 128\n  epochs: 7\nmodel: deit_tiny_24\n")
@@ -284,8 +335,8 @@ def test_config_file_and_cli_precedence(digit_shards, tmp_path, capsys):
 @pytest.mark.slow
 def test_hard_distillation_from_a_vitdeep_teacher(zero2_run, digit_shards, tmp_path):
     teacher, _ = zero2_run
-    run(deepspeed_cmd(train_args(digit_shards, tmp_path, "--steps", "3", "--ds-config", "zero2_bf16",
-                                 "--distill", "hard", "--teacher", str(teacher))))
+    run(ranks_cmd(train_args(digit_shards, tmp_path, "--steps", "3", "--ds-config", "zero2_bf16",
+                             "--distill", "hard", "--teacher", str(teacher))))
     rows = metrics(tmp_path)
     assert "distill" in rows[3] and rows[3]["distill"] > 0
     marker = read_marker(complete_checkpoints(tmp_path)[-1])
@@ -299,8 +350,8 @@ def test_resume_with_another_data_stream_says_so(zero2_run, digit_shards, tmp_pa
     source, _ = zero2_run
     out = tmp_path / "copy"
     shutil.copytree(source, out)
-    result = run(deepspeed_cmd(train_args(digit_shards, out, "--steps", "41", "--ds-config", "zero2_bf16", "--mixup", "0",
-                                          "--cutmix", "0", "--workers", "2", "--seed", "7", "--resume", "auto")))
+    result = run(ranks_cmd(train_args(digit_shards, out, "--steps", "41", "--ds-config", "zero2_bf16", "--mixup", "0",
+                                      "--cutmix", "0", "--workers", "2", "--seed", "7", "--resume", "auto")))
     # the lane order does not depend on the workers: only the seed changes the stream
     assert "at step 40" in result.stdout and "note: seed=0 → 7 since the checkpoint" in result.stdout
     assert "workers=" not in result.stdout

@@ -1,3 +1,3 @@
-from vitdeep.cli import main
+from vitdeep.cli import run
 
-main()
+run()

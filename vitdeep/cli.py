@@ -6,13 +6,17 @@ stderr and exit code 2.
 
 from __future__ import annotations
 
+import atexit
 import errno
 import os
 import sys
+import threading
+from functools import lru_cache
 from pathlib import Path
-from typing import Optional
+from typing import NoReturn, Optional
 
 import typer
+import typer.core
 
 from vitdeep.ablate.grid import MAX_CELLS
 from vitdeep.architecture import ARCHITECTURE_OPTIONS, DEFAULT_IMG_SIZE, DEFAULT_PATCH_SIZE, EVAL_CROP_RATIO
@@ -394,12 +398,50 @@ def _report(message: str, error: BaseException | None = None) -> None:
         announce_failure(message)
 
 
+@lru_cache(maxsize=1)
+def _command() -> typer.core.TyperGroup:
+    """The click command of `app`, built once per process. Calling `app` builds it anew each time
+    (about 40 ms from its signatures), a cost every in-process call paid: a test's, an ablate
+    launch's cells. Typer's own wrapper adds nothing here, its pretty tracebacks being off."""
+    return typer.main.get_command(app)
+
+
+def run(argv: list[str] | None = None) -> NoReturn:
+    """The `vitdeep` program (its console script, `python -m vitdeep`, every rank a launcher
+    starts, and the end of a wrapper script): `main(argv)`, then an exit without Python's teardown
+    of every module and object.
+
+    That teardown took 1-1.3 s after a command that loaded torch, DeepSpeed and timm, paid again
+    by every rank of every launch, and it is where C++ destructors of a finished process group
+    could still abort a rank. Everything an exit must do still happens: the exit functions run
+    (loggers flushed, loader workers stopped, temporary folders removed), then the streams are
+    flushed. A thread that is still working gets Python's ordinary exit, which waits for it."""
+    try:
+        main(argv)
+        code: object = 0
+    except SystemExit as done:
+        code = done.code
+    if any(thread.is_alive() and not thread.daemon for thread in threading.enumerate() if thread is not threading.main_thread()):
+        sys.exit(code)
+    if code is not None and not isinstance(code, int):
+        print(code, file=sys.stderr)  # what SystemExit does with a message
+        code = 1
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing left to say there
+            pass
+    os._exit(code or 0)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Console-script entry point (also `python -m vitdeep`)."""
+    """Parse `argv` (default: the command line), run the command, and raise `SystemExit` with its
+    exit code; `run` is the program around it."""
     args = _strip_launcher_args(sys.argv[1:] if argv is None else argv)
     passive_openmp_waits()
     try:
-        code = app(args=args, prog_name="vitdeep", standalone_mode=False)
+        code = _command()(args=args, prog_name="vitdeep", standalone_mode=False)
     except typer.TyperException as usage:  # click's usage errors: one line, not click's box
         message = usage.format_message()
         shows_help = type(usage).__name__ == "NoArgsIsHelpError"  # a command given nothing: its help

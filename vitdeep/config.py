@@ -109,7 +109,7 @@ class DataConfig(Checked):
     val: Optional[str] = option(None, "Validation shards (evaluated every --val-every epochs and at the run's end, exactly once per sample).")
     num_samples: Optional[int] = option(None, "Training samples per epoch when the shards carry no _info.json.", at_least(1, MAX_SAMPLES))
     val_num_samples: Optional[int] = option(None, "Validation samples when the shards carry no _info.json.", at_least(1, MAX_SAMPLES))
-    workers: int = option(4, "Data-loader worker processes per rank.", at_least(0, MAX_WORKERS))
+    workers: int = option(4, "Data-loader worker processes per rank (when not given: this, or the usable cores per rank where fewer; the sample order does not depend on it).", at_least(0, MAX_WORKERS))
     max_bad_fraction: float = option(MAX_BAD_FRACTION, "Stop when more than this fraction of samples is unreadable.", PROBABILITY)
     lanes: int = option(0, "Lanes of the training order, fixed for the run's life (0 = the largest up to 64, or 8 × the starting ranks, that divides the global batch and fits the starting ranks × workers). The same samples come in the same order on any ranks, workers and micro-batch the lanes fit: `vitdeep train --dry-run` lists them.", at_least(0, MAX_BATCH))
     read_timeout: float = option(ReadPolicy.read_timeout, ReadPolicy.help()["read_timeout"], range_of(ReadPolicy, "read_timeout"))
@@ -164,6 +164,7 @@ class RunConfig(Checked):
     init_from_ema: bool = option(False, "Take the EMA weights of --init-from.")
     overwrite: bool = option(False, "Replace the run already in --out (its checkpoints, logs and config) instead of refusing.")
     plan_check: bool = option(True, "On a GPU, refuse to start a run the memory planner (`vitdeep plan`) says cannot fit.")
+    tracker: Literal["none", "mlflow"] = option("none", "Experiment tracker beside TensorBoard and metrics.jsonl: none, or mlflow (pip install 'vitdeep[mlflow]'; the store is MLFLOW_TRACKING_URI, else OUT/mlflow.db).")
     sample_ledger: bool = option(False, "Record the sample keys and global positions of every step in OUT/ledger/ (one file per rank), e.g. to check the order across a resume.")
 
     def check(self) -> None:

@@ -31,6 +31,13 @@ def usable_cores() -> int:
     return max(1, cores)
 
 
+def workers_for_cores(most: int, local_ranks: int) -> int:
+    """Loader workers per rank when none are asked for: `most`, or the usable cores each of this
+    machine's `local_ranks` has when those are fewer (at least 1). More workers than cores only
+    contend for them, and torch warns about it."""
+    return max(1, min(most, usable_cores() // max(1, local_ranks)))
+
+
 def cgroup_cpu_quota() -> float | None:
     """The cgroup's CPU quota in cores (quota / period), or None without one; an unreadable or
     malformed file counts as none."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn, TimeRemainingColumn
@@ -77,23 +78,27 @@ def image_progress(console: Console | None = None, show: bool = True) -> Progres
 
 
 class RunLogger:
-    """TensorBoard scalars and a JSON-lines metrics file, written by global rank 0 only.
+    """TensorBoard scalars, a JSON-lines metrics file and, when `open_tracker` gives one, an
+    experiment tracker (`vitdeep.trackers`): all written by global rank 0 only.
 
     `purge_step` (a resumed run: its checkpoint's step + 1) makes TensorBoard drop the events the
     interrupted run wrote from that step on, as they are logged again.
     """
 
-    def __init__(self, out: str | Path, enabled: bool | None = None, purge_step: int | None = None) -> None:
+    def __init__(self, out: str | Path, enabled: bool | None = None, purge_step: int | None = None,
+                 open_tracker: Callable[[], Any] | None = None) -> None:
         self.enabled = is_main_process() if enabled is None else enabled
         self.out = Path(out)
         self._writer = None
         self._jsonl = None
+        self._tracker = None
         if self.enabled:
             from torch.utils.tensorboard import SummaryWriter
 
             self.out.mkdir(parents=True, exist_ok=True)
             self._writer = SummaryWriter(str(self.out / "tb"), purge_step=purge_step)
             self._jsonl = open(self.out / "metrics.jsonl", "a", buffering=1)
+            self._tracker = open_tracker() if open_tracker is not None else None
 
     def scalars(self, step: int, values: dict[str, float], kind: str = "train") -> None:
         if not self.enabled:
@@ -101,6 +106,8 @@ class RunLogger:
         for name, value in values.items():
             self._writer.add_scalar(f"{kind}/{name}", value, step)
         self._jsonl.write(json.dumps({"kind": kind, "step": step, "time": time.time(), **values}) + "\n")
+        if self._tracker is not None:
+            self._tracker.scalars(step, {f"{kind}/{name}": value for name, value in values.items()})
 
     def event(self, step: int, kind: str, message: str, values: dict[str, float]) -> None:
         """One event (e.g. the over-smoothing alarm): a TensorBoard text under `kind/event`, and a
@@ -109,8 +116,14 @@ class RunLogger:
             return
         self._writer.add_text(f"{kind}/event", message, step)
         self._jsonl.write(json.dumps({"kind": kind, "step": step, "time": time.time(), "message": message, **values}) + "\n")
+        if self._tracker is not None:
+            self._tracker.text(step, f"{kind}/event", message)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """Flush and close the logs; the tracker's run ends as finished, or as failed (`failed`:
+        an error or a stop ended the run)."""
         if self.enabled:
             self._writer.close()
             self._jsonl.close()
+            if self._tracker is not None:
+                self._tracker.close(failed)

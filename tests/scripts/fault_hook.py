@@ -20,7 +20,7 @@ import sys
 import torch
 
 import vitdeep.engine.loop as loop
-from vitdeep.cli import main
+from vitdeep.cli import run
 from vitdeep.engine.checkpoint import CHECKPOINTS, tag_for
 
 args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
@@ -70,4 +70,4 @@ elif kind == "die-after-partition":
 else:
     raise SystemExit(f"unknown fault {kind!r}")
 
-main(args)
+run(args)

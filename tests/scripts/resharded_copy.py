@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import vitdeep.engine.loop as loop
-from vitdeep.cli import main
+from vitdeep.cli import run
 
 args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
 copy, args = Path(args[0]), args[1:]
@@ -28,4 +28,4 @@ def resume_and_copy(self, path):
 
 
 loop.Trainer.resume = resume_and_copy
-main(args)
+run(args)

@@ -45,8 +45,8 @@ def fit_and_record(self, fit):
 
 if __name__ == "__main__":
     import vitdeep.engine.loop as loop
-    from vitdeep.cli import main
+    from vitdeep.cli import run
 
     original = loop.Trainer.fit
     loop.Trainer.fit = lambda self: fit_and_record(self, original)
-    main([a for a in sys.argv[1:] if not a.startswith("--local_rank")])
+    run([a for a in sys.argv[1:] if not a.startswith("--local_rank")])

@@ -1,4 +1,4 @@
-"""`vitdeep train` with a non-finite loss injected on rank 1 (run under the deepspeed launcher).
+"""`vitdeep train` with a non-finite loss injected on rank 1 (run under a launcher).
 
 Usage: train_with_nan.py BAD ARGS... where BAD is "k" (micro-batch k only) or "k-" (k onwards).
 Only the objective is wrapped; the engine, data and collectives are the real ones.
@@ -10,7 +10,7 @@ import sys
 import torch
 
 import vitdeep.engine.loop as loop
-from vitdeep.cli import main
+from vitdeep.cli import run
 
 args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
 bad, args = args[0], args[1:]
@@ -30,4 +30,4 @@ class InjectedObjective(loop.Objective):
 
 
 loop.Objective = InjectedObjective
-main(args)
+run(args)

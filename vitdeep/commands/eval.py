@@ -9,7 +9,7 @@ import torch
 from rich.table import Table
 
 from vitdeep.architecture import EVAL_CROP_RATIO
-from vitdeep.cores import usable_cores
+from vitdeep.cores import workers_for_cores
 from vitdeep.data.options import MAX_BAD_FRACTION, ReadPolicy
 from vitdeep.data.pipeline import BatchPreprocessor, eval_loader, read_dataset_info
 from vitdeep.data.storage import use_read_policy
@@ -32,7 +32,7 @@ def default_eval_workers() -> int:
     """`EVAL_WORKERS`, or the usable cores each rank on this machine has when those are fewer: more
     workers than cores only contend (and torch warns about them). The count changes no result:
     evaluation reads every sample exactly once whatever the workers."""
-    return max(1, min(EVAL_WORKERS, usable_cores() // (read_ranks().local_world_size or 1)))
+    return workers_for_cores(EVAL_WORKERS, read_ranks().local_world_size or 1)
 
 
 def run_eval(

@@ -78,6 +78,7 @@ from vitdeep.engine.weights import build_model, load_weights_into, read_weights
 from vitdeep.monitor import RunLogger, is_main_process, make_console, progress_bar
 from vitdeep.paths import write_json_atomic
 from vitdeep.ranks import read_ranks
+from vitdeep.trackers import open_tracker
 
 
 def load_teacher(spec: str, plan: RunPlan, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
@@ -149,7 +150,8 @@ class Trainer:
         self.mixer = build_mixer(mix, plan.num_classes, cfg.model.img_size, cfg.model.patch_size, cfg.loss.label_smoothing)
         self.preprocess = BatchPreprocessor(cfg.augment, self.device, self.dtype)
         self.drop_paths = len(drop_path_layers(self.engine.module))
-        self.logger = RunLogger(self.out, purge_step=None if resume_step is None else resume_step + 1)
+        self.logger = RunLogger(self.out, purge_step=None if resume_step is None else resume_step + 1,
+                                open_tracker=lambda: open_tracker(cfg.run.tracker, self.out, cfg.to_dict(), resumed=resume_step is not None))
         self.ledger = SampleLedger(self.out, dist_info.rank) if cfg.run.sample_ledger and plan.layout is not None else None
 
         self.step = self.epoch = self.batch_in_epoch = 0
@@ -219,7 +221,7 @@ class Trainer:
         except StopRequested as request:
             raise StoppedBySignal(self._stop_here(request.number)) from None
         finally:
-            self.logger.close()
+            self.logger.close(failed=sys.exc_info()[0] is not None)
 
     def _fit(self) -> dict[str, Any]:
         plan = self.plan

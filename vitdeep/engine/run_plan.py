@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 from vitdeep.architecture import ARCHITECTURE_OPTIONS, cait_layer_scale_init
 from vitdeep.config import TrainConfig
+from vitdeep.cores import workers_for_cores
 from vitdeep.data.lane_layout import STREAM_FORMAT, LaneLayout, choose_lanes, lane_shuffle_buffer
 from vitdeep.data.pipeline import DatasetInfo, epoch_batches, read_dataset_info
 from vitdeep.engine.deepspeed import (
@@ -35,6 +36,8 @@ from vitdeep.models import count_parameters, get_spec, model_stats
 from vitdeep.models.checkpoints import adapt_state_dict
 from vitdeep.models.registry import FAMILIES, cached_meta_model, resolved_architecture, resolved_options
 from vitdeep.paths import check_output_dir
+from vitdeep.ranks import read_ranks
+from vitdeep.trackers import check_tracker
 
 #: DeiT's learning-rate scaling rule: lr = base_lr × global_batch / 512.
 LR_REFERENCE_BATCH = 512
@@ -116,6 +119,7 @@ class RunPlan:
             "global batch": self.batch.global_batch,
             "micro batch": self.batch.micro_batch,
             "gradient accumulation": self.batch.grad_accum,
+            "loader workers per rank": self.cfg.data.workers,
             **self._order_summary(),
             "steps per epoch": self.steps_per_epoch,
             "epochs": self.epochs,
@@ -221,6 +225,7 @@ def make_plan(cfg: TrainConfig, world_size: int, train_info: DatasetInfo | None 
         raise UserError("no output directory: pass `out` DIR", params=("out",))
     if check_host:
         check_output(cfg)
+        check_tracker(cfg.run.tracker)
     raw = load_ds_config(cfg.run.ds_config)
     if check_host:
         check_precision_supported(raw)
@@ -266,6 +271,10 @@ def make_plan(cfg: TrainConfig, world_size: int, train_info: DatasetInfo | None 
     options = {"global_batch": cfg.optim.global_batch, "micro_batch": cfg.optim.micro_batch, "clip_grad": cfg.optim.clip_grad}
     for name, value in adopted_ds_values(raw, options, cfg.explicit).items():
         setattr(cfg.optim, name, value)
+    # the default worker count is a ceiling, lowered to this machine's cores per rank; the lane order
+    # does not depend on it, but a checkpoint from before the lanes reads a per-rank stream that does
+    if check_host and "workers" not in cfg.explicit and (marker is None or "stream" in marker):
+        cfg.data.workers = workers_for_cores(cfg.data.workers, read_ranks().local_world_size or 1)
     layout, shuffle_buffer, notes = _training_order(cfg, world_size, marker, resume_path)
     if layout is not None and cfg.data.data and train_info.shard_sizes is None:
         raise UserError(f"the training order needs every shard's sample count, unknown for {train_info.urls[0]} …: put an "

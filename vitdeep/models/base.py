@@ -265,7 +265,10 @@ class DeepTransformer(nn.Module):
 
     def init_weights(self) -> None:
         """timm's ViT init: truncated normal (0.02) linears, talking-heads maps included (as timm's
-        CaiT and the authors' code), zero biases."""
+        CaiT and the authors' code), zero biases. A model on the meta device (the planner's traces,
+        the zoo's counts) has no values to draw: skipping them halves the build of a deep model."""
+        if self.pos_embed.is_meta:
+            return
         trunc_normal_(self.pos_embed, std=0.02)
         self.apply(_init_linear)
 

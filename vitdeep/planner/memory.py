@@ -297,9 +297,16 @@ class MemoryEstimate:
         }
 
 
+#: Traces of this process, shared by every `MemoryModel` of the same model and objective: a grid's
+#: cells that differ only in seed or lr, or a dry run repeated, trace once. Bounded like an LRU.
+_TRACES: dict[tuple, StepMemory] = {}
+_TRACES_KEPT = 256
+
+
 class MemoryModel:
     """Prices one run plan on one cluster at any micro-batch size, checkpointing and ds_config;
-    the fake model is built once per precision and traced for each configuration asked."""
+    the fake model is built once per precision and traced for each configuration asked (once per
+    process: `_TRACES`)."""
 
     def __init__(self, plan: RunPlan, cluster: Cluster) -> None:
         self.plan, self.cluster = plan, cluster
@@ -311,7 +318,10 @@ class MemoryModel:
         # graph); patch-aligned CutMix alone gives int64 labels per patch
         self.patch_labels = self.objective.needs_patch_head and not (mix.enabled and mix.mixup > 0)
         self._tracers: dict[torch.dtype, StepTracer] = {}
-        self._traces: dict[tuple, StepMemory] = {}
+        #: What a trace depends on besides the micro-step's shape: the model, its frozen blocks,
+        #: the objective and the targets it is given.
+        self._identity = (cfg.model.model, repr(sorted(plan.model_kwargs.items())), cfg.optim.freeze_blocks, repr(cfg.loss),
+                          self.soft_targets, self.patch_labels)
 
     def blueprint(self) -> torch.nn.Module:
         """The run's model on the meta device, frozen blocks marked."""
@@ -330,16 +340,19 @@ class MemoryModel:
         accumulating = self.plan.batch.global_batch > micro_batch * world
         counts = ParamCounts.of(self._counted, zero, world)
         path = gradient_path(counts, zero, world, accumulating)
-        key = (path, zero.precision, micro_batch, grad_checkpointing)
-        if key not in self._traces:
-            self._traces[key] = self._tracer(zero).trace(micro_batch, grad_checkpointing, path)
+        key = (*self._identity, path, zero.precision, micro_batch, grad_checkpointing)
+        if key not in _TRACES:
+            while len(_TRACES) >= _TRACES_KEPT:
+                del _TRACES[next(iter(_TRACES))]
+            _TRACES[key] = self._tracer(zero).trace(micro_batch, grad_checkpointing, path)
+        _TRACES[key] = step = _TRACES.pop(key)  # now the most recently used
         return MemoryEstimate(
             zero=zero,
             micro_batch=micro_batch,
             grad_checkpointing=grad_checkpointing,
             states=model_state_lines(counts, zero, world, accumulating),
             ema=ema_line(counts, zero, world, self.plan.cfg.optim.ema_decay),
-            step=self._traces[key],
+            step=step,
             optimizer_step=optimizer_step_bytes(counts, zero, world),
         )
 
