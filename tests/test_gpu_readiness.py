@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.launch import BIN, metrics, run, single_cmd
+from tests.launch import BIN, metrics, run
 from vitdeep.engine.checkpoint import complete_checkpoints, read_marker
 from vitdeep.engine.deepspeed import autocast_dtype, check_precision_supported, engine_dtype, free_port, precision
 from vitdeep.errors import UserError
@@ -51,7 +51,7 @@ def test_compile_under_zero2_with_the_losses_and_checkpointing_trains_and_resume
 
 
 @pytest.mark.slow
-def test_autocast_mode_keeps_fp32_weights_and_resumes_exports_and_evaluates(digit_shards, tmp_path):
+def test_autocast_mode_keeps_fp32_weights_and_resumes(digit_shards, tmp_path):
     args = ["--ds-config", "zero2_autocast_bf16", "--ema-decay", "0.5", "--no-ema-warmup"]
     first = recorded_train(digit_shards, tmp_path, *args, "--steps", "4")
     assert (first["precision"], first["weights_dtype"], first["optimizer"]) == ("autocast-bf16", "torch.float32", "DeepSpeedZeroOptimizer")
@@ -62,11 +62,8 @@ def test_autocast_mode_keeps_fp32_weights_and_resumes_exports_and_evaluates(digi
 
     raw, ema = read_weights(tmp_path).state_dict, read_weights(tmp_path, ema=True).state_dict
     assert set(raw) == set(ema) and any(not torch.equal(raw[k], ema[k]) for k in raw)
-    export = tmp_path / "model.safetensors"
-    run(single_cmd(["export", str(tmp_path), str(export), "--ema"]))
-    result = tmp_path / "eval.json"
-    run(single_cmd(["eval", "--checkpoint", str(export), "--data", str(digit_shards), "--workers", "1", "--out", str(result)]))
-    assert json.loads(result.read_text())["count"] == 297
+    # the export (--ema) of an autocast run, its evaluation and timm's loading of it: the CPU smoke of
+    # benchmarks/gpu_check.sh (tests/test_gpu_check.py), on its autocast finetune
 
 
 def test_precision_names_the_autocast_mode_and_refuses_mixtures():

@@ -82,17 +82,6 @@ def test_zero3_bf16_two_ranks(digit_shards, tmp_path):
 
 
 @pytest.mark.slow
-def test_zero1_bf16_and_torchrun_launch(digit_shards, tmp_path):
-    from tests.launch import torchrun_cmd
-
-    run(torchrun_cmd(train_args(digit_shards, tmp_path, "--steps", "6", "--ds-config", "zero1_bf16", "--save-every", "6")))
-    assert sorted(metrics(tmp_path)) == list(range(1, 7))
-    assert read_marker(complete_checkpoints(tmp_path)[-1])["zero_stage"] == 1
-    marker = read_marker(complete_checkpoints(tmp_path)[-1])
-    assert marker["world_size"] == 2 and marker["precision"] == "bf16" and marker["step"] == 6
-
-
-@pytest.mark.slow
 def test_single_process_fp32_short_run_reports_its_final_validation(digit_shards, tmp_path, capsys):
     """4 steps of an epoch of 46: the run ends mid-epoch and still validates at its end; resuming
     it says it is complete; off a terminal it logs plain lines; its config.json reruns."""
@@ -333,14 +322,16 @@ def test_config_file_and_cli_precedence(digit_shards, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_hard_distillation_from_a_vitdeep_teacher(zero2_run, digit_shards, tmp_path):
+def test_hard_distillation_from_a_vitdeep_teacher_under_zero1(zero2_run, digit_shards, tmp_path):
+    """Distillation from a vitdeep run, and ZeRO-1 bf16 on 2 ranks (its checkpoint marker)."""
     teacher, _ = zero2_run
-    run(ranks_cmd(train_args(digit_shards, tmp_path, "--steps", "3", "--ds-config", "zero2_bf16",
+    run(ranks_cmd(train_args(digit_shards, tmp_path, "--steps", "3", "--ds-config", "zero1_bf16",
                              "--distill", "hard", "--teacher", str(teacher))))
     rows = metrics(tmp_path)
-    assert "distill" in rows[3] and rows[3]["distill"] > 0
+    assert sorted(rows) == [1, 2, 3] and "distill" in rows[3] and rows[3]["distill"] > 0
     marker = read_marker(complete_checkpoints(tmp_path)[-1])
     assert marker["model_kwargs"]["distilled"] is True
+    assert (marker["zero_stage"], marker["world_size"], marker["precision"], marker["step"]) == (1, 2, "bf16", 3)
 
 
 @pytest.mark.slow
