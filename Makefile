@@ -8,6 +8,10 @@ PY := $(VENV)/bin/python
 READY := $(VENV)/.ready
 # DeepSpeed picks the CPU accelerator on machines without a GPU.
 export DS_ACCELERATOR ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu)
+# The suite runs on two pytest-xdist workers, one test file each at a time (`--dist loadfile`, so a
+# file's shared multi-rank launch runs once); TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 .PHONY: setup demo test test-fast bench gpu-check clean
 
@@ -23,11 +27,11 @@ demo: $(READY)
 	$(VENV)/bin/vitdeep demo --out runs/demo
 
 test: $(READY)
-	$(PY) -m pytest
+	$(PYTEST)
 
 # The inner loop: every test that starts no other vitdeep process (tests/conftest.py enforces the mark).
 test-fast: $(READY)
-	$(PY) -m pytest -m "not slow"
+	$(PYTEST) -m "not slow"
 
 bench: $(READY)
 	$(PY) benchmarks/run_all.py
