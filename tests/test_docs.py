@@ -263,3 +263,33 @@ def test_every_readme_anchor_names_a_heading():
     anchors = set(re.findall(r"\]\(#([^)]+)\)", text))
     assert len(anchors) >= 15, anchors
     assert not sorted(anchors - headings), sorted(anchors - headings)
+
+
+#: A file named in a table cell, in backticks: `docs/…`, `benchmarks/…`, `tests/…`.
+TABLE_SOURCE = re.compile(r"`((?:docs|benchmarks|tests)/[\w./-]+)`")
+#: An older version's figure: the commit whose README reported it.
+TABLE_COMMIT = re.compile(r"\bcommit [0-9a-f]{7,40}\b")
+
+
+def _readme_table(heading: str) -> list[list[str]]:
+    """The cells of the first table under `### heading`, header and rule left out."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text.split(f"\n### {heading}\n", 1)[1].split("\n#", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("|")]
+    return [[cell.strip() for cell in row.strip("|").split("|")] for row in rows[2:]]
+
+
+def test_every_wall_time_names_its_date_machine_and_source():
+    """The README's measured wall times are a table, each row with an ISO date, a machine named in
+    the section's preamble, and a source a clone can open: a file of the repository, or the commit
+    whose README reported an older version's figure."""
+    rows = _readme_table("Wall times")
+    assert len(rows) >= 10, rows
+    for job, wall, date, machine, source in rows:
+        if "[Development](#development)" in wall:
+            continue
+        assert wall and re.fullmatch(r"\d{4}-\d{2}-\d{2}", date), (job, wall, date)
+        assert machine.split(",")[0] in ("Intel Xeon", "AMD EPYC"), (job, machine)
+        files = TABLE_SOURCE.findall(source)
+        assert files or TABLE_COMMIT.search(source), (job, source)
+        assert all((ROOT / name).exists() for name in files), (job, source)
