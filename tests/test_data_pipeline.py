@@ -6,7 +6,9 @@ rank is to the data layer (it never asks torch.distributed).
 """
 
 import itertools
+import multiprocessing
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -177,6 +179,53 @@ def test_eval_keys_are_the_val_images(digit_shards, digits_dir):
     keys = {key for _, _, batch in eval_loader(digit_shards, micro_batch=64, img_size=IMG, crop_ratio=1.0, rank=0,
                                                 world_size=1, num_workers=2, with_keys=True) for key in batch}
     assert keys == {s["__key__"] for s in _digit_samples(digits_dir, "val")}
+
+
+def _stuck_in_start(marker: Path | None):
+    """A stand-in for `mark_started` whose worker 1 never returns, as a worker whose fork
+    deadlocked in the child (python/cpython#112275) never reaches its start-up function: once
+    (the first call creates `marker`), or always (`marker` None)."""
+    from vitdeep.data import worker_start
+
+    def stuck(flags, worker_id):
+        if worker_id == 1 and (marker is None or not marker.exists()):
+            if marker is not None:
+                marker.touch()
+            time.sleep(60)
+        worker_start.mark_started(flags, worker_id)
+    return stuck
+
+
+def test_a_worker_that_never_starts_is_started_again_with_the_same_batches(digit_shards, tmp_path, monkeypatch, caplog):
+    from vitdeep.data import pipeline, worker_start
+
+    def batches():
+        loader = eval_loader(digit_shards, micro_batch=16, img_size=IMG, crop_ratio=0.875, rank=0, world_size=1,
+                             num_workers=2, with_keys=True)
+        return [(images, labels, keys) for images, labels, keys in loader]
+
+    expected = batches()
+    monkeypatch.setattr(worker_start, "START_TIMEOUT", 1.0)
+    monkeypatch.setattr(pipeline, "mark_started", _stuck_in_start(tmp_path / "stuck-once"))
+    children_before = set(multiprocessing.active_children())
+    got = batches()
+    assert (tmp_path / "stuck-once").exists(), "the first start did not hang: the test tests nothing"
+    assert "did not start within 1 s" in caplog.text and "attempt 2 of 3" in caplog.text
+    assert [keys for *_, keys in got] == [keys for *_, keys in expected]
+    assert all(torch.equal(a, b) for (*pair_a, _), (*pair_b, _) in zip(got, expected) for a, b in zip(pair_a, pair_b))
+    assert not set(multiprocessing.active_children()) - children_before, "a killed worker was left behind"
+
+
+def test_workers_that_never_start_end_in_one_error_naming_workers(digit_shards, monkeypatch):
+    from vitdeep.data import pipeline, worker_start
+
+    monkeypatch.setattr(worker_start, "START_TIMEOUT", 0.3)
+    monkeypatch.setattr(pipeline, "mark_started", _stuck_in_start(None))
+    loader = eval_loader(digit_shards, micro_batch=16, img_size=IMG, crop_ratio=0.875, rank=0, world_size=1, num_workers=2)
+    with pytest.raises(UserError, match=r"did not start in 3 attempts") as raised:
+        next(iter(loader))
+    assert raised.value.params == ("workers",)
+    assert not [child for child in multiprocessing.active_children() if child.is_alive()]
 
 
 def test_exact_eval_with_too_few_shards_fails_before_reading(digit_shards):

@@ -37,6 +37,7 @@ from vitdeep.data.seeding import ERASE, derive
 from vitdeep.data.storage import read_policy, use_read_policy
 from vitdeep.data.streams import EvalPlan, EvalStream, TrainPlan, TrainStream
 from vitdeep.data.transforms import AugmentConfig, Transform, eval_transform, train_transform
+from vitdeep.data.worker_start import mark_started, start_workers, started_flags
 from vitdeep.errors import UserError
 
 __all__ = [
@@ -79,12 +80,14 @@ def bad_data_error(bad: Counter, read: int, max_bad_fraction: float, *, shared: 
     )
 
 
-def _init_worker(parent: int, reads: ReadPolicy, worker_id: int) -> None:
-    """A loader worker ignores the stop signals: killed by SIGTERM, it would fail the batch the
+def _init_worker(parent: int, reads: ReadPolicy, started, worker_id: int) -> None:
+    """A loader worker says it got past its fork (`vitdeep.data.worker_start`), and ignores the
+    stop signals: killed by SIGTERM, it would fail the batch the
     run still needs to reach its checkpoint. It ignores them through a handler that does nothing,
     not SIG_IGN, which the commands it starts (`pipe:`) would inherit and so survive SIGTERM.
     It dies with the process that started it (blocked on a stalled read, it would never notice
     that process was killed), and reads under that process's `ReadPolicy`."""
+    mark_started(started, worker_id)
     die_with_parent(parent)
     for sig in STOP_SIGNALS:
         signal.signal(sig, _ignore_signal)
@@ -129,9 +132,10 @@ class _Loader:
         self.stats = ReadStats()
         # A private generator: the DataLoader draws its workers' base seed from it, not from the
         # caller's global stream (our streams seed themselves per batch).
+        self._started = started_flags(num_workers)
         self._loader = DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
                                   generator=torch.Generator(),
-                                  worker_init_fn=functools.partial(_init_worker, os.getpid(), read_policy()))
+                                  worker_init_fn=functools.partial(_init_worker, os.getpid(), read_policy(), self._started))
         if num_workers:
             _kill_workers_at_exit()
 
@@ -143,7 +147,7 @@ class _Loader:
         """The workers' items without their `ReadStats`, which are tallied into `self.stats`."""
         latest: dict[int, ReadStats] = {}
         self.stats = ReadStats()
-        for *item, stats in self._loader:
+        for *item, stats in start_workers(functools.partial(iter, self._loader), self._started, self._loader.num_workers):
             latest[stats.worker] = stats
             self.stats = sum(latest.values(), ReadStats())
             if stats.fatal:
