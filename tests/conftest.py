@@ -3,7 +3,6 @@ only a test marked `slow` starts another vitdeep process (`make test-fast` leave
 
 import os
 import subprocess
-from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -63,11 +62,3 @@ def pytest_runtest_setup(item):
     global _running_slow_test
     _running_slow_test = item.get_closest_marker("slow") is not None
 
-
-def pytest_collection_modifyitems(config, items):
-    """Files with the most multi-rank tests run first, each file's own order kept. Under `make
-    test` each of the two xdist workers takes a whole file at a time (`--dist loadfile`): the long
-    files first and the quick in-process ones last end both workers nearly together."""
-    launches = Counter(item.path for item in items if item.get_closest_marker("slow"))
-    first_seen = {path: index for index, path in enumerate(dict.fromkeys(item.path for item in items))}
-    items.sort(key=lambda item: (-launches[item.path], first_seen[item.path]))
